@@ -1,0 +1,845 @@
+//! The replica: one node's consensus state machine.
+//!
+//! A [`Replica`] is driven entirely from outside. Its inputs are calls:
+//! [`propose`](Replica::propose), [`poll`](Replica::poll) (look at the local
+//! region and the timers), [`handle_event`](Replica::handle_event) (a
+//! transport completion or connection change) and
+//! [`handle_synced`](Replica::handle_synced) (the runtime made appends
+//! durable). Its outputs are queued [`Action`]s (remote operations to post,
+//! grant changes, syncs), [`Event`]s (role changes, commits), the committed
+//! entries ([`next_committed`](Replica::next_committed)) and the time it next
+//! wants to be polled ([`next_timeout`](Replica::next_timeout)). It never
+//! blocks, sleeps, spawns a thread or reads a clock.
+//!
+//! # Contract with the runtime
+//!
+//! * Every action is carried out, in order, before the next call to `poll`.
+//!   In particular a [`Action::SetLogWriter`] has taken effect by then: this
+//!   is what lets a replica drain everything the old writer managed to land
+//!   before it votes or accepts a new leader.
+//! * The store's hard state is durable before `save_hard_state` returns.
+//!
+//! # The protocol in one page
+//!
+//! Raft's safety rules, carried by one-sided memory operations instead of
+//! messages:
+//!
+//! * **Replication.** The leader encodes each proposal into its own ring at
+//!   the next position and, once per poll, writes every new byte range
+//!   straight from its ring to the same offsets in each follower's ring
+//!   (pipelined, up to `max_inflight_writes` per follower). Followers poll
+//!   their ring at the position they expect next and accept an entry only if
+//!   its checksum, seal, position, index, previous term *and writer term*
+//!   (`leader_term`) are exactly what they expect.
+//! * **Commit.** In `memory` mode a follower counts as holding a range once
+//!   the leader's write of it completes; in `durable` mode once its ack
+//!   record says the range is persisted. The leader commits the highest index
+//!   of its own term held by a majority (itself included), and followers
+//!   learn the commit index from each entry and from the leader record, which
+//!   is rewritten whenever the commit index moves (so idle followers never
+//!   lag behind).
+//! * **Election.** A follower that sees no heartbeat for its randomised
+//!   timeout becomes a candidate and writes vote requests into every peer's
+//!   control block; voters grant at most one vote per term, saved before they
+//!   answer, and only to candidates whose log is at least as up to date.
+//! * **Fencing.** A replica grants its ring's write right to one peer, the
+//!   leader of its term. On any term change it revokes the grant first, then
+//!   (in the next poll, when the revocation has taken effect) drains what the
+//!   old leader managed to land, and only then votes or follows the new
+//!   leader. A write from a deposed leader either landed before the
+//!   revocation (and is then in the replica's log before it votes, exactly
+//!   as if it had arrived before the term change) or fails. Bytes of an old
+//!   leader that linger in a ring are never accepted: their writer term is
+//!   not the current source's.
+//! * **Reconciliation.** A new leader reads each follower's status record,
+//!   finds the index up to which their logs provably agree (the follower's
+//!   last entry if the leader has it with the same term, else the follower's
+//!   commit index), and writes a sync record naming it. From there it streams
+//!   its log; the follower skips entries it already has with the same term
+//!   and truncates at the first conflict, so a committed entry is never cut.
+//! * **Catch-up.** Entries the leader no longer holds in its ring, or that
+//!   were written under an older term, are re-read from the store,
+//!   re-stamped with the leader's term and sent from a scratch chunk.
+
+mod election;
+mod follower;
+mod leader;
+pub(crate) mod ops;
+mod outbox;
+
+use std::collections::VecDeque;
+
+use crate::config::{ConfigError, Durability, ReplicaConfig};
+use crate::entry::{self, EntryError, EntryKind};
+use crate::layout::{RegionLayout, SLOT_LEN, SlotKind};
+use crate::record::{Record, StatusRecord};
+use crate::region::Region;
+use crate::rng::Rng;
+use crate::store::{HardState, LogStore, StoreError};
+use crate::transport::{OpId, RemoteOp, TransportEvent};
+use crate::types::{Index, MAX_REPLICAS, NodeId, Pos, Role, Term, Time};
+
+use leader::LeaderState;
+use ops::Purpose;
+use outbox::Outbox;
+
+/// Something the runtime must do for the replica, in order.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Action {
+    /// Post this operation on the transport.
+    Post(RemoteOp),
+    /// Grant the log write right to this peer alone (or to nobody).
+    SetLogWriter(Option<NodeId>),
+    /// Make every entry appended to the store so far durable, then call
+    /// [`Replica::handle_synced`] with `token`.
+    Sync {
+        /// Echo this back.
+        token: u64,
+    },
+}
+
+/// Something that happened, for the runtime and the application.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Event {
+    /// The replica's role, term or known leader changed.
+    RoleChanged {
+        /// New role.
+        role: Role,
+        /// Current term.
+        term: Term,
+        /// The leader of that term, when known.
+        leader: Option<NodeId>,
+    },
+    /// The commit index advanced to `index`.
+    Committed {
+        /// New commit index.
+        index: Index,
+    },
+}
+
+/// An accepted proposal: where it will be committed, if it is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Proposal {
+    /// Its log index.
+    pub index: Index,
+    /// The term it was proposed in. The proposal is committed when the commit
+    /// index reaches `index` and [`Replica::term_at`] still says this term;
+    /// if another entry ends up at `index`, it was lost in a leader change.
+    pub term: Term,
+}
+
+/// Why a proposal was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// Only the leader takes proposals.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader, when known.
+        leader: Option<NodeId>,
+    },
+    /// The payload exceeds `max_payload`.
+    #[error("payload of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Payload size.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// The ring is full of entries not yet committed or still being sent:
+    /// retry after the next poll.
+    #[error("replication window full; retry after progress")]
+    Backpressure,
+    /// The store failed: the replica must stop.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A failure that stops the replica.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The region is smaller than the layout needs.
+    #[error("region of {have} bytes is smaller than the {need} the layout needs")]
+    RegionTooSmall {
+        /// Bytes needed.
+        need: usize,
+        /// Bytes provided.
+        have: usize,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A committed entry, borrowed from the replica until the next call.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct CommittedEntry<'a> {
+    /// Log index.
+    pub index: Index,
+    /// Term in which it was proposed.
+    pub term: Term,
+    /// What it records.
+    pub kind: EntryKind,
+    /// Connection id.
+    pub conn: u64,
+    /// The proposed bytes.
+    pub payload: &'a [u8],
+}
+
+/// The leader whose stream a replica currently accepts.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Source {
+    pub peer: NodeId,
+    pub term: Term,
+    pub sync_seq: u64,
+}
+
+/// A recovering replica's target: it lost its log in a restart (memory mode)
+/// and may vote again only once its log reaches this index.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Recovery {
+    /// No leader has synchronised it yet.
+    AwaitingSync,
+    /// Caught up once the log reaches this index.
+    Until(Index),
+}
+
+/// Diagnostics counters (monotonic).
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Counters {
+    /// Entries accepted from a leader's stream.
+    pub entries_accepted: u64,
+    /// Ring reads that found a torn or corrupt entry at the expected place.
+    pub torn_reads: u64,
+    /// Entries removed by conflict truncation.
+    pub entries_truncated: u64,
+    /// Replication writes posted (stream and catch-up).
+    pub replication_writes: u64,
+    /// Catch-up writes posted.
+    pub catchup_writes: u64,
+    /// Elections started.
+    pub elections: u64,
+    /// Writes that failed (peer unreachable or access denied).
+    pub failed_ops: u64,
+}
+
+/// One node's consensus engine. See the [module docs](self).
+#[derive(Debug)]
+pub struct Replica<S: LogStore> {
+    cfg: ReplicaConfig,
+    layout: RegionLayout,
+    region: Region,
+    store: S,
+    rng: Rng,
+    majority: usize,
+    now: Time,
+
+    // Hard state (mirrors the store).
+    term: Term,
+    voted_for: Option<NodeId>,
+
+    role: Role,
+    leader: Option<NodeId>,
+    writer: Option<NodeId>,
+    settling: bool,
+    recovery: Option<Recovery>,
+
+    // The log.
+    last_index: Index,
+    last_term: Term,
+    last_end: Pos,
+    commit: Index,
+    applied: Index,
+    persisted: Index,
+    sync_inflight: Option<(u64, Index)>,
+    next_sync_token: u64,
+
+    // Receiving a leader's stream.
+    source: Option<Source>,
+    verified: Index,
+    expect_index: Index,
+    expect_pos: Pos,
+    rejected_sync: u64,
+    leader_seq: u64,
+    election_deadline: Time,
+    next_tick: Time,
+    ack_dirty: bool,
+    ack_seq: u64,
+    status_dirty: bool,
+
+    // Elections.
+    votes: u32,
+    vote_requests_pending: bool,
+    answered_vote: [Term; MAX_REPLICAS],
+
+    // Peers.
+    peer_up: [bool; MAX_REPLICAS],
+    outbox: Outbox,
+    lead: Option<LeaderState>,
+
+    actions: VecDeque<Action>,
+    events: VecDeque<Event>,
+    op_seq: u64,
+    entry_buf: Vec<u8>,
+    apply_buf: Vec<u8>,
+    counters: Counters,
+    last_role_event: Option<(Role, Term, Option<NodeId>)>,
+    last_commit_event: Index,
+}
+
+impl<S: LogStore> Replica<S> {
+    /// Starts (or restarts) a replica over `region` and `store`.
+    ///
+    /// A replica restarted in `memory` mode after it had taken part in an
+    /// election (its saved term is not 0) has lost its log: it recovers,
+    /// neither voting nor campaigning until a leader has caught it up.
+    pub fn new(
+        cfg: ReplicaConfig,
+        region: Region,
+        store: S,
+        now: Time,
+    ) -> Result<Replica<S>, ReplicaError> {
+        let layout = cfg.validate()?;
+        if region.len() < layout.region_len() {
+            return Err(ReplicaError::RegionTooSmall {
+                need: layout.region_len(),
+                have: region.len(),
+            });
+        }
+        let hs = store.hard_state();
+        let last_index = store.last_index();
+        let (last_term, last_end) = match store.meta(last_index) {
+            Some(m) => (m.term, m.end_pos()),
+            None => (0, 0),
+        };
+        let recovery = (cfg.durability == Durability::Memory && hs.term > 0 && last_index == 0)
+            .then_some(Recovery::AwaitingSync);
+        let seed = cfg.seed ^ (u64::from(cfg.id.0) << 56) ^ hs.term.rotate_left(17);
+        let max_entry = entry::encoded_len(cfg.max_payload);
+        let mut r = Replica {
+            majority: cfg.replicas / 2 + 1,
+            rng: Rng::new(seed),
+            layout,
+            region,
+            store,
+            now,
+            term: hs.term,
+            voted_for: hs.voted_for,
+            role: Role::Follower,
+            leader: None,
+            writer: None,
+            settling: false,
+            recovery,
+            last_index,
+            last_term,
+            last_end,
+            commit: 0,
+            applied: 0,
+            persisted: last_index,
+            sync_inflight: None,
+            next_sync_token: 1,
+            source: None,
+            verified: 0,
+            expect_index: last_index + 1,
+            expect_pos: last_end,
+            rejected_sync: 0,
+            leader_seq: 0,
+            election_deadline: now,
+            next_tick: now,
+            ack_dirty: false,
+            ack_seq: 0,
+            status_dirty: true,
+            votes: 0,
+            vote_requests_pending: false,
+            answered_vote: [0; MAX_REPLICAS],
+            peer_up: [true; MAX_REPLICAS],
+            outbox: Outbox::new(),
+            lead: None,
+            actions: VecDeque::with_capacity(64),
+            events: VecDeque::with_capacity(16),
+            op_seq: 0,
+            entry_buf: Vec::with_capacity(max_entry),
+            apply_buf: Vec::with_capacity(max_entry),
+            counters: Counters::default(),
+            last_role_event: None,
+            last_commit_event: 0,
+            cfg,
+        };
+        r.write_region_header();
+        r.reset_election_timer();
+        r.next_tick = now + r.cfg.heartbeat_interval;
+        r.publish_status();
+        // The transport starts with nobody granted; say so explicitly.
+        r.actions.push_back(Action::SetLogWriter(None));
+        r.note_role();
+        if r.cfg.replicas == 1 && r.recovery.is_none() {
+            r.start_election()?;
+        }
+        Ok(r)
+    }
+
+    // ----------------------------------------------------------------- queries
+
+    /// This replica's id.
+    pub fn id(&self) -> NodeId {
+        self.cfg.id
+    }
+    /// Current role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    /// Current term.
+    pub fn term(&self) -> Term {
+        self.term
+    }
+    /// The leader of the current term, when known.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+    /// Highest index known committed.
+    pub fn commit_index(&self) -> Index {
+        self.commit
+    }
+    /// Highest index handed out by [`next_committed`](Self::next_committed).
+    pub fn applied_index(&self) -> Index {
+        self.applied
+    }
+    /// Last index in the log.
+    pub fn last_index(&self) -> Index {
+        self.last_index
+    }
+    /// The term of entry `index`, if the log holds it.
+    pub fn term_at(&self, index: Index) -> Option<Term> {
+        if index == 0 {
+            return Some(0);
+        }
+        self.store.meta(index).map(|m| m.term)
+    }
+    /// Whether the replica lost its log in a restart and is catching up.
+    pub fn is_recovering(&self) -> bool {
+        self.recovery.is_some()
+    }
+    /// The peer currently granted the right to write this replica's ring.
+    pub fn log_writer(&self) -> Option<NodeId> {
+        self.writer
+    }
+    /// The configuration.
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.cfg
+    }
+    /// The region layout.
+    pub fn layout(&self) -> &RegionLayout {
+        &self.layout
+    }
+    /// The region.
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+    /// Diagnostics counters.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+    /// The next queued action.
+    pub fn next_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+    /// The next queued event.
+    pub fn next_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+    /// When the replica next needs [`poll`](Self::poll) even if nothing
+    /// arrives.
+    pub fn next_timeout(&self) -> Time {
+        if self.settling || self.vote_requests_pending {
+            return self.now;
+        }
+        let mut t = self.next_tick;
+        match &self.lead {
+            Some(lead) if self.role == Role::Leader => {
+                t = t.min(lead.next_timeout());
+            }
+            _ => t = t.min(self.election_deadline),
+        }
+        t
+    }
+
+    // ------------------------------------------------------------------ inputs
+
+    /// Looks at the local region and the timers, and reacts.
+    pub fn poll(&mut self, now: Time) -> Result<(), ReplicaError> {
+        self.now = self.now.max(now);
+        // Everything emitted by the previous call has been carried out,
+        // grant changes included: what the old writer landed is final now.
+        self.settling = false;
+        if self.role != Role::Leader {
+            self.receive()?;
+        }
+        self.read_leader_records()?;
+        self.read_vote_requests()?;
+        match self.role {
+            Role::Candidate => self.read_vote_responses()?,
+            Role::Leader => self.read_acks()?,
+            Role::Follower => {}
+        }
+        self.tick()?;
+        if self.role == Role::Leader {
+            self.replicate()?;
+        }
+        self.finish_poll();
+        Ok(())
+    }
+
+    /// Takes a transport event.
+    pub fn handle_event(&mut self, event: TransportEvent, now: Time) -> Result<(), ReplicaError> {
+        self.now = self.now.max(now);
+        match event {
+            TransportEvent::PeerUp(p) if p.index() < self.cfg.replicas => {
+                self.peer_up[p.index()] = true;
+                self.resend_dirty(p);
+                if let Some(lead) = &mut self.lead {
+                    lead.peer_up(p, self.now);
+                }
+            }
+            TransportEvent::PeerDown(p) if p.index() < self.cfg.replicas => {
+                self.peer_up[p.index()] = false;
+                if let Some(lead) = &mut self.lead {
+                    lead.peer_down(p, self.now);
+                }
+            }
+            TransportEvent::Completed(c) => self.complete(c.op, c.peer, c.result)?,
+            _ => {}
+        }
+        self.finish_poll();
+        Ok(())
+    }
+
+    /// The runtime made everything appended before the `Sync` with this
+    /// token durable.
+    pub fn handle_synced(&mut self, token: u64, now: Time) {
+        self.now = self.now.max(now);
+        if let Some((t, through)) = self.sync_inflight
+            && t == token
+        {
+            self.sync_inflight = None;
+            self.persisted = self.persisted.max(through).min(self.last_index);
+            self.ack_dirty = true;
+            if self.role == Role::Leader {
+                self.advance_commit();
+            }
+        }
+        self.finish_poll();
+    }
+
+    /// Proposes an entry. Only the leader accepts; the entry is replicated by
+    /// the next [`poll`](Self::poll), batched with every other proposal made
+    /// since the last one.
+    pub fn propose(
+        &mut self,
+        kind: EntryKind,
+        conn: u64,
+        payload: &[u8],
+    ) -> Result<Proposal, ProposeError> {
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if payload.len() > self.cfg.max_payload {
+            return Err(ProposeError::TooLarge {
+                len: payload.len(),
+                max: self.cfg.max_payload,
+            });
+        }
+        self.append_own(kind, conn, payload)
+    }
+
+    /// The next committed entry not yet handed out, in log order.
+    pub fn next_committed(&mut self) -> Result<Option<CommittedEntry<'_>>, ReplicaError> {
+        if self.applied >= self.commit {
+            return Ok(None);
+        }
+        let index = self.applied + 1;
+        self.store.read(index, &mut self.apply_buf)?;
+        let (h, _) = entry::decode(&self.apply_buf, self.cfg.max_payload)
+            .map_err(|source| StoreError::Corrupt { index, source })?;
+        if h.index != index {
+            return Err(StoreError::Corrupt {
+                index,
+                source: EntryError::Unexpected("stored entry has another index"),
+            }
+            .into());
+        }
+        self.applied = index;
+        let start = entry::HEADER_LEN;
+        Ok(Some(CommittedEntry {
+            index,
+            term: h.term,
+            kind: h.kind,
+            conn: h.conn,
+            payload: &self.apply_buf[start..start + h.payload_len as usize],
+        }))
+    }
+
+    // --------------------------------------------------------------- internals
+
+    fn next_op(&mut self, purpose: Purpose, peer: NodeId) -> OpId {
+        self.op_seq += 1;
+        ops::make(self.op_seq, purpose, peer)
+    }
+
+    fn peers(&self) -> impl Iterator<Item = NodeId> + use<S> {
+        let me = self.cfg.id;
+        (0..self.cfg.replicas as u8).map(NodeId).filter(move |&p| p != me)
+    }
+
+    #[cfg(any(test, feature = "sim"))]
+    fn bug(&self, bug: crate::config::PlantedBug) -> bool {
+        self.cfg.planted_bug == Some(bug)
+    }
+
+    fn save_hard_state(&mut self) -> Result<(), ReplicaError> {
+        self.store.save_hard_state(HardState {
+            term: self.term,
+            voted_for: self.voted_for,
+        })?;
+        self.status_dirty = true;
+        Ok(())
+    }
+
+    fn set_writer(&mut self, writer: Option<NodeId>) {
+        if self.writer != writer {
+            self.writer = writer;
+            self.actions.push_back(Action::SetLogWriter(writer));
+            self.settling = true;
+            self.status_dirty = true;
+        }
+    }
+
+    fn reset_election_timer(&mut self) {
+        let base = self.cfg.election_timeout.as_nanos() as u64;
+        let jitter = self.rng.range(0, base);
+        self.election_deadline = Time(self.now.0 + base + jitter);
+    }
+
+    /// Sends the record of `kind` to `peer`, or marks it to be sent as soon
+    /// as the write in flight from the same staging slot completes.
+    fn send_record(&mut self, kind: SlotKind, peer: NodeId) -> Option<OpId> {
+        let slot = self.outbox.slot(peer.index(), kind);
+        if slot.inflight.is_some() || !self.peer_up[peer.index()] {
+            slot.dirty = true;
+            return None;
+        }
+        slot.dirty = false;
+        let bytes = match kind {
+            SlotKind::Leader => self.render_leader_record(peer).encode(),
+            SlotKind::Ack => self.render_ack().encode(),
+            SlotKind::VoteRequest => self.render_vote_request().encode(),
+            SlotKind::VoteResponse => self.render_vote_response(peer).encode(),
+        };
+        let local = self.layout.staging(kind, peer);
+        self.region.write(local, &bytes);
+        let op = self.next_op(Purpose::Record(kind), peer);
+        self.outbox.slot(peer.index(), kind).inflight = Some(op);
+        self.actions.push_back(Action::Post(RemoteOp::Write {
+            op,
+            peer,
+            local_offset: local,
+            len: SLOT_LEN,
+            remote_offset: self.layout.inbound(kind, self.cfg.id),
+        }));
+        if kind == SlotKind::Leader
+            && let Some(lead) = &mut self.lead
+        {
+            lead.record_posted(peer, op);
+        }
+        Some(op)
+    }
+
+    fn resend_dirty(&mut self, peer: NodeId) {
+        if !self.outbox.has_dirty(peer.index()) {
+            return;
+        }
+        for kind in SlotKind::ALL {
+            let slot = *self.outbox.slot(peer.index(), kind);
+            if slot.dirty && slot.inflight.is_none() {
+                self.send_record(kind, peer);
+            }
+        }
+    }
+
+    fn read_slot<R: Record>(&self, kind: SlotKind, writer: NodeId) -> Option<R> {
+        let mut buf = [0u8; SLOT_LEN];
+        self.region.read(self.layout.inbound(kind, writer), &mut buf);
+        R::decode(&buf).ok()
+    }
+
+    fn complete(
+        &mut self,
+        op: OpId,
+        peer: NodeId,
+        result: Result<(), crate::transport::OpError>,
+    ) -> Result<(), ReplicaError> {
+        let Some((purpose, p)) = ops::split(op) else {
+            return Ok(());
+        };
+        if p != peer || p.index() >= self.cfg.replicas {
+            return Ok(());
+        }
+        if result.is_err() {
+            self.counters.failed_ops += 1;
+        }
+        match purpose {
+            Purpose::Record(kind) => {
+                let slot = self.outbox.slot(peer.index(), kind);
+                if slot.inflight != Some(op) {
+                    return Ok(());
+                }
+                slot.inflight = None;
+                if result.is_err() {
+                    // Retried on the next tick or when the peer comes back.
+                    slot.dirty = true;
+                }
+                if kind == SlotKind::Leader
+                    && let Some(lead) = &mut self.lead
+                {
+                    lead.record_completed(peer, op, result.is_ok(), self.now);
+                }
+                if result.is_ok() {
+                    self.resend_dirty(peer);
+                }
+            }
+            Purpose::Stream | Purpose::Catchup | Purpose::StatusRead => {
+                if self.role == Role::Leader {
+                    self.leader_completion(purpose, peer, op, result)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self) -> Result<(), ReplicaError> {
+        if self.now >= self.next_tick {
+            self.next_tick = self.now + self.cfg.heartbeat_interval;
+            for p in self.peers() {
+                self.resend_dirty(p);
+            }
+        }
+        match self.role {
+            Role::Leader => self.leader_tick()?,
+            Role::Follower | Role::Candidate => {
+                if self.now >= self.election_deadline {
+                    if self.recovery.is_none() {
+                        self.start_election()?;
+                    } else {
+                        self.reset_election_timer();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_poll(&mut self) {
+        if self.ack_dirty
+            && let Some(target) = self.leader.or(self.source.map(|s| s.peer))
+            && target != self.cfg.id
+        {
+            self.ack_dirty = false;
+            self.send_record(SlotKind::Ack, target);
+        }
+        self.request_sync();
+        self.note_role();
+        if self.commit > self.last_commit_event {
+            self.last_commit_event = self.commit;
+            self.events.push_back(Event::Committed { index: self.commit });
+        }
+        if self.status_dirty {
+            self.publish_status();
+        }
+    }
+
+    fn request_sync(&mut self) {
+        if self.cfg.durability == Durability::Durable
+            && self.sync_inflight.is_none()
+            && self.persisted < self.last_index
+        {
+            let token = self.next_sync_token;
+            self.next_sync_token += 1;
+            self.sync_inflight = Some((token, self.last_index));
+            self.actions.push_back(Action::Sync { token });
+        }
+    }
+
+    fn note_role(&mut self) {
+        let now = (self.role, self.term, self.leader);
+        if self.last_role_event != Some(now) {
+            self.last_role_event = Some(now);
+            self.events.push_back(Event::RoleChanged {
+                role: self.role,
+                term: self.term,
+                leader: self.leader,
+            });
+        }
+    }
+
+    fn publish_status(&mut self) {
+        self.status_dirty = false;
+        let st = StatusRecord {
+            term: self.term,
+            writer: self.writer,
+            settling: self.settling,
+            recovering: self.recovery.is_some(),
+            last_index: self.last_index,
+            last_term: self.last_term,
+            commit: self.commit.min(self.last_index),
+            next_pos: self.expect_pos,
+            last_end_pos: self.last_end,
+        };
+        self.region.write(self.layout.status(), &st.encode());
+    }
+
+    fn write_region_header(&mut self) {
+        let mut h = [0u8; 64];
+        h[0..8].copy_from_slice(b"APUSRGN1");
+        h[8] = crate::layout::LAYOUT_VERSION;
+        h[9] = self.cfg.id.0;
+        h[10] = self.cfg.replicas as u8;
+        h[16..24].copy_from_slice(&(self.layout.ring_capacity() as u64).to_le_bytes());
+        h[24..32].copy_from_slice(&(self.layout.catchup_chunk() as u64).to_le_bytes());
+        h[32..40].copy_from_slice(&(self.cfg.max_payload as u64).to_le_bytes());
+        h[40..48].copy_from_slice(&(self.layout.ring_offset() as u64).to_le_bytes());
+        self.region.write(self.layout.header(), &h);
+    }
+
+    /// Truncates the log after `index` (a conflict with the source's log).
+    fn truncate_after(&mut self, index: Index) -> Result<(), ReplicaError> {
+        debug_assert!(index < self.last_index);
+        assert!(
+            index >= self.commit,
+            "truncating committed entry {} (commit {})",
+            index + 1,
+            self.commit
+        );
+        self.counters.entries_truncated += self.last_index - index;
+        self.store.truncate_after(index)?;
+        self.last_index = index;
+        let (term, end) = match self.store.meta(index) {
+            Some(m) => (m.term, m.end_pos()),
+            None => (0, 0),
+        };
+        self.last_term = term;
+        self.last_end = end;
+        self.persisted = self.persisted.min(index);
+        if let Some((_, through)) = &mut self.sync_inflight {
+            *through = (*through).min(index);
+        }
+        self.status_dirty = true;
+        Ok(())
+    }
+}
