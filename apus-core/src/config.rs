@@ -29,8 +29,8 @@ pub enum Durability {
 pub enum PlantedBug {
     /// The leader commits an entry as soon as it holds it itself.
     CommitWithoutMajority,
-    /// A follower follows (and accepts entries from) a leader whose term is
-    /// older than its own.
+    /// A follower accepts an entry written into its ring under an older term
+    /// than its source's (it checks the writer term with `<=`, not `==`).
     AcceptStaleTerm,
 }
 

@@ -7,8 +7,10 @@
 //!
 //! ```text
 //! offset 0        region header (128 B)
-//!                 inbound control slots, 128 B each, one per (kind, writer):
-//!                   leader record    written by the leader of a term
+//!                 inbound control slots, 128 B each, per writer:
+//!                   leader record    written by the leader of a term, in two
+//!                                    copies used alternately, so that one is
+//!                                    always whole while the other is rewritten
 //!                   ack record       written by a follower into its leader
 //!                   vote request     written by a candidate
 //!                   vote response    written by a voter into its candidate
@@ -17,7 +19,8 @@
 //!                                    stable source of an in-flight record write
 //!                 probe landing      one 128 B slot per peer: where a remote
 //!                                    read of that peer's status lands
-//!                 catch-up scratch   one chunk per peer: re-encoded old entries
+//!                 catch-up scratch   CATCHUP_SLOTS chunks per peer: old
+//!                                    entries re-encoded under the leader's term
 //!                 log ring           `ring_capacity` bytes of entries
 //! ```
 //!
@@ -33,6 +36,10 @@ pub const LAYOUT_VERSION: u8 = 1;
 
 /// Size of one control record slot.
 pub const SLOT_LEN: usize = 128;
+
+/// Catch-up chunks per peer: how many catch-up writes to one follower may be
+/// in flight at once (each from its own scratch chunk).
+pub const CATCHUP_SLOTS: usize = 4;
 
 const HEADER_LEN: usize = 128;
 const ALIGN: usize = 64;
@@ -50,7 +57,28 @@ pub enum SlotKind {
     VoteResponse = 3,
 }
 
+/// Inbound slots per writer: the leader record has two copies.
+const SLOTS_PER_WRITER: usize = 5;
+
 impl SlotKind {
+    /// How many copies of this slot each writer has.
+    pub fn copies(self) -> usize {
+        match self {
+            SlotKind::Leader => 2,
+            _ => 1,
+        }
+    }
+
+    /// Index of copy 0 of this kind among a writer's inbound slots.
+    fn first_slot(self) -> usize {
+        match self {
+            SlotKind::Leader => 0,
+            SlotKind::Ack => 2,
+            SlotKind::VoteRequest => 3,
+            SlotKind::VoteResponse => 4,
+        }
+    }
+
     /// All slot kinds, in layout order.
     pub const ALL: [SlotKind; 4] = [
         SlotKind::Leader,
@@ -122,11 +150,11 @@ impl RegionLayout {
             return Err(LayoutError::CatchupChunk(catchup_chunk));
         }
         let inbound = HEADER_LEN;
-        let status = inbound + SlotKind::ALL.len() * replicas * SLOT_LEN;
+        let status = inbound + SLOTS_PER_WRITER * replicas * SLOT_LEN;
         let staging = status + SLOT_LEN;
         let probe = staging + SlotKind::ALL.len() * replicas * SLOT_LEN;
         let scratch = probe + replicas * SLOT_LEN;
-        let ring = align_up(scratch + replicas * catchup_chunk);
+        let ring = align_up(scratch + replicas * CATCHUP_SLOTS * catchup_chunk);
         let total = ring + ring_capacity;
         Ok(RegionLayout {
             replicas,
@@ -157,10 +185,15 @@ impl RegionLayout {
         0
     }
 
-    /// Offset of the inbound slot of `kind` written by `writer`.
+    /// Offset of the inbound slot of `kind` written by `writer` (copy 0).
     pub fn inbound(&self, kind: SlotKind, writer: NodeId) -> usize {
-        debug_assert!(writer.index() < self.replicas);
-        self.inbound + (kind as usize * self.replicas + writer.index()) * SLOT_LEN
+        self.inbound_copy(kind, writer, 0)
+    }
+
+    /// Offset of copy `copy` of the inbound slot of `kind` written by `writer`.
+    pub fn inbound_copy(&self, kind: SlotKind, writer: NodeId, copy: usize) -> usize {
+        debug_assert!(writer.index() < self.replicas && copy < kind.copies());
+        self.inbound + (writer.index() * SLOTS_PER_WRITER + kind.first_slot() + copy) * SLOT_LEN
     }
 
     /// Offset of this node's own status record.
@@ -179,9 +212,10 @@ impl RegionLayout {
         self.probe + peer.index() * SLOT_LEN
     }
 
-    /// Offset of the catch-up scratch chunk used for `peer`.
-    pub fn scratch(&self, peer: NodeId) -> usize {
-        self.scratch + peer.index() * self.catchup_chunk
+    /// Offset of catch-up scratch chunk `slot` used for `peer`.
+    pub fn scratch(&self, peer: NodeId, slot: usize) -> usize {
+        debug_assert!(slot < CATCHUP_SLOTS);
+        self.scratch + (peer.index() * CATCHUP_SLOTS + slot) * self.catchup_chunk
     }
 
     /// Size of one catch-up chunk.
@@ -227,9 +261,11 @@ impl RegionLayout {
             return RemoteAccess::Ring;
         }
         for kind in SlotKind::ALL {
-            let slot = self.inbound(kind, writer);
-            if offset >= slot && end <= slot + SLOT_LEN {
-                return RemoteAccess::Slot(kind);
+            for copy in 0..kind.copies() {
+                let slot = self.inbound_copy(kind, writer, copy);
+                if offset >= slot && end <= slot + SLOT_LEN {
+                    return RemoteAccess::Slot(kind);
+                }
             }
         }
         RemoteAccess::Denied
@@ -255,14 +291,18 @@ mod tests {
         let mut areas = vec![(l.header(), HEADER_LEN)];
         for kind in SlotKind::ALL {
             for p in 0..5 {
-                areas.push((l.inbound(kind, NodeId(p)), SLOT_LEN));
+                for copy in 0..kind.copies() {
+                    areas.push((l.inbound_copy(kind, NodeId(p), copy), SLOT_LEN));
+                }
                 areas.push((l.staging(kind, NodeId(p)), SLOT_LEN));
             }
         }
         areas.push((l.status(), SLOT_LEN));
         for p in 0..5 {
             areas.push((l.probe_landing(NodeId(p)), SLOT_LEN));
-            areas.push((l.scratch(NodeId(p)), 1024));
+            for slot in 0..CATCHUP_SLOTS {
+                areas.push((l.scratch(NodeId(p), slot), 1024));
+            }
         }
         areas.push((l.ring_offset(), 4096));
         areas.sort();
@@ -289,6 +329,10 @@ mod tests {
             "a peer cannot write another peer's slot"
         );
         assert_eq!(l.remote_write_access(NodeId(1), own, SLOT_LEN + 1), RemoteAccess::Denied);
+        assert_eq!(
+            l.remote_write_access(NodeId(2), l.inbound_copy(SlotKind::Leader, NodeId(2), 1), SLOT_LEN),
+            RemoteAccess::Slot(SlotKind::Leader)
+        );
         assert_eq!(l.remote_write_access(NodeId(0), l.ring_offset(), 100), RemoteAccess::Ring);
         assert_eq!(l.remote_write_access(NodeId(0), l.ring_offset() + 4000, 200), RemoteAccess::Denied);
         assert_eq!(l.remote_write_access(NodeId(0), l.status(), 8), RemoteAccess::Denied);

@@ -43,7 +43,7 @@ pub mod store;
 pub mod transport;
 pub mod types;
 
-#[cfg(feature = "sim")]
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 
 pub use config::{ConfigError, Durability, ReplicaConfig};

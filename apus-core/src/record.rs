@@ -120,6 +120,9 @@ pub struct LeaderRecord {
     pub term: Term,
     /// Heartbeat counter; changes on every heartbeat.
     pub seq: u64,
+    /// Bumped on every write of this record to this follower: of the two
+    /// copies, the valid one with the higher `(term, version)` is current.
+    pub version: u64,
     /// The leader's commit index.
     pub commit: Index,
     /// The leader's last log index (for lag reporting and recovery).
@@ -138,7 +141,7 @@ impl Record for LeaderRecord {
     const KIND: u8 = 1;
     fn to_words(&self) -> [u64; FIELDS] {
         let mut w = [0; FIELDS];
-        w[..8].copy_from_slice(&[
+        w[..9].copy_from_slice(&[
             self.term,
             self.seq,
             self.commit,
@@ -147,11 +150,12 @@ impl Record for LeaderRecord {
             self.sync_index,
             self.sync_term,
             self.sync_pos,
+            self.version,
         ]);
         w
     }
     fn from_words(w: &[u64; FIELDS]) -> Result<Self, RecordError> {
-        unused_zero(w, 8)?;
+        unused_zero(w, 9)?;
         let r = LeaderRecord {
             term: w[0],
             seq: w[1],
@@ -161,6 +165,7 @@ impl Record for LeaderRecord {
             sync_index: w[5],
             sync_term: w[6],
             sync_pos: w[7],
+            version: w[8],
         };
         if r.term == 0 {
             return Err(RecordError::Field("leader term 0"));
@@ -379,6 +384,7 @@ mod tests {
         let l = LeaderRecord {
             term: 5,
             seq: 77,
+            version: 3,
             commit: 10,
             last_index: 12,
             sync_seq: 2,

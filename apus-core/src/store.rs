@@ -92,12 +92,22 @@ pub trait LogStore {
 /// A log held in memory: the store for the `memory` durability mode and for
 /// tests. Appends are amortised into one growing buffer, not one allocation
 /// per entry.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct MemStore {
     hard: HardState,
     bytes: Vec<u8>,
     /// Per entry: byte offset into `bytes` and metadata. `entries[i]` is index `i + 1`.
     entries: Vec<(usize, EntryMeta)>,
+}
+
+impl std::fmt::Debug for MemStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemStore")
+            .field("hard", &self.hard)
+            .field("last_index", &self.entries.len())
+            .field("bytes", &self.bytes.len())
+            .finish()
+    }
 }
 
 impl MemStore {

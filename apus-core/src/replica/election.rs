@@ -53,7 +53,12 @@ impl<S: LogStore> Replica<S> {
         self.leader = leader;
         self.vote_requests_pending = false;
         self.set_writer(leader);
-        self.reset_election_timer();
+        // Hearing a higher term from a candidate is no sign of a live leader:
+        // resetting here would let a candidate that cannot win (stale log)
+        // keep everyone else from ever timing out.
+        if leader.is_some() {
+            self.reset_election_timer();
+        }
         Ok(())
     }
 
@@ -87,6 +92,11 @@ impl<S: LogStore> Replica<S> {
                 continue;
             };
             if req.term < self.term || self.answered_vote[p.index()] >= req.term {
+                continue;
+            }
+            if req.term > self.term && self.leader_is_alive() {
+                // Leader stickiness (Raft thesis 9.6): while our leader is
+                // alive, a node that cannot hear it must not depose it.
                 continue;
             }
             if req.term > self.term {
@@ -130,6 +140,19 @@ impl<S: LogStore> Replica<S> {
             self.become_leader()?;
         }
         Ok(())
+    }
+
+    /// Whether we heard from a live leader of our term within the minimum
+    /// election timeout (a leader: whether it still has its quorum).
+    fn leader_is_alive(&self) -> bool {
+        match self.role {
+            Role::Leader => true,
+            Role::Candidate => false,
+            Role::Follower => {
+                self.leader.is_some()
+                    && self.now < self.leader_contact + self.cfg.election_timeout
+            }
+        }
     }
 
     pub(super) fn render_vote_request(&self) -> VoteRequest {

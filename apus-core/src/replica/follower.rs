@@ -3,7 +3,6 @@
 use super::{Recovery, Replica, ReplicaError, Source};
 use crate::config::Durability;
 use crate::entry::{self, EntryHeader, TRAILER_LEN};
-use crate::layout::SlotKind;
 use crate::record::{AckRecord, LeaderRecord};
 use crate::store::{EntryMeta, LogStore};
 use crate::types::{NodeId, Pos, Role};
@@ -14,7 +13,7 @@ impl<S: LogStore> Replica<S> {
     /// then every complete entry in the ring.
     pub(super) fn receive(&mut self) -> Result<(), ReplicaError> {
         if let Some(src) = self.source
-            && let Some(rec) = self.read_slot::<LeaderRecord>(SlotKind::Leader, src.peer)
+            && let Some(rec) = self.read_leader_record(src.peer)
             && rec.term == src.term
         {
             if rec.sync_seq > src.sync_seq
@@ -26,7 +25,9 @@ impl<S: LogStore> Replica<S> {
             self.learn_commit(rec.commit);
         }
         while let Some(h) = self.next_ring_entry() {
-            self.accept(h)?;
+            if !self.accept(h)? {
+                break;
+            }
         }
         Ok(())
     }
@@ -35,26 +36,10 @@ impl<S: LogStore> Replica<S> {
     /// leads the current one, takes heartbeats and sync commands from it.
     pub(super) fn read_leader_records(&mut self) -> Result<(), ReplicaError> {
         for p in self.peers() {
-            let Some(rec) = self.read_slot::<LeaderRecord>(SlotKind::Leader, p) else {
+            let Some(rec) = self.read_leader_record(p) else {
                 continue;
             };
             if rec.term < self.term {
-                #[cfg(any(test, feature = "sim"))]
-                if self.bug(crate::config::PlantedBug::AcceptStaleTerm)
-                    && self.role == Role::Follower
-                    && self.leader != Some(p)
-                {
-                    // Planted bug: follow a leader of an older term.
-                    self.leader = Some(p);
-                    self.set_writer(Some(p));
-                    self.rejected_sync = 0;
-                    self.source = Some(Source {
-                        peer: p,
-                        term: rec.term,
-                        sync_seq: 0,
-                    });
-                    continue;
-                }
                 continue;
             }
             if rec.term > self.term {
@@ -75,13 +60,6 @@ impl<S: LogStore> Replica<S> {
                         self.reset_election_timer();
                         continue;
                     }
-                    #[cfg(any(test, feature = "sim"))]
-                    if self.bug(crate::config::PlantedBug::AcceptStaleTerm) && self.leader != Some(p)
-                    {
-                        self.leader = Some(p);
-                        self.set_writer(Some(p));
-                        continue;
-                    }
                     assert_eq!(self.leader, Some(p), "two leaders in term {}", self.term);
                     self.follow(p, &rec)?;
                 }
@@ -94,6 +72,7 @@ impl<S: LogStore> Replica<S> {
     fn follow(&mut self, p: NodeId, rec: &LeaderRecord) -> Result<(), ReplicaError> {
         if rec.seq != self.leader_seq {
             self.leader_seq = rec.seq;
+            self.leader_contact = self.now;
             self.reset_election_timer();
             // Tell the leader it is still heard (it steps down otherwise).
             self.ack_dirty = true;
@@ -101,16 +80,14 @@ impl<S: LogStore> Replica<S> {
         if self.settling || self.writer != Some(p) {
             return Ok(());
         }
-        let current = self.source.is_some_and(|s| s.peer == p && s.term == rec.term);
-        let fresh_sync = rec.sync_seq != 0
-            && rec.sync_seq != self.rejected_sync
-            && (!current || self.source.is_some_and(|s| rec.sync_seq > s.sync_seq));
-        if fresh_sync {
+        if self.sync_is_fresh(p, rec) {
             self.apply_sync(p, rec)?;
             // Entries the leader streamed right behind the sync may already
             // be in the ring.
             while let Some(h) = self.next_ring_entry() {
-                self.accept(h)?;
+                if !self.accept(h)? {
+                    break;
+                }
             }
         }
         if self.source.is_some_and(|s| s.peer == p && s.term == rec.term) {
@@ -119,20 +96,33 @@ impl<S: LogStore> Replica<S> {
         Ok(())
     }
 
+    /// Whether `rec` (from `p`, the leader of our term) carries a sync we
+    /// have not applied or refused yet.
+    fn sync_is_fresh(&self, p: NodeId, rec: &LeaderRecord) -> bool {
+        let current = self.source.is_some_and(|s| s.peer == p && s.term == rec.term);
+        rec.sync_seq != 0
+            && rec.sync_seq != self.rejected_sync
+            && (!current || self.source.is_some_and(|s| rec.sync_seq > s.sync_seq))
+    }
+
+    /// Whether our log really agrees with the leader's up to the sync point.
+    fn sync_agrees(&self, rec: &LeaderRecord) -> bool {
+        let m = rec.sync_index;
+        if m == 0 {
+            return rec.sync_term == 0 && rec.sync_pos == 0;
+        }
+        m <= self.last_index
+            && self
+                .store
+                .meta(m)
+                .is_some_and(|meta| meta.term == rec.sync_term && meta.end_pos() == rec.sync_pos)
+    }
+
     /// The leader says: our logs agree up to `sync_index`, and its stream
     /// continues at `sync_pos`.
     fn apply_sync(&mut self, p: NodeId, rec: &LeaderRecord) -> Result<(), ReplicaError> {
         let m = rec.sync_index;
-        let agrees = if m == 0 {
-            rec.sync_term == 0 && rec.sync_pos == 0
-        } else {
-            m <= self.last_index
-                && self
-                    .store
-                    .meta(m)
-                    .is_some_and(|meta| meta.term == rec.sync_term && meta.end_pos() == rec.sync_pos)
-        };
-        if !agrees {
+        if !self.sync_agrees(rec) {
             // Our log changed since the leader read our status (or we
             // restarted): ask it to look again.
             self.rejected_sync = rec.sync_seq;
@@ -211,7 +201,7 @@ impl<S: LogStore> Replica<S> {
         let Ok(h) = EntryHeader::parse(&hb, self.cfg.max_payload) else {
             return Err(false);
         };
-        if h.pos != pos || h.index != self.expect_index || h.leader_term != src.term {
+        if h.pos != pos || h.index != self.expect_index || !self.writer_term_ok(h.leader_term, src) {
             return Err(false);
         }
         let total = h.encoded_len();
@@ -229,7 +219,7 @@ impl<S: LogStore> Replica<S> {
             Ok((full, _))
                 if full.pos == pos
                     && full.index == self.expect_index
-                    && full.leader_term == src.term =>
+                    && self.writer_term_ok(full.leader_term, src) =>
             {
                 Ok(full)
             }
@@ -237,15 +227,32 @@ impl<S: LogStore> Replica<S> {
         }
     }
 
-    /// Takes the entry in `entry_buf` into the log.
-    fn accept(&mut self, h: EntryHeader) -> Result<(), ReplicaError> {
+    /// Only the source's own copies are taken: bytes written under an older
+    /// term (a deposed leader's, or our own divergent entries lingering in
+    /// the ring after a resync) are never accepted as the source's.
+    fn writer_term_ok(&self, leader_term: crate::types::Term, src: Source) -> bool {
+        #[cfg(any(test, feature = "sim"))]
+        if self.bug(crate::config::PlantedBug::AcceptStaleTerm) {
+            return leader_term <= src.term;
+        }
+        leader_term == src.term
+    }
+
+    /// Takes the entry in `entry_buf` into the log; `false` if it cannot be
+    /// (it does not chain onto our log), in which case nothing changes.
+    fn accept(&mut self, h: EntryHeader) -> Result<bool, ReplicaError> {
         let i = h.index;
         debug_assert_eq!(i, self.expect_index);
+        // Log matching: the entry must chain onto our verified prefix.
+        if h.prev_term != self.term_at(i - 1).unwrap_or(0) {
+            self.counters.chain_breaks += 1;
+            return Ok(false);
+        }
         let mut append = true;
         if i <= self.last_index {
             let mine = self.store.meta(i).expect("entry within the log");
             if mine.term == h.term {
-                // Log matching: same index and term, same entry.
+                // Same index and term: the same entry.
                 assert_eq!(mine.pos, h.pos, "entry {i} at two positions");
                 append = false;
             } else {
@@ -253,12 +260,6 @@ impl<S: LogStore> Replica<S> {
             }
         }
         if append {
-            if h.prev_term != self.last_term {
-                // Cannot happen with a correct leader: the entries before this
-                // one were verified against its log. Refuse and stay put.
-                debug_assert!(false, "prev_term mismatch at {i}");
-                return Ok(());
-            }
             let meta = EntryMeta {
                 term: h.term,
                 pos: h.pos,
@@ -278,10 +279,80 @@ impl<S: LogStore> Replica<S> {
         self.expect_pos = h.end_pos();
         self.learn_commit(h.commit);
         self.check_recovered();
+        self.leader_contact = self.now;
         self.reset_election_timer();
         self.ack_dirty = true;
         self.status_dirty = true;
-        Ok(())
+        Ok(true)
+    }
+
+    /// Entries that have fully landed in the ring from the current source
+    /// and would be accepted next, without accepting them: in memory mode
+    /// these count as held (the replica takes them in before it can vote).
+    /// For the simulator's durability check.
+    #[cfg(any(test, feature = "sim"))]
+    #[doc(hidden)]
+    pub fn landed_entries(&mut self) -> Vec<(crate::types::Index, crate::types::Term, Vec<u8>)> {
+        let saved = (self.source, self.expect_index, self.expect_pos, self.counters);
+        // A sync from our leader that has landed is applied by the next poll,
+        // before the ring is read and before any vote: apply it here too.
+        if let Some(l) = self.leader
+            && l != self.cfg.id
+            && self.writer == Some(l)
+            && let Some(rec) = self.read_leader_record(l)
+            && rec.term == self.term
+            && self.sync_is_fresh(l, &rec)
+            && self.sync_agrees(&rec)
+        {
+            self.source = Some(Source {
+                peer: l,
+                term: rec.term,
+                sync_seq: rec.sync_seq,
+            });
+            self.expect_index = rec.sync_index + 1;
+            self.expect_pos = rec.sync_pos;
+        }
+        let mut out = Vec::new();
+        while let Some(h) = self.next_ring_entry() {
+            let start = entry::HEADER_LEN;
+            out.push((h.index, h.term, self.entry_buf[start..start + h.payload_len as usize].to_vec()));
+            self.expect_index = h.index + 1;
+            self.expect_pos = h.end_pos();
+        }
+        (self.source, self.expect_index, self.expect_pos, self.counters) = saved;
+        out
+    }
+
+    /// One line on where this replica's receiving side stands (simulator
+    /// diagnostics).
+    #[cfg(any(test, feature = "sim"))]
+    #[doc(hidden)]
+    pub fn receive_summary(&self) -> String {
+        format!(
+            "{} t{} writer {:?} leader {:?} source {:?} verified {} expect {}@{} last {} commit {}{}",
+            self.role,
+            self.term,
+            self.writer,
+            self.leader,
+            self.source.map(|s| (s.peer, s.term, s.sync_seq)),
+            self.verified,
+            self.expect_index,
+            self.expect_pos,
+            self.last_index,
+            self.commit,
+            if self.settling { " settling" } else { "" }
+        ) + &match self.leader.filter(|&l| l != self.cfg.id) {
+            Some(l) => {
+                let mut copies = String::new();
+                for copy in 0..2 {
+                    let mut buf = [0u8; crate::layout::SLOT_LEN];
+                    self.region.read(self.layout.inbound_copy(crate::layout::SlotKind::Leader, l, copy), &mut buf);
+                    copies += &format!(" copy{copy} {:?}", <LeaderRecord as crate::record::Record>::decode(&buf));
+                }
+                format!(" leader-record {:?}{copies}", self.read_leader_record(l))
+            }
+            None => String::new(),
+        }
     }
 
     pub(super) fn render_ack(&mut self) -> AckRecord {

@@ -6,7 +6,7 @@ use super::ops::Purpose;
 use super::{Proposal, ProposeError, Replica, ReplicaError};
 use crate::config::Durability;
 use crate::entry::{self, EntryHeader, EntryKind};
-use crate::layout::{SLOT_LEN, SlotKind};
+use crate::layout::{CATCHUP_SLOTS, SLOT_LEN, SlotKind};
 use crate::record::{AckRecord, LeaderRecord, Record, StatusRecord};
 use crate::store::{EntryMeta, LogStore, StoreError};
 use crate::transport::{OpError, OpId, RemoteOp};
@@ -47,7 +47,9 @@ pub(super) struct Progress {
     /// The follower's free ring window starts here (its next expected position).
     window: Pos,
     inflight: VecDeque<Inflight>,
-    catchup_inflight: bool,
+    /// Catch-up writes in flight, and the scratch chunk the next one uses.
+    catchup_inflight: usize,
+    catchup_slot: usize,
     last_ack_seq: u64,
     heard: bool,
 }
@@ -67,7 +69,8 @@ impl Progress {
             match_index: 0,
             window: 0,
             inflight: VecDeque::with_capacity(capacity),
-            catchup_inflight: false,
+            catchup_inflight: 0,
+            catchup_slot: 0,
             last_ack_seq: 0,
             heard: false,
         }
@@ -79,12 +82,14 @@ impl Progress {
         self.probe_after = after;
         self.sync_write = None;
         self.inflight.clear();
-        self.catchup_inflight = false;
+        self.catchup_inflight = 0;
+        self.catchup_slot = 0;
     }
 }
 
 #[derive(Debug)]
 pub(super) struct LeaderState {
+    me: usize,
     peers: Vec<Progress>,
     heartbeat_seq: u64,
     next_heartbeat: Time,
@@ -94,10 +99,10 @@ pub(super) struct LeaderState {
 }
 
 impl LeaderState {
-    pub(super) fn next_timeout(&self) -> Time {
+    pub(super) fn next_timeout(&self, peer_up: &[bool]) -> Time {
         let mut t = self.next_heartbeat.min(self.quorum_check_at);
-        for p in &self.peers {
-            if p.phase == Phase::Probe && p.probe_read.is_none() {
+        for (i, (p, up)) in self.peers.iter().zip(peer_up).enumerate() {
+            if i != self.me && *up && p.phase == Phase::Probe && p.probe_read.is_none() {
                 t = t.min(p.probe_after);
             }
         }
@@ -151,9 +156,11 @@ impl<S: LogStore> Replica<S> {
         self.role = Role::Leader;
         self.leader = Some(self.cfg.id);
         self.source = None;
+        self.vote_requests_pending = false;
         let cap = self.cfg.max_inflight_writes;
         let now = self.now;
         self.lead = Some(LeaderState {
+            me: self.cfg.id.index(),
             peers: (0..self.cfg.replicas).map(|_| Progress::new(now, cap)).collect(),
             heartbeat_seq: 0,
             next_heartbeat: now,
@@ -192,8 +199,9 @@ impl<S: LogStore> Replica<S> {
         {
             return Err(ProposeError::Backpressure);
         }
-        // ...and keep at most one ring's worth of uncommitted entries.
-        let first_uncommitted = match self.store.meta(self.commit + 1) {
+        // ...and keep at most one ring's worth of our own uncommitted entries
+        // (a new leader's commit index may lag far behind its log).
+        let first_uncommitted = match self.store.meta((self.commit + 1).max(lead.first_own_index)) {
             Some(m) => m.pos,
             None => pos,
         };
@@ -234,7 +242,7 @@ impl<S: LogStore> Replica<S> {
         })
     }
 
-    pub(super) fn render_leader_record(&self, peer: NodeId) -> LeaderRecord {
+    pub(super) fn render_leader_record(&self, peer: NodeId, version: u64) -> LeaderRecord {
         let lead = self.lead.as_ref();
         let (seq, pr) = match lead {
             Some(l) => (l.heartbeat_seq, Some(&l.peers[peer.index()])),
@@ -243,6 +251,7 @@ impl<S: LogStore> Replica<S> {
         let mut rec = LeaderRecord {
             term: self.term,
             seq,
+            version,
             commit: self.commit,
             last_index: self.last_index,
             ..LeaderRecord::default()
@@ -376,7 +385,8 @@ impl<S: LogStore> Replica<S> {
             }
             let first = pr.next_index;
             let window_end = pr.window + cap;
-            let catchup_busy = pr.catchup_inflight;
+            let catchup_busy = pr.catchup_inflight >= CATCHUP_SLOTS;
+            let slot = pr.catchup_slot;
             let first_meta = self.store.meta(first).expect("entry in log");
             if first_meta.end_pos() > window_end {
                 return Ok(()); // the follower's ring is full: wait for its ack
@@ -388,7 +398,8 @@ impl<S: LogStore> Replica<S> {
                 let mut last = first;
                 while last < self.last_index {
                     let m = self.store.meta(last + 1).expect("entry in log");
-                    if m.pos != end || m.end_pos() > window_end {
+                    // One write covers one contiguous stretch of one lap.
+                    if m.pos != end || self.layout.lap_remaining(m.pos) == self.layout.ring_capacity() || m.end_pos() > window_end {
                         break;
                     }
                     end = m.end_pos();
@@ -416,7 +427,7 @@ impl<S: LogStore> Replica<S> {
                 if catchup_busy {
                     return Ok(());
                 }
-                let Some((last, start, len)) = self.fill_catchup(p, first, window_end)? else {
+                let Some((last, start, len)) = self.fill_catchup(p, slot, first, window_end)? else {
                     return Ok(());
                 };
                 self.op_seq += 1;
@@ -424,7 +435,7 @@ impl<S: LogStore> Replica<S> {
                 self.actions.push_back(crate::Action::Post(RemoteOp::Write {
                     op,
                     peer: p,
-                    local_offset: self.layout.scratch(p),
+                    local_offset: self.layout.scratch(p, slot),
                     len,
                     remote_offset: self.layout.ring_at(start),
                 }));
@@ -436,21 +447,24 @@ impl<S: LogStore> Replica<S> {
                     last_index: last,
                     ring_src: None,
                 });
-                pr.catchup_inflight = true;
+                pr.catchup_inflight += 1;
+                pr.catchup_slot = (slot + 1) % CATCHUP_SLOTS;
                 pr.next_index = last + 1;
             }
         }
     }
 
     /// Re-encodes entries `first..` from the store under our term into the
-    /// peer's scratch chunk. Returns the last index, start position and length.
+    /// peer's scratch chunk `slot`. Returns the last index, start position
+    /// and length.
     fn fill_catchup(
         &mut self,
         p: NodeId,
+        slot: usize,
         first: Index,
         window_end: Pos,
     ) -> Result<Option<(Index, Pos, usize)>, ReplicaError> {
-        let scratch = self.layout.scratch(p);
+        let scratch = self.layout.scratch(p, slot);
         let chunk = self.layout.catchup_chunk();
         let mut used = 0usize;
         let mut start = 0;
@@ -458,7 +472,8 @@ impl<S: LogStore> Replica<S> {
         let mut i = first;
         while i <= self.last_index {
             let m = self.store.meta(i).expect("entry in log");
-            if i > first && (m.pos != end || self.ring_holds(i, m)) {
+            let lap_start = self.layout.lap_remaining(m.pos) == self.layout.ring_capacity();
+            if i > first && (m.pos != end || lap_start || self.ring_holds(i, m)) {
                 break;
             }
             if m.end_pos() > window_end || used + m.len as usize > chunk {
@@ -523,7 +538,7 @@ impl<S: LogStore> Replica<S> {
                 }
                 pr.inflight.pop_front();
                 if purpose == Purpose::Catchup {
-                    pr.catchup_inflight = false;
+                    pr.catchup_inflight -= 1;
                 }
                 match result {
                     Ok(()) => {
@@ -576,9 +591,38 @@ impl<S: LogStore> Replica<S> {
         pr.next_index = m + 1;
         pr.window = sync_pos;
         pr.inflight.clear();
-        pr.catchup_inflight = false;
+        pr.catchup_inflight = 0;
+        pr.catchup_slot = 0;
         self.send_record(SlotKind::Leader, p);
         Ok(())
+    }
+
+    /// The leader's view of each follower (simulator diagnostics).
+    #[cfg(any(test, feature = "sim"))]
+    #[doc(hidden)]
+    pub fn leader_summary(&self) -> String {
+        let Some(lead) = &self.lead else {
+            return String::new();
+        };
+        let mut s = String::new();
+        for (i, p) in lead.peers.iter().enumerate() {
+            if i == lead.me {
+                continue;
+            }
+            s += &format!(
+                " [n{i} {:?} next {} match {} window {} inflight {} catchup {} probe {:?}/{:?} up {}]",
+                p.phase,
+                p.next_index,
+                p.match_index,
+                p.window,
+                p.inflight.len(),
+                p.catchup_inflight,
+                p.probe_read,
+                p.probe_after,
+                self.peer_up[i]
+            );
+        }
+        s
     }
 
     /// Commits the highest index of our term that a majority holds.

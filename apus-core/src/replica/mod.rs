@@ -72,7 +72,7 @@ use std::collections::VecDeque;
 use crate::config::{ConfigError, Durability, ReplicaConfig};
 use crate::entry::{self, EntryError, EntryKind};
 use crate::layout::{RegionLayout, SLOT_LEN, SlotKind};
-use crate::record::{Record, StatusRecord};
+use crate::record::{LeaderRecord, Record, StatusRecord};
 use crate::region::Region;
 use crate::rng::Rng;
 use crate::store::{HardState, LogStore, StoreError};
@@ -215,6 +215,9 @@ pub struct Counters {
     pub torn_reads: u64,
     /// Entries removed by conflict truncation.
     pub entries_truncated: u64,
+    /// Well-formed entries refused because they do not chain onto the log
+    /// (their previous term differs): never happens with a correct leader.
+    pub chain_breaks: u64,
     /// Replication writes posted (stream and catch-up).
     pub replication_writes: u64,
     /// Catch-up writes posted.
@@ -263,6 +266,8 @@ pub struct Replica<S: LogStore> {
     expect_pos: Pos,
     rejected_sync: u64,
     leader_seq: u64,
+    /// When the leader of our term last showed signs of life.
+    leader_contact: Time,
     election_deadline: Time,
     next_tick: Time,
     ack_dirty: bool,
@@ -346,6 +351,7 @@ impl<S: LogStore> Replica<S> {
             expect_pos: last_end,
             rejected_sync: 0,
             leader_seq: 0,
+            leader_contact: Time(0),
             election_deadline: now,
             next_tick: now,
             ack_dirty: false,
@@ -441,6 +447,17 @@ impl<S: LogStore> Replica<S> {
     pub fn store(&self) -> &S {
         &self.store
     }
+    /// Stops the replica, handing back its region and store.
+    pub fn into_parts(self) -> (Region, S) {
+        (self.region, self.store)
+    }
+    /// Mutable access to the store, for the simulator's bookkeeping only:
+    /// changing the log behind the engine's back breaks it.
+    #[cfg(any(test, feature = "sim"))]
+    #[doc(hidden)]
+    pub fn store_mut_for_sim(&mut self) -> &mut S {
+        &mut self.store
+    }
     /// Diagnostics counters.
     pub fn counters(&self) -> Counters {
         self.counters
@@ -462,7 +479,7 @@ impl<S: LogStore> Replica<S> {
         let mut t = self.next_tick;
         match &self.lead {
             Some(lead) if self.role == Role::Leader => {
-                t = t.min(lead.next_timeout());
+                t = t.min(lead.next_timeout(&self.peer_up));
             }
             _ => t = t.min(self.election_deadline),
         }
@@ -476,7 +493,10 @@ impl<S: LogStore> Replica<S> {
         self.now = self.now.max(now);
         // Everything emitted by the previous call has been carried out,
         // grant changes included: what the old writer landed is final now.
-        self.settling = false;
+        if self.settling {
+            self.settling = false;
+            self.status_dirty = true;
+        }
         if self.role != Role::Leader {
             self.receive()?;
         }
@@ -636,8 +656,11 @@ impl<S: LogStore> Replica<S> {
             return None;
         }
         slot.dirty = false;
+        slot.writes += 1;
+        let version = slot.writes;
+        let copy = (version % kind.copies() as u64) as usize;
         let bytes = match kind {
-            SlotKind::Leader => self.render_leader_record(peer).encode(),
+            SlotKind::Leader => self.render_leader_record(peer, version).encode(),
             SlotKind::Ack => self.render_ack().encode(),
             SlotKind::VoteRequest => self.render_vote_request().encode(),
             SlotKind::VoteResponse => self.render_vote_response(peer).encode(),
@@ -651,7 +674,7 @@ impl<S: LogStore> Replica<S> {
             peer,
             local_offset: local,
             len: SLOT_LEN,
-            remote_offset: self.layout.inbound(kind, self.cfg.id),
+            remote_offset: self.layout.inbound_copy(kind, self.cfg.id, copy),
         }));
         if kind == SlotKind::Leader
             && let Some(lead) = &mut self.lead
@@ -674,9 +697,27 @@ impl<S: LogStore> Replica<S> {
     }
 
     fn read_slot<R: Record>(&self, kind: SlotKind, writer: NodeId) -> Option<R> {
+        debug_assert_eq!(kind.copies(), 1);
         let mut buf = [0u8; SLOT_LEN];
         self.region.read(self.layout.inbound(kind, writer), &mut buf);
         R::decode(&buf).ok()
+    }
+
+    /// The current leader record from `writer`: of its two copies, the valid
+    /// one with the higher `(term, version)`. A copy being rewritten may be
+    /// torn; the other then holds the latest completed write.
+    fn read_leader_record(&self, writer: NodeId) -> Option<LeaderRecord> {
+        let mut best: Option<LeaderRecord> = None;
+        let mut buf = [0u8; SLOT_LEN];
+        for copy in 0..SlotKind::Leader.copies() {
+            self.region.read(self.layout.inbound_copy(SlotKind::Leader, writer, copy), &mut buf);
+            if let Ok(r) = LeaderRecord::decode(&buf)
+                && best.is_none_or(|b| (r.term, r.version) > (b.term, b.version))
+            {
+                best = Some(r);
+            }
+        }
+        best
     }
 
     fn complete(

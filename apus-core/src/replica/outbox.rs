@@ -16,6 +16,9 @@ use crate::types::MAX_REPLICAS;
 pub(crate) struct OutSlot {
     pub inflight: Option<OpId>,
     pub dirty: bool,
+    /// Writes sent from this slot: the record version, and (modulo the
+    /// kind's copies) which inbound copy the next write goes to.
+    pub writes: u64,
 }
 
 #[derive(Debug)]
