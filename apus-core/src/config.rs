@@ -130,13 +130,19 @@ impl ReplicaConfig {
         if self.replicas == 0 || self.replicas > MAX_REPLICAS {
             return err(
                 "replicas",
-                format!("must be between 1 and {MAX_REPLICAS}, got {}", self.replicas),
+                format!(
+                    "must be between 1 and {MAX_REPLICAS}, got {}",
+                    self.replicas
+                ),
             );
         }
         if self.id.index() >= self.replicas {
             return err(
                 "id",
-                format!("must be below replicas ({}), got {}", self.replicas, self.id.0),
+                format!(
+                    "must be below replicas ({}), got {}",
+                    self.replicas, self.id.0
+                ),
             );
         }
         let layout = self.layout()?;
@@ -162,7 +168,10 @@ impl ReplicaConfig {
         if self.max_inflight_writes == 0 || self.max_inflight_writes > 4096 {
             return err(
                 "max_inflight_writes",
-                format!("must be between 1 and 4096, got {}", self.max_inflight_writes),
+                format!(
+                    "must be between 1 and 4096, got {}",
+                    self.max_inflight_writes
+                ),
             );
         }
         if self.heartbeat_interval.is_zero() {
@@ -212,21 +221,37 @@ mod tests {
     #[test]
     fn each_bad_field_is_named() {
         let base = ReplicaConfig::new(NodeId(0), 3);
-        let cases: Vec<(&str, Box<dyn Fn(&mut ReplicaConfig)>)> = vec![
+        type Change = Box<dyn Fn(&mut ReplicaConfig)>;
+        let cases: Vec<(&str, Change)> = vec![
             ("replicas", Box::new(|c| c.replicas = 0)),
             ("replicas", Box::new(|c| c.replicas = 17)),
             ("id", Box::new(|c| c.id = NodeId(3))),
             ("ring_capacity", Box::new(|c| c.ring_capacity = 1000)),
             ("catchup_chunk", Box::new(|c| c.catchup_chunk = 0)),
             ("max_payload", Box::new(|c| c.max_payload = 1 << 20)),
-            ("max_payload", Box::new(|c| {
-                c.ring_capacity = 256 << 10;
-                c.max_payload = 100 << 10;
-            })),
-            ("max_inflight_writes", Box::new(|c| c.max_inflight_writes = 0)),
-            ("heartbeat_interval", Box::new(|c| c.heartbeat_interval = Duration::ZERO)),
-            ("election_timeout", Box::new(|c| c.election_timeout = Duration::from_micros(1500))),
-            ("probe_interval", Box::new(|c| c.probe_interval = Duration::from_secs(1))),
+            (
+                "max_payload",
+                Box::new(|c| {
+                    c.ring_capacity = 256 << 10;
+                    c.max_payload = 100 << 10;
+                }),
+            ),
+            (
+                "max_inflight_writes",
+                Box::new(|c| c.max_inflight_writes = 0),
+            ),
+            (
+                "heartbeat_interval",
+                Box::new(|c| c.heartbeat_interval = Duration::ZERO),
+            ),
+            (
+                "election_timeout",
+                Box::new(|c| c.election_timeout = Duration::from_micros(1500)),
+            ),
+            (
+                "probe_interval",
+                Box::new(|c| c.probe_interval = Duration::from_secs(1)),
+            ),
         ];
         for (field, change) in cases {
             let mut c = base.clone();

@@ -344,9 +344,18 @@ mod tests {
         let mut b = good.clone();
         b[6] = 1;
         assert_eq!(decode(&b, 64), Err(EntryError::Reserved));
-        assert!(matches!(decode(&good, 4), Err(EntryError::Oversized { len: 10, max: 4 })));
-        assert!(matches!(decode(&good[..n - 1], 64), Err(EntryError::Truncated { .. })));
-        assert!(matches!(decode(&good[..10], 64), Err(EntryError::Truncated { .. })));
+        assert!(matches!(
+            decode(&good, 4),
+            Err(EntryError::Oversized { len: 10, max: 4 })
+        ));
+        assert!(matches!(
+            decode(&good[..n - 1], 64),
+            Err(EntryError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode(&good[..10], 64),
+            Err(EntryError::Truncated { .. })
+        ));
         let mut b = good.clone();
         b[n - 1] ^= 0xff;
         assert_eq!(decode(&b, 64), Err(EntryError::Unsealed));

@@ -328,16 +328,38 @@ mod tests {
             RemoteAccess::Denied,
             "a peer cannot write another peer's slot"
         );
-        assert_eq!(l.remote_write_access(NodeId(1), own, SLOT_LEN + 1), RemoteAccess::Denied);
         assert_eq!(
-            l.remote_write_access(NodeId(2), l.inbound_copy(SlotKind::Leader, NodeId(2), 1), SLOT_LEN),
+            l.remote_write_access(NodeId(1), own, SLOT_LEN + 1),
+            RemoteAccess::Denied
+        );
+        assert_eq!(
+            l.remote_write_access(
+                NodeId(2),
+                l.inbound_copy(SlotKind::Leader, NodeId(2), 1),
+                SLOT_LEN
+            ),
             RemoteAccess::Slot(SlotKind::Leader)
         );
-        assert_eq!(l.remote_write_access(NodeId(0), l.ring_offset(), 100), RemoteAccess::Ring);
-        assert_eq!(l.remote_write_access(NodeId(0), l.ring_offset() + 4000, 200), RemoteAccess::Denied);
-        assert_eq!(l.remote_write_access(NodeId(0), l.status(), 8), RemoteAccess::Denied);
-        assert_eq!(l.remote_write_access(NodeId(7), l.ring_offset(), 8), RemoteAccess::Denied);
-        assert_eq!(l.remote_write_access(NodeId(0), usize::MAX, 2), RemoteAccess::Denied);
+        assert_eq!(
+            l.remote_write_access(NodeId(0), l.ring_offset(), 100),
+            RemoteAccess::Ring
+        );
+        assert_eq!(
+            l.remote_write_access(NodeId(0), l.ring_offset() + 4000, 200),
+            RemoteAccess::Denied
+        );
+        assert_eq!(
+            l.remote_write_access(NodeId(0), l.status(), 8),
+            RemoteAccess::Denied
+        );
+        assert_eq!(
+            l.remote_write_access(NodeId(7), l.ring_offset(), 8),
+            RemoteAccess::Denied
+        );
+        assert_eq!(
+            l.remote_write_access(NodeId(0), usize::MAX, 2),
+            RemoteAccess::Denied
+        );
         assert!(l.remote_read_allowed(l.status(), SLOT_LEN));
         assert!(!l.remote_read_allowed(l.ring_offset(), 8));
     }
@@ -355,8 +377,17 @@ mod tests {
     #[test]
     fn rejects_bad_parameters() {
         assert_eq!(RegionLayout::new(0, 64, 64), Err(LayoutError::Replicas(0)));
-        assert_eq!(RegionLayout::new(17, 64, 64), Err(LayoutError::Replicas(17)));
-        assert_eq!(RegionLayout::new(3, 100, 64), Err(LayoutError::RingCapacity(100)));
-        assert_eq!(RegionLayout::new(3, 64, 0), Err(LayoutError::CatchupChunk(0)));
+        assert_eq!(
+            RegionLayout::new(17, 64, 64),
+            Err(LayoutError::Replicas(17))
+        );
+        assert_eq!(
+            RegionLayout::new(3, 100, 64),
+            Err(LayoutError::RingCapacity(100))
+        );
+        assert_eq!(
+            RegionLayout::new(3, 64, 0),
+            Err(LayoutError::CatchupChunk(0))
+        );
     }
 }

@@ -431,7 +431,10 @@ mod tests {
 
     #[test]
     fn empty_slot_and_wrong_kind_are_rejected() {
-        assert_eq!(LeaderRecord::decode(&[0; SLOT_LEN]), Err(RecordError::BadMagic(0)));
+        assert_eq!(
+            LeaderRecord::decode(&[0; SLOT_LEN]),
+            Err(RecordError::BadMagic(0))
+        );
         let v = VoteResponse {
             term: 1,
             granted: false,

@@ -63,7 +63,10 @@ impl Region {
     /// If the range is outside the region (a caller bug, never input-driven:
     /// every offset the engine uses comes from the validated layout).
     pub fn read(&self, offset: usize, out: &mut [u8]) {
-        assert!(self.contains(offset, out.len()), "region read out of bounds");
+        assert!(
+            self.contains(offset, out.len()),
+            "region read out of bounds"
+        );
         let mut done = 0;
         while done < out.len() {
             let at = offset + done;
@@ -80,7 +83,10 @@ impl Region {
     /// # Panics
     /// If the range is outside the region.
     pub fn write(&self, offset: usize, data: &[u8]) {
-        assert!(self.contains(offset, data.len()), "region write out of bounds");
+        assert!(
+            self.contains(offset, data.len()),
+            "region write out of bounds"
+        );
         let mut done = 0;
         while done < data.len() {
             let at = offset + done;

@@ -1,1 +1,263 @@
-fn main() {}
+//! `cargo xtask`: every developer workflow of the APUS workspace.
+//!
+//! ```text
+//! cargo xtask test              everything CI runs
+//! cargo xtask sim ARGS          the deterministic simulator (see --help)
+//! cargo xtask demo [--seed S]   a simulated three-replica cluster with a leader crash
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  test              everything CI runs: formatting, clippy, unit and property
+                    tests, 5000 simulator seeds, the planted-bug checks, the demo
+  sim ARGS          run the deterministic simulator; ARGS as for apus-sim:
+                      --seeds N [--first S] [--replicas R] [--bug NAME] [--threads T]
+                      --seed S [--replicas R] [--bug NAME] [--trace]
+  demo [--seed S]   a simulated three-replica cluster: load, a leader crash,
+                    failover and catch-up, with a timeline and the figures";
+
+/// Simulator seeds `cargo xtask test` runs.
+const CI_SEEDS: u64 = 5000;
+/// Seeds per planted bug; each run must report violations.
+const BUG_SEEDS: u64 = 500;
+const PLANTED_BUGS: [&str; 2] = ["commit-without-majority", "accept-stale-term"];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") if args.len() == 1 => test(),
+        Some("sim") => sim(&args[1..]),
+        Some("demo") => demo(&args[1..]),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!(
+                "xtask: unknown command or arguments: {}\n\n{USAGE}",
+                args.join(" ")
+            );
+            let _ = other;
+            return ExitCode::from(2);
+        }
+        None => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Runs a command, failing with its name if it exits unsuccessfully.
+fn run(what: &str, cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: cannot start {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Builds the simulator in release mode and returns its path.
+fn build_sim() -> Result<PathBuf> {
+    run(
+        "building the simulator",
+        cargo().args([
+            "build",
+            "--quiet",
+            "--release",
+            "--package",
+            "apus-core",
+            "--features",
+            "sim",
+            "--bin",
+            "apus-sim",
+        ]),
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    Ok(target.join("release").join("apus-sim"))
+}
+
+fn sim(args: &[String]) -> Result<ExitCode> {
+    let bin = build_sim()?;
+    let status = Command::new(&bin)
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    Ok(ExitCode::from(status.code().unwrap_or(1) as u8))
+}
+
+fn demo(args: &[String]) -> Result<ExitCode> {
+    let mut sim_args = vec!["--demo".to_string()];
+    match args {
+        [] => {}
+        [flag, seed] if flag == "--seed" => {
+            seed.parse::<u64>()
+                .with_context(|| format!("--seed expects a non-negative integer, got {seed:?}"))?;
+            sim_args.extend([flag.clone(), seed.clone()]);
+        }
+        _ => bail!("usage: cargo xtask demo [--seed S]"),
+    }
+    sim(&sim_args)
+}
+
+/// Makes sure rustfmt and clippy are installed (a fresh machine may have
+/// only the default rustup profile).
+fn ensure_components() -> Result<()> {
+    let missing: Vec<&str> = [("fmt", "rustfmt"), ("clippy", "clippy")]
+        .into_iter()
+        .filter(|(sub, _)| {
+            !cargo()
+                .args([*sub, "--version"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(_, component)| component)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("    installing {}", missing.join(", "));
+    run(
+        "installing toolchain components (rustup component add)",
+        Command::new("rustup")
+            .args(["component", "add"])
+            .args(&missing),
+    )
+}
+
+/// Runs `apus-sim` and returns `(seeds, violations)` from its last line,
+/// which is exactly `sim: N seeds, V violations`.
+fn sim_run(bin: &Path, args: &[&str]) -> Result<(u64, u64, String)> {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let last = stdout.lines().last().unwrap_or_default();
+    let parsed = last
+        .strip_prefix("sim: ")
+        .and_then(|rest| rest.strip_suffix(" violations"))
+        .and_then(|rest| rest.split_once(" seeds, "))
+        .and_then(|(n, v)| Some((n.parse().ok()?, v.parse().ok()?)));
+    match parsed {
+        Some((n, v)) => Ok((n, v, stdout)),
+        None => bail!(
+            "apus-sim {} ended without its summary line:\n{stdout}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+fn step(name: &str, f: impl FnOnce() -> Result<String>) -> Result<()> {
+    println!("==> {name}");
+    let t = Instant::now();
+    let note = f().with_context(|| format!("step '{name}'"))?;
+    let secs = t.elapsed().as_secs_f64();
+    if note.is_empty() {
+        println!("    ok ({secs:.1}s)");
+    } else {
+        println!("    ok ({secs:.1}s): {note}");
+    }
+    Ok(())
+}
+
+fn test() -> Result<ExitCode> {
+    let start = Instant::now();
+    step("toolchain components", || {
+        ensure_components().map(|()| String::new())
+    })?;
+    step("cargo fmt --check", || {
+        run("cargo fmt", cargo().args(["fmt", "--all", "--", "--check"]))?;
+        Ok(String::new())
+    })?;
+    step("cargo clippy -D warnings", || {
+        run(
+            "cargo clippy",
+            cargo().args([
+                "clippy",
+                "--quiet",
+                "--workspace",
+                "--all-targets",
+                "--all-features",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+        )?;
+        Ok(String::new())
+    })?;
+    step("unit, property and doc tests", || {
+        run(
+            "cargo test",
+            cargo().args(["test", "--quiet", "--workspace", "--all-features"]),
+        )?;
+        Ok(String::new())
+    })?;
+    let bin = build_sim()?;
+    step(&format!("simulator: {CI_SEEDS} seeds"), || {
+        let seeds = CI_SEEDS.to_string();
+        let (n, v, out) = sim_run(&bin, &["--seeds", &seeds])?;
+        if n != CI_SEEDS || v != 0 {
+            bail!("{v} violations in {n} seeds:\n{out}");
+        }
+        let stats = out.lines().rev().nth(1).unwrap_or_default().to_string();
+        Ok(stats)
+    })?;
+    for bug in PLANTED_BUGS {
+        step(&format!("simulator catches the planted bug {bug}"), || {
+            let seeds = BUG_SEEDS.to_string();
+            let (n, v, _) = sim_run(&bin, &["--seeds", &seeds, "--bug", bug])?;
+            if v == 0 {
+                bail!("the planted bug {bug} went unnoticed in {n} seeds");
+            }
+            Ok(format!("{v} of {n} seeds report a violation"))
+        })?;
+    }
+    step("demo (simulated cluster with a leader crash)", || {
+        let out = Command::new(&bin).arg("--demo").output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("demo failed:\n{stdout}");
+        }
+        Ok(stdout
+            .lines()
+            .find(|l| l.contains("failover"))
+            .unwrap_or_default()
+            .trim()
+            .to_string())
+    })?;
+    println!("xtask test: PASS ({:.0}s)", start.elapsed().as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}

@@ -108,7 +108,8 @@ impl<S: LogStore> Replica<S> {
             }
             let up_to_date = (req.last_term, req.last_index) >= (self.last_term, self.last_index);
             let free = self.voted_for.is_none() || self.voted_for == Some(p);
-            let grant = free && up_to_date && self.recovery.is_none() && self.role == Role::Follower;
+            let grant =
+                free && up_to_date && self.recovery.is_none() && self.role == Role::Follower;
             if grant && self.voted_for.is_none() {
                 self.voted_for = Some(p);
                 self.save_hard_state()?;
@@ -149,8 +150,7 @@ impl<S: LogStore> Replica<S> {
             Role::Leader => true,
             Role::Candidate => false,
             Role::Follower => {
-                self.leader.is_some()
-                    && self.now < self.leader_contact + self.cfg.election_timeout
+                self.leader.is_some() && self.now < self.leader_contact + self.cfg.election_timeout
             }
         }
     }

@@ -90,7 +90,10 @@ impl<S: LogStore> Replica<S> {
                 }
             }
         }
-        if self.source.is_some_and(|s| s.peer == p && s.term == rec.term) {
+        if self
+            .source
+            .is_some_and(|s| s.peer == p && s.term == rec.term)
+        {
             self.learn_commit(rec.commit);
         }
         Ok(())
@@ -99,7 +102,9 @@ impl<S: LogStore> Replica<S> {
     /// Whether `rec` (from `p`, the leader of our term) carries a sync we
     /// have not applied or refused yet.
     fn sync_is_fresh(&self, p: NodeId, rec: &LeaderRecord) -> bool {
-        let current = self.source.is_some_and(|s| s.peer == p && s.term == rec.term);
+        let current = self
+            .source
+            .is_some_and(|s| s.peer == p && s.term == rec.term);
         rec.sync_seq != 0
             && rec.sync_seq != self.rejected_sync
             && (!current || self.source.is_some_and(|s| rec.sync_seq > s.sync_seq))
@@ -201,7 +206,8 @@ impl<S: LogStore> Replica<S> {
         let Ok(h) = EntryHeader::parse(&hb, self.cfg.max_payload) else {
             return Err(false);
         };
-        if h.pos != pos || h.index != self.expect_index || !self.writer_term_ok(h.leader_term, src) {
+        if h.pos != pos || h.index != self.expect_index || !self.writer_term_ok(h.leader_term, src)
+        {
             return Err(false);
         }
         let total = h.encoded_len();
@@ -293,7 +299,12 @@ impl<S: LogStore> Replica<S> {
     #[cfg(any(test, feature = "sim"))]
     #[doc(hidden)]
     pub fn landed_entries(&mut self) -> Vec<(crate::types::Index, crate::types::Term, Vec<u8>)> {
-        let saved = (self.source, self.expect_index, self.expect_pos, self.counters);
+        let saved = (
+            self.source,
+            self.expect_index,
+            self.expect_pos,
+            self.counters,
+        );
         // A sync from our leader that has landed is applied by the next poll,
         // before the ring is read and before any vote: apply it here too.
         if let Some(l) = self.leader
@@ -315,11 +326,20 @@ impl<S: LogStore> Replica<S> {
         let mut out = Vec::new();
         while let Some(h) = self.next_ring_entry() {
             let start = entry::HEADER_LEN;
-            out.push((h.index, h.term, self.entry_buf[start..start + h.payload_len as usize].to_vec()));
+            out.push((
+                h.index,
+                h.term,
+                self.entry_buf[start..start + h.payload_len as usize].to_vec(),
+            ));
             self.expect_index = h.index + 1;
             self.expect_pos = h.end_pos();
         }
-        (self.source, self.expect_index, self.expect_pos, self.counters) = saved;
+        (
+            self.source,
+            self.expect_index,
+            self.expect_pos,
+            self.counters,
+        ) = saved;
         out
     }
 
@@ -346,8 +366,15 @@ impl<S: LogStore> Replica<S> {
                 let mut copies = String::new();
                 for copy in 0..2 {
                     let mut buf = [0u8; crate::layout::SLOT_LEN];
-                    self.region.read(self.layout.inbound_copy(crate::layout::SlotKind::Leader, l, copy), &mut buf);
-                    copies += &format!(" copy{copy} {:?}", <LeaderRecord as crate::record::Record>::decode(&buf));
+                    self.region.read(
+                        self.layout
+                            .inbound_copy(crate::layout::SlotKind::Leader, l, copy),
+                        &mut buf,
+                    );
+                    copies += &format!(
+                        " copy{copy} {:?}",
+                        <LeaderRecord as crate::record::Record>::decode(&buf)
+                    );
                 }
                 format!(" leader-record {:?}{copies}", self.read_leader_record(l))
             }

@@ -76,7 +76,7 @@ impl Progress {
         }
     }
 
-    fn to_probe(&mut self, after: Time) {
+    fn restart_probe(&mut self, after: Time) {
         self.phase = Phase::Probe;
         self.probe_read = None;
         self.probe_after = after;
@@ -117,7 +117,7 @@ impl LeaderState {
     }
 
     pub(super) fn peer_down(&mut self, p: NodeId, now: Time) {
-        self.peers[p.index()].to_probe(now);
+        self.peers[p.index()].restart_probe(now);
     }
 
     pub(super) fn record_posted(&mut self, p: NodeId, op: OpId) {
@@ -134,10 +134,10 @@ impl LeaderState {
                 // The sync has landed before anything we stream from now on.
                 pr.phase = Phase::Replicate;
             } else {
-                pr.to_probe(now);
+                pr.restart_probe(now);
             }
         } else if !ok && pr.phase != Phase::Probe {
-            pr.to_probe(now);
+            pr.restart_probe(now);
         }
     }
 
@@ -161,7 +161,9 @@ impl<S: LogStore> Replica<S> {
         let now = self.now;
         self.lead = Some(LeaderState {
             me: self.cfg.id.index(),
-            peers: (0..self.cfg.replicas).map(|_| Progress::new(now, cap)).collect(),
+            peers: (0..self.cfg.replicas)
+                .map(|_| Progress::new(now, cap))
+                .collect(),
             heartbeat_seq: 0,
             next_heartbeat: now,
             quorum_check_at: now + self.cfg.election_timeout,
@@ -325,7 +327,7 @@ impl<S: LogStore> Replica<S> {
                 continue;
             }
             if ack.rejected_sync != 0 && ack.rejected_sync == pr.sync_seq {
-                pr.to_probe(now);
+                pr.restart_probe(now);
                 continue;
             }
             if ack.sync_seq == pr.sync_seq {
@@ -371,8 +373,7 @@ impl<S: LogStore> Replica<S> {
     /// Whether our own ring still holds entry `i` as we wrote it.
     fn ring_holds(&self, i: Index, meta: EntryMeta) -> bool {
         let lead = self.lead.as_ref().expect("leader state");
-        i >= lead.first_own_index
-            && meta.pos + self.layout.ring_capacity() as u64 >= self.last_end
+        i >= lead.first_own_index && meta.pos + self.layout.ring_capacity() as u64 >= self.last_end
     }
 
     fn send_entries(&mut self, p: NodeId) -> Result<(), ReplicaError> {
@@ -380,7 +381,8 @@ impl<S: LogStore> Replica<S> {
         loop {
             let lead = self.lead.as_ref().expect("leader state");
             let pr = &lead.peers[p.index()];
-            if pr.inflight.len() >= self.cfg.max_inflight_writes || pr.next_index > self.last_index {
+            if pr.inflight.len() >= self.cfg.max_inflight_writes || pr.next_index > self.last_index
+            {
                 return Ok(());
             }
             let first = pr.next_index;
@@ -399,7 +401,10 @@ impl<S: LogStore> Replica<S> {
                 while last < self.last_index {
                     let m = self.store.meta(last + 1).expect("entry in log");
                     // One write covers one contiguous stretch of one lap.
-                    if m.pos != end || self.layout.lap_remaining(m.pos) == self.layout.ring_capacity() || m.end_pos() > window_end {
+                    if m.pos != end
+                        || self.layout.lap_remaining(m.pos) == self.layout.ring_capacity()
+                        || m.end_pos() > window_end
+                    {
                         break;
                     }
                     end = m.end_pos();
@@ -427,7 +432,8 @@ impl<S: LogStore> Replica<S> {
                 if catchup_busy {
                     return Ok(());
                 }
-                let Some((last, start, len)) = self.fill_catchup(p, slot, first, window_end)? else {
+                let Some((last, start, len)) = self.fill_catchup(p, slot, first, window_end)?
+                else {
                     return Ok(());
                 };
                 self.op_seq += 1;
@@ -533,7 +539,10 @@ impl<S: LogStore> Replica<S> {
                 };
                 if front.op != op {
                     // Not in this replication epoch (a reset dropped it).
-                    debug_assert!(pr.inflight.iter().all(|f| f.op != op), "out-of-order completion");
+                    debug_assert!(
+                        pr.inflight.iter().all(|f| f.op != op),
+                        "out-of-order completion"
+                    );
                     return Ok(());
                 }
                 pr.inflight.pop_front();
@@ -550,7 +559,7 @@ impl<S: LogStore> Replica<S> {
                             self.advance_commit();
                         }
                     }
-                    Err(_) => pr.to_probe(retry),
+                    Err(_) => pr.restart_probe(retry),
                 }
             }
             Purpose::Record(_) => unreachable!("records complete in the outbox"),
@@ -566,8 +575,8 @@ impl<S: LogStore> Replica<S> {
         if st.term != self.term || st.writer != Some(self.cfg.id) || st.settling {
             return Ok(()); // not following us yet: look again after probe_interval
         }
-        let agrees_at_last = st.last_index <= self.last_index
-            && self.term_at(st.last_index) == Some(st.last_term);
+        let agrees_at_last =
+            st.last_index <= self.last_index && self.term_at(st.last_index) == Some(st.last_term);
         let m = if agrees_at_last {
             st.last_index
         } else {

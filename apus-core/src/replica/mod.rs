@@ -615,7 +615,9 @@ impl<S: LogStore> Replica<S> {
 
     fn peers(&self) -> impl Iterator<Item = NodeId> + use<S> {
         let me = self.cfg.id;
-        (0..self.cfg.replicas as u8).map(NodeId).filter(move |&p| p != me)
+        (0..self.cfg.replicas as u8)
+            .map(NodeId)
+            .filter(move |&p| p != me)
     }
 
     #[cfg(any(test, feature = "sim"))]
@@ -699,7 +701,8 @@ impl<S: LogStore> Replica<S> {
     fn read_slot<R: Record>(&self, kind: SlotKind, writer: NodeId) -> Option<R> {
         debug_assert_eq!(kind.copies(), 1);
         let mut buf = [0u8; SLOT_LEN];
-        self.region.read(self.layout.inbound(kind, writer), &mut buf);
+        self.region
+            .read(self.layout.inbound(kind, writer), &mut buf);
         R::decode(&buf).ok()
     }
 
@@ -710,7 +713,10 @@ impl<S: LogStore> Replica<S> {
         let mut best: Option<LeaderRecord> = None;
         let mut buf = [0u8; SLOT_LEN];
         for copy in 0..SlotKind::Leader.copies() {
-            self.region.read(self.layout.inbound_copy(SlotKind::Leader, writer, copy), &mut buf);
+            self.region.read(
+                self.layout.inbound_copy(SlotKind::Leader, writer, copy),
+                &mut buf,
+            );
             if let Ok(r) = LeaderRecord::decode(&buf)
                 && best.is_none_or(|b| (r.term, r.version) > (b.term, b.version))
             {
@@ -798,7 +804,8 @@ impl<S: LogStore> Replica<S> {
         self.note_role();
         if self.commit > self.last_commit_event {
             self.last_commit_event = self.commit;
-            self.events.push_back(Event::Committed { index: self.commit });
+            self.events
+                .push_back(Event::Committed { index: self.commit });
         }
         if self.status_dirty {
             self.publish_status();

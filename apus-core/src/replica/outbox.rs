@@ -47,6 +47,8 @@ impl Outbox {
 
     /// Whether any record is waiting to be (re)sent to `peer`.
     pub fn has_dirty(&self, peer: usize) -> bool {
-        self.slots[peer].iter().any(|s| s.dirty && s.inflight.is_none())
+        self.slots[peer]
+            .iter()
+            .any(|s| s.dirty && s.inflight.is_none())
     }
 }

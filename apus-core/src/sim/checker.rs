@@ -105,6 +105,11 @@ impl Checker {
         (self.committed.len() - 1) as Index
     }
 
+    /// How many client proposals committed.
+    pub fn committed_proposals(&self) -> usize {
+        self.index_of_id.len()
+    }
+
     /// Index at which client proposal `id` committed, if it did.
     pub fn committed_index_of(&self, id: u64) -> Option<Index> {
         self.index_of_id.get(&id).copied()
@@ -135,7 +140,13 @@ impl Checker {
         kind: EntryKind,
         payload: &[u8],
     ) -> Result<(), Violation> {
-        let v = |kind, detail| Err(Violation { kind, at: now, detail });
+        let v = |kind, detail| {
+            Err(Violation {
+                kind,
+                at: now,
+                detail,
+            })
+        };
         if index != self.applied[node] + 1 {
             return v(
                 ViolationKind::Agreement,
@@ -161,18 +172,32 @@ impl Checker {
                 );
             }
             Some(_) => return Ok(()),
-            None => self.committed[i] = Some(Committed { term, digest, by: node }),
+            None => {
+                self.committed[i] = Some(Committed {
+                    term,
+                    digest,
+                    by: node,
+                })
+            }
         }
         match kind {
             EntryKind::Noop => {
                 if !payload.is_empty() {
-                    return v(ViolationKind::Validity, format!("no-op at {index} has a payload"));
+                    return v(
+                        ViolationKind::Validity,
+                        format!("no-op at {index} has a payload"),
+                    );
                 }
             }
             _ => {
-                let Some(id) = payload.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+                let Some(id) = payload
+                    .get(..8)
+                    .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
                 else {
-                    return v(ViolationKind::Validity, format!("entry {index} has no client id"));
+                    return v(
+                        ViolationKind::Validity,
+                        format!("entry {index} has no client id"),
+                    );
                 };
                 if !self.proposed.contains(&id) {
                     return v(

@@ -45,6 +45,12 @@ pub fn run_seed(seed: u64, opts: Options, trace: bool) -> Outcome {
     World::new(sc, opts.bug, trace).run()
 }
 
+/// Runs the demo scenario: three replicas under steady load, the leader
+/// crashes at 10 ms and restarts 5 ms later.
+pub fn run_demo(seed: u64) -> Outcome {
+    World::new(Scenario::demo(seed), None, true).run()
+}
+
 /// The command that replays `seed` with `opts`.
 pub fn replay_command(seed: u64, opts: Options) -> String {
     let mut cmd = format!("cargo xtask sim --seed {seed}");
@@ -142,6 +148,85 @@ mod tests {
         let s = run_seeds(0, 40, Options::default(), 2);
         assert!(s.violations.is_empty(), "{:?}", s.violations);
         assert!(s.commits > 0);
+    }
+
+    /// Seeds that once exposed a bug, and what it was. They must stay clean.
+    const REGRESSIONS: &[(u64, Option<usize>, &str)] = &[
+        (
+            1,
+            None,
+            "a new leader with a stale commit index refused its own no-op",
+        ),
+        (
+            193,
+            None,
+            "a streamed run of entries crossed a lap boundary",
+        ),
+        (
+            195,
+            None,
+            "a streamed run of entries crossed a lap boundary",
+        ),
+        (
+            199,
+            None,
+            "memory mode: landed entries were not counted as held",
+        ),
+        (288, None, "clock conversion rounding made a node spin"),
+        (
+            3006,
+            None,
+            "a torn leader record hid the sync behind counted entries",
+        ),
+        (
+            1136,
+            None,
+            "connection events out of order; a cut-off node deposed leaders",
+        ),
+        (1226, None, "catch-up over a slow link with a 2 KiB ring"),
+        (
+            4654,
+            None,
+            "a candidate with a stale log kept everyone's timers reset",
+        ),
+        (2335, None, "election storm with a recovering replica"),
+        (
+            0,
+            Some(1),
+            "a single replica left its vote requests pending and spun",
+        ),
+        (
+            360,
+            Some(7),
+            "seven replicas: follower stuck behind after healing",
+        ),
+    ];
+
+    #[test]
+    fn regression_seeds_stay_clean() {
+        for &(seed, replicas, what) in REGRESSIONS {
+            let opts = Options {
+                replicas,
+                bug: None,
+            };
+            let o = run_seed(seed, opts, false);
+            assert!(
+                o.violation.is_none(),
+                "seed {seed} ({what}): {:?}",
+                o.violation
+            );
+        }
+    }
+
+    #[test]
+    fn a_planted_bug_cannot_hang_the_drain() {
+        // Seed 160 once looped forever on an entry that did not chain.
+        let opts = Options {
+            replicas: None,
+            bug: Some(PlantedBug::AcceptStaleTerm),
+        };
+        let o = run_seed(160, opts, false);
+        assert!(o.events > 0);
     }
 
     #[test]

@@ -17,38 +17,46 @@ use crate::transport::{
 };
 use crate::types::NodeId;
 
+/// Which operation, on which connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Route {
+    /// The node that posted it.
+    pub src: usize,
+    /// The node it targets.
+    pub dst: usize,
+    /// The connection it was posted on; a broken connection's traffic is void.
+    pub epoch: u64,
+    /// The operation.
+    pub op: OpId,
+}
+
+/// A piece of a write: all of it, or one of the two halves of a torn landing.
+#[derive(Debug)]
+pub struct WritePiece {
+    /// The write.
+    pub route: Route,
+    /// Where this piece goes in the target region.
+    pub offset: usize,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// The whole write's offset and length (access is checked on it).
+    pub whole: (usize, usize),
+    /// Whether this is the write's last piece.
+    pub last: bool,
+}
+
 /// Something scheduled to happen.
 #[derive(Debug)]
 pub enum Ev {
     /// Run one engine-loop iteration of a node.
     Run(usize),
-    /// Part of a write arrives at `dst`.
-    Land {
-        src: usize,
-        dst: usize,
-        epoch: u64,
-        op: OpId,
-        offset: usize,
-        bytes: Vec<u8>,
-        whole: (usize, usize),
-        last: bool,
-    },
-    /// A read (or compare-and-swap) arrives at `dst`.
-    Serve {
-        src: usize,
-        dst: usize,
-        epoch: u64,
-        op: RemoteOp,
-    },
-    /// An operation's outcome arrives back at `src`.
-    Reply {
-        src: usize,
-        dst: usize,
-        epoch: u64,
-        op: OpId,
-        result: Result<(), OpError>,
-        data: Option<(usize, Vec<u8>)>,
-    },
+    /// Part of a write arrives at its target.
+    Land(WritePiece),
+    /// A read (or compare-and-swap) arrives at its target.
+    Serve(Route, RemoteOp),
+    /// An operation's outcome arrives back at its poster, with the data a
+    /// read brought back (local offset, bytes).
+    Reply(Route, Result<(), OpError>, Option<(usize, Vec<u8>)>),
     /// A transport event is delivered to `node`'s engine.
     Deliver { node: usize, event: TransportEvent },
     /// A node's sync finished.
@@ -262,7 +270,14 @@ impl Net {
     }
 
     /// Schedules a transport event for `node`, after the ones before it.
-    pub(crate) fn deliver(&mut self, q: &mut Queue, rng: &mut Rng, now: u64, node: usize, event: TransportEvent) {
+    pub(crate) fn deliver(
+        &mut self,
+        q: &mut Queue,
+        rng: &mut Rng,
+        now: u64,
+        node: usize,
+        event: TransportEvent,
+    ) {
         let t = (now + rng.range(DETECT_DELAY.0, DETECT_DELAY.1)).max(self.last_deliver[node] + 1);
         self.last_deliver[node] = t;
         q.push(t, Ev::Deliver { node, event });
@@ -274,22 +289,26 @@ impl Net {
 
     fn finish(&mut self, a: usize, b: usize, poster: usize, op: OpId) {
         let p = self.pair(a, b);
-        self.links[p].pending.retain(|&(x, o)| !(x == poster && o == op));
+        self.links[p]
+            .pending
+            .retain(|&(x, o)| !(x == poster && o == op));
     }
 
     /// A piece of a write arrives.
-    #[allow(clippy::too_many_arguments)]
-    pub fn land(
-        &mut self,
-        q: &mut Queue,
-        rng: &mut Rng,
-        now: u64,
-        (src, dst, epoch, op): (usize, usize, u64, OpId),
-        offset: usize,
-        bytes: &[u8],
-        whole: (usize, usize),
-        last: bool,
-    ) {
+    pub fn land(&mut self, q: &mut Queue, rng: &mut Rng, now: u64, piece: WritePiece) {
+        let WritePiece {
+            route,
+            offset,
+            bytes,
+            whole,
+            last,
+        } = piece;
+        let Route {
+            src,
+            dst,
+            epoch,
+            op,
+        } = route;
         if self.epoch(src, dst) != epoch || !self.link_up(src, dst) {
             return; // the connection broke; the poster was told
         }
@@ -299,14 +318,16 @@ impl Net {
             }
             return;
         }
-        let access = self.layout.remote_write_access(NodeId(src as u8), whole.0, whole.1);
+        let access = self
+            .layout
+            .remote_write_access(NodeId(src as u8), whole.0, whole.1);
         let permitted = match access {
             RemoteAccess::Slot(_) => true,
             RemoteAccess::Ring => self.grant[dst] == Some(NodeId(src as u8)),
             RemoteAccess::Denied => false,
         };
         if permitted {
-            self.regions[dst].write(offset, bytes);
+            self.regions[dst].write(offset, &bytes);
             q.push(now + rng.range(CPU_DELAY.0, CPU_DELAY.1), Ev::Run(dst));
         } else {
             self.denied_writes += 1;
@@ -321,22 +342,15 @@ impl Net {
                 Err(OpError::AccessDenied)
             };
             let t = self.arrival(rng, now, dst, src);
-            q.push(
-                t,
-                Ev::Reply {
-                    src,
-                    dst,
-                    epoch,
-                    op,
-                    result,
-                    data: None,
-                },
-            );
+            q.push(t, Ev::Reply(route, result, None));
         }
     }
 
     /// A read or compare-and-swap is served at its target.
-    pub fn serve(&mut self, q: &mut Queue, rng: &mut Rng, now: u64, src: usize, dst: usize, epoch: u64, op: RemoteOp) {
+    pub fn serve(&mut self, q: &mut Queue, rng: &mut Rng, now: u64, route: Route, op: RemoteOp) {
+        let Route {
+            src, dst, epoch, ..
+        } = route;
         if self.epoch(src, dst) != epoch || !self.link_up(src, dst) {
             return;
         }
@@ -363,7 +377,10 @@ impl Net {
                 ..
             } => {
                 // Atomics are confined to the writer's own slots, like writes.
-                match self.layout.remote_write_access(NodeId(src as u8), remote_offset, 8) {
+                match self
+                    .layout
+                    .remote_write_access(NodeId(src as u8), remote_offset, 8)
+                {
                     RemoteAccess::Slot(_) if remote_offset % 8 == 0 => {
                         let old = self.regions[dst].compare_and_swap(remote_offset, expected, new);
                         (Ok(()), Some((local_offset, old.to_le_bytes().to_vec())))
@@ -374,30 +391,22 @@ impl Net {
             RemoteOp::Write { .. } => unreachable!("writes land, they are not served"),
         };
         let t = self.arrival(rng, now, dst, src);
-        q.push(
-            t,
-            Ev::Reply {
-                src,
-                dst,
-                epoch,
-                op: op.id(),
-                result,
-                data,
-            },
-        );
+        q.push(t, Ev::Reply(route, result, data));
     }
 
     /// An outcome arrives back at the poster. Returns the event to deliver.
-    #[allow(clippy::too_many_arguments)]
     pub fn reply(
         &mut self,
-        src: usize,
-        dst: usize,
-        epoch: u64,
-        op: OpId,
+        route: Route,
         result: Result<(), OpError>,
         data: Option<(usize, Vec<u8>)>,
     ) -> Option<TransportEvent> {
+        let Route {
+            src,
+            dst,
+            epoch,
+            op,
+        } = route;
         if self.epoch(src, dst) != epoch || !self.link_up(src, dst) {
             return None;
         }
@@ -450,9 +459,14 @@ impl Transport for SimTransport<'_> {
         let epoch = self.net.epoch(src, dst);
         let p = self.net.pair(src, dst);
         self.net.links[p].pending.push((src, op.id()));
+        let route = Route {
+            src,
+            dst,
+            epoch,
+            op: op.id(),
+        };
         match op {
             RemoteOp::Write {
-                op: id,
                 local_offset,
                 len,
                 remote_offset,
@@ -477,57 +491,40 @@ impl Transport for SimTransport<'_> {
                     *slot = (*slot).max(t2);
                     self.queue.push(
                         t1,
-                        Ev::Land {
-                            src,
-                            dst,
-                            epoch,
-                            op: id,
+                        Ev::Land(WritePiece {
+                            route,
                             offset: remote_offset,
                             bytes,
                             whole: (remote_offset, len),
                             last: false,
-                        },
+                        }),
                     );
                     self.queue.push(
                         t2,
-                        Ev::Land {
-                            src,
-                            dst,
-                            epoch,
-                            op: id,
+                        Ev::Land(WritePiece {
+                            route,
                             offset: remote_offset + split,
                             bytes: tail,
                             whole: (remote_offset, len),
                             last: true,
-                        },
+                        }),
                     );
                 } else {
                     self.queue.push(
                         t1,
-                        Ev::Land {
-                            src,
-                            dst,
-                            epoch,
-                            op: id,
+                        Ev::Land(WritePiece {
+                            route,
                             offset: remote_offset,
                             bytes,
                             whole: (remote_offset, len),
                             last: true,
-                        },
+                        }),
                     );
                 }
             }
             RemoteOp::Read { .. } | RemoteOp::CompareAndSwap { .. } => {
                 let t = self.net.arrival(self.rng, now, src, dst);
-                self.queue.push(
-                    t,
-                    Ev::Serve {
-                        src,
-                        dst,
-                        epoch,
-                        op,
-                    },
-                );
+                self.queue.push(t, Ev::Serve(route, op));
             }
         }
         Ok(())

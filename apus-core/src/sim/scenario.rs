@@ -117,13 +117,22 @@ impl Scenario {
         for (a, row) in latency.iter_mut().enumerate() {
             for (b, cell) in row.iter_mut().enumerate() {
                 if a != b {
-                    let base = if r.chance(0.1) { r.range(50, 300) } else { r.range(1, 25) };
+                    let base = if r.chance(0.1) {
+                        r.range(50, 300)
+                    } else {
+                        r.range(1, 25)
+                    };
                     *cell = (base * US, r.range(0, 5) * US);
                 }
             }
         }
         let clocks = (0..replicas)
-            .map(|_| (1.0 + (r.range(0, 101) as f64 - 50.0) / 1000.0, r.range(0, 10 * MS)))
+            .map(|_| {
+                (
+                    1.0 + (r.range(0, 101) as f64 - 50.0) / 1000.0,
+                    r.range(0, 10 * MS),
+                )
+            })
             .collect();
         let heal_at = r.range(15, 35) * MS;
         let nfaults = r.range(2, 9);
@@ -137,7 +146,11 @@ impl Scenario {
                 Target::Node(node)
             };
             // A lone replica has no links to cut.
-            let kind = if replicas == 1 { r.pick(&[0, 7]) } else { r.range(0, 10) };
+            let kind = if replicas == 1 {
+                r.pick(&[0, 7])
+            } else {
+                r.range(0, 10)
+            };
             let fault = match kind {
                 0..=2 => Fault::Crash {
                     target,

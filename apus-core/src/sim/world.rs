@@ -33,6 +33,8 @@ struct Node {
     down_since: u64,
     /// Consecutive runs at one instant (a busy loop is a liveness bug).
     same_instant: (u64, u32),
+    /// When a commit line was last traced for this node.
+    traced_commit: u64,
 }
 
 /// What one seed did.
@@ -48,6 +50,8 @@ pub struct Outcome {
     pub commits: u64,
     /// Client proposals accepted by a leader.
     pub proposals: u64,
+    /// Client proposals that committed.
+    pub acknowledged: u64,
     /// Elections started.
     pub elections: u64,
     /// Faults that fired.
@@ -102,7 +106,9 @@ fn hash_mix(h: u64, v: u64) -> u64 {
 impl World {
     /// Builds the world of `sc`, with `bug` planted in every replica.
     pub fn new(sc: Scenario, bug: Option<PlantedBug>, tracing: bool) -> World {
-        let layout = Self::config(&sc, 0, bug).validate().expect("scenario config");
+        let layout = Self::config(&sc, 0, bug)
+            .validate()
+            .expect("scenario config");
         let mut rng = Rng::new(sc.seed);
         let net = Net::new(layout, sc.latency.clone(), sc.torn_chance);
         let n = sc.replicas;
@@ -142,6 +148,7 @@ impl World {
                 clock,
                 down_since: 0,
                 same_instant: (u64::MAX, 0),
+                traced_commit: 0,
             });
             w.start_node(i);
         }
@@ -191,7 +198,9 @@ impl World {
     fn trace(&mut self, line: impl FnOnce() -> String) {
         if self.tracing {
             let l = line();
-            if std::env::var_os("APUS_SIM_LIVE").is_some() { eprintln!("{:>9.3}ms  {l}", self.now as f64 / 1e6); }
+            if std::env::var_os("APUS_SIM_LIVE").is_some() {
+                eprintln!("{:>9.3}ms  {l}", self.now as f64 / 1e6);
+            }
             self.out
                 .trace
                 .push(format!("{:>9.3}ms  {l}", self.now as f64 / 1e6));
@@ -298,35 +307,61 @@ impl World {
                 if self.sc.durability == Durability::Memory && self.impaired() + 1 > tolerable {
                     // Memory mode promises nothing once a majority has lost
                     // its memory; keep within what it tolerates.
-                    self.trace(|| format!("fault  crash n{i} skipped (memory mode, too many impaired)"));
+                    self.trace(|| {
+                        format!("fault  crash n{i} skipped (memory mode, too many impaired)")
+                    });
                     return;
                 }
                 self.note_leader_loss(i);
                 self.out.faults += 1;
-                self.schedule_hash = hash_mix(self.schedule_hash, 1 << 32 | i as u64 | (self.now / MS) << 8);
-                self.trace(|| format!("fault  CRASH n{i} (restart in {:.1}ms)", down_for as f64 / 1e6));
+                self.schedule_hash = hash_mix(
+                    self.schedule_hash,
+                    1 << 32 | i as u64 | (self.now / MS) << 8,
+                );
+                self.trace(|| {
+                    format!(
+                        "fault  CRASH n{i} (restart in {:.1}ms)",
+                        down_for as f64 / 1e6
+                    )
+                });
                 self.crash_node(i);
-                self.q.push(self.now + down_for, Ev::Heal(HealKind::Restart(i)));
+                self.q
+                    .push(self.now + down_for, Ev::Heal(HealKind::Restart(i)));
             }
             Fault::Partition { side, lasts } => {
                 self.out.faults += 1;
-                self.schedule_hash = hash_mix(self.schedule_hash, 2 << 32 | u64::from(side) | (self.now / MS) << 16);
+                self.schedule_hash = hash_mix(
+                    self.schedule_hash,
+                    2 << 32 | u64::from(side) | (self.now / MS) << 16,
+                );
                 let a: Vec<usize> = (0..n).filter(|i| side & 1 << i != 0).collect();
                 let b: Vec<usize> = (0..n).filter(|i| side & 1 << i == 0).collect();
-                self.trace(|| format!("fault  PARTITION {a:?} | {b:?} for {:.1}ms", lasts as f64 / 1e6));
+                self.trace(|| {
+                    format!(
+                        "fault  PARTITION {a:?} | {b:?} for {:.1}ms",
+                        lasts as f64 / 1e6
+                    )
+                });
                 for &x in &a {
                     for &y in &b {
                         self.net.cut(&mut self.q, &mut self.rng, self.now, x, y, 1);
-                        self.q.push(self.now + lasts, Ev::Heal(HealKind::Uncut(x, y)));
+                        self.q
+                            .push(self.now + lasts, Ev::Heal(HealKind::Uncut(x, y)));
                     }
                 }
             }
             Fault::LinkFailure { a, b, lasts } => {
                 self.out.faults += 1;
-                self.schedule_hash = hash_mix(self.schedule_hash, 3 << 32 | (a * 16 + b) as u64 | (self.now / MS) << 16);
-                self.trace(|| format!("fault  LINK n{a}-n{b} down for {:.2}ms", lasts as f64 / 1e6));
+                self.schedule_hash = hash_mix(
+                    self.schedule_hash,
+                    3 << 32 | (a * 16 + b) as u64 | (self.now / MS) << 16,
+                );
+                self.trace(|| {
+                    format!("fault  LINK n{a}-n{b} down for {:.2}ms", lasts as f64 / 1e6)
+                });
                 self.net.cut(&mut self.q, &mut self.rng, self.now, a, b, 1);
-                self.q.push(self.now + lasts, Ev::Heal(HealKind::Uncut(a, b)));
+                self.q
+                    .push(self.now + lasts, Ev::Heal(HealKind::Uncut(a, b)));
             }
             Fault::Pause { target, lasts } => {
                 let i = self.resolve(target);
@@ -335,7 +370,10 @@ impl World {
                 }
                 self.note_leader_loss(i);
                 self.out.faults += 1;
-                self.schedule_hash = hash_mix(self.schedule_hash, 4 << 32 | i as u64 | (self.now / MS) << 8);
+                self.schedule_hash = hash_mix(
+                    self.schedule_hash,
+                    4 << 32 | i as u64 | (self.now / MS) << 8,
+                );
                 self.trace(|| format!("fault  PAUSE n{i} for {:.1}ms", lasts as f64 / 1e6));
                 let until = self.now + lasts;
                 self.nodes[i].paused_until = self.nodes[i].paused_until.max(until);
@@ -357,7 +395,8 @@ impl World {
         }
         for a in 0..n {
             for b in a + 1..n {
-                self.net.clear_cuts(&mut self.q, &mut self.rng, self.now, a, b);
+                self.net
+                    .clear_cuts(&mut self.q, &mut self.rng, self.now, a, b);
             }
         }
     }
@@ -448,7 +487,12 @@ impl World {
         Ok(())
     }
 
-    fn step_replica(&mut self, i: usize, r: &mut Replica<SimStore>, local: Time) -> Result<(), Violation> {
+    fn step_replica(
+        &mut self,
+        i: usize,
+        r: &mut Replica<SimStore>,
+        local: Time,
+    ) -> Result<(), Violation> {
         let engine = |e: crate::replica::ReplicaError| Violation {
             kind: ViolationKind::EngineError,
             at: 0,
@@ -472,11 +516,18 @@ impl World {
         for e in events.drain(..) {
             if self.tracing {
                 match e {
-                    TransportEvent::PeerUp(p) => self.trace(|| format!("n{i}     connection to {p} up")),
-                    TransportEvent::PeerDown(p) => self.trace(|| format!("n{i}     connection to {p} down")),
-                    TransportEvent::Completed(c) if c.result.is_err() => {
-                        self.trace(|| format!("n{i}     op {:#x} to {} failed: {:?}", c.op.0, c.peer, c.result))
+                    TransportEvent::PeerUp(p) => {
+                        self.trace(|| format!("n{i}     connection to {p} up"))
                     }
+                    TransportEvent::PeerDown(p) => {
+                        self.trace(|| format!("n{i}     connection to {p} down"))
+                    }
+                    TransportEvent::Completed(c) if c.result.is_err() => self.trace(|| {
+                        format!(
+                            "n{i}     op {:#x} to {} failed: {:?}",
+                            c.op.0, c.peer, c.result
+                        )
+                    }),
                     TransportEvent::Completed(_) => {}
                 }
             }
@@ -519,7 +570,10 @@ impl World {
                             });
                         }
                         self.note_commits(i, r);
-                        self.trace(|| format!("n{i}     commit {index}"));
+                        if self.now >= self.nodes[i].traced_commit + 500_000 {
+                            self.nodes[i].traced_commit = self.now;
+                            self.trace(|| format!("n{i}     commit index {index}"));
+                        }
                     }
                 }
             }
@@ -607,20 +661,25 @@ impl World {
             })
             .collect();
         let nodes = &self.nodes;
-        let held = self.checker.check_holders(self.now, self.sc.replicas, excused, |n, index| {
-            if let Some(&e) = landed[n].get(&index) {
-                return Some(e);
-            }
-            let store = match (&nodes[n].replica, &nodes[n].parked) {
-                (Some(r), _) => r.store(),
-                (None, Some(s)) => s,
-                (None, None) => return None,
-            };
-            Some((store_term(store, index)?, store.digest(index)?))
-        });
+        let held = self
+            .checker
+            .check_holders(self.now, self.sc.replicas, excused, |n, index| {
+                if let Some(&e) = landed[n].get(&index) {
+                    return Some(e);
+                }
+                let store = match (&nodes[n].replica, &nodes[n].parked) {
+                    (Some(r), _) => r.store(),
+                    (None, Some(s)) => s,
+                    (None, None) => return None,
+                };
+                Some((store_term(store, index)?, store.digest(index)?))
+            });
         held.map_err(|mut v| {
             for (i, n) in self.nodes.iter().enumerate() {
-                let state = n.replica.as_ref().map_or("down".into(), |r| r.receive_summary());
+                let state = n
+                    .replica
+                    .as_ref()
+                    .map_or("down".into(), |r| r.receive_summary());
                 let _ = write!(v.detail, "; n{i}: {state}, {} landed", landed[i].len());
             }
             v
@@ -721,6 +780,7 @@ impl World {
         self.out.schedule = self.schedule_hash;
         self.out.denied_writes = self.net.denied_writes;
         self.out.torn_landings = self.net.torn_landings;
+        self.out.acknowledged = self.checker.committed_proposals() as u64;
         self.out.digests = (0..self.sc.replicas)
             .map(|i| (self.checker.applied[i], self.checker.applied_digest[i]))
             .collect();
@@ -750,39 +810,16 @@ impl World {
                         v
                     })?;
                 }
-                Ev::Land {
-                    src,
-                    dst,
-                    epoch,
-                    op,
-                    offset,
-                    bytes,
-                    whole,
-                    last,
-                } => {
-                    self.net.land(
-                        &mut self.q,
-                        &mut self.rng,
-                        self.now,
-                        (src, dst, epoch, op),
-                        offset,
-                        &bytes,
-                        whole,
-                        last,
-                    );
+                Ev::Land(piece) => {
+                    self.net.land(&mut self.q, &mut self.rng, self.now, piece);
                 }
-                Ev::Serve { src, dst, epoch, op } => {
-                    self.net.serve(&mut self.q, &mut self.rng, self.now, src, dst, epoch, op);
+                Ev::Serve(route, op) => {
+                    self.net
+                        .serve(&mut self.q, &mut self.rng, self.now, route, op);
                 }
-                Ev::Reply {
-                    src,
-                    dst,
-                    epoch,
-                    op,
-                    result,
-                    data,
-                } => {
-                    if let Some(ev) = self.net.reply(src, dst, epoch, op, result, data) {
+                Ev::Reply(route, result, data) => {
+                    if let Some(ev) = self.net.reply(route, result, data) {
+                        let src = route.src;
                         self.nodes[src].inbox.push(ev);
                         let at = self.now + self.rng.range(100, 1_000);
                         self.schedule_run(src, at);
