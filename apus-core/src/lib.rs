@@ -5,7 +5,7 @@
 //! runtime. A [`Replica`] is a value that steps on inputs (proposals, polls
 //! of its memory region, transport completions, the current time) and hands
 //! back [`Action`]s for its runtime to carry out. The `apus` crate drives it
-//! over real transports; the simulator in [`sim`] (feature `sim`) drives it
+//! over real transports; the simulator in `sim` (feature `sim`) drives it
 //! over simulated remote memory, one seed deciding every latency and fault.
 //!
 //! The transport model is remote memory, not messages: every node exposes

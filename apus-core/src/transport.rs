@@ -11,7 +11,10 @@
 //! The engine never calls a transport: it emits [`RemoteOp`]s inside
 //! [`Action`](crate::Action)s and is told about completions through
 //! [`Replica::handle_event`](crate::Replica::handle_event). A runtime connects
-//! the two, typically with [`Replica::drive`](crate::Replica::drive).
+//! the two in its engine loop: poll the transport and hand each event to the
+//! replica, poll the replica, then post every [`Action`](crate::Action) it
+//! queued. The simulator's engine loop (feature `sim`) does exactly this over
+//! its `SimTransport`.
 //!
 //! # Contract every transport keeps
 //!

@@ -2,11 +2,14 @@
 //! records, and what a replica takes from its ring and control block. Bad
 //! bytes must be refused with an error, never a panic, and never accepted.
 
+use apus_core::NodeId;
 use apus_core::entry::{self, EntryError, EntryHeader, EntryKind};
 use apus_core::layout::{SLOT_LEN, SlotKind};
 use apus_core::record::{AckRecord, LeaderRecord, Record, StatusRecord, VoteRequest, VoteResponse};
-use apus_core::{MemStore, NodeId, Region, Replica, ReplicaConfig, Role, Time};
 use proptest::prelude::*;
+
+mod common;
+use common::{Follower, encoded};
 
 const MAX_PAYLOAD: usize = 512;
 
@@ -31,12 +34,6 @@ fn header() -> impl Strategy<Value = EntryHeader> {
         commit: w[5],
         conn: w[6],
     })
-}
-
-fn encoded(h: &EntryHeader, payload: &[u8]) -> Vec<u8> {
-    let mut buf = vec![0; entry::encoded_len(payload.len())];
-    entry::encode(h, payload, &mut buf);
-    buf
 }
 
 proptest! {
@@ -151,98 +148,6 @@ proptest! {
         }
         f.poll();
         prop_assert_eq!((f.r.term(), f.r.role(), f.r.leader()), before);
-    }
-}
-
-/// A follower (n1 of 3) driven by hand: we play its leader n0 by writing
-/// records and entries straight into its region.
-struct Follower {
-    r: Replica<MemStore>,
-    region: Region,
-    now: u64,
-    next_pos: u64,
-    last_term: u64,
-}
-
-impl Follower {
-    fn synced() -> Follower {
-        let mut cfg = ReplicaConfig::new(NodeId(1), 3);
-        cfg.ring_capacity = 4096;
-        cfg.catchup_chunk = 1024;
-        cfg.max_payload = 256;
-        let layout = cfg.validate().unwrap();
-        let region = Region::new(layout.region_len());
-        let r = Replica::new(cfg, region.clone(), MemStore::new(), Time(0)).unwrap();
-        let mut f = Follower {
-            r,
-            region,
-            now: 1,
-            next_pos: 0,
-            last_term: 0,
-        };
-        // Leader n0 of term 1 syncs us at index 0.
-        f.leader_record(1);
-        f.poll(); // adopts term 1, grants n0 (settling)
-        f.poll(); // applies the sync
-        assert_eq!(
-            (f.r.term(), f.r.role(), f.r.leader()),
-            (1, Role::Follower, Some(NodeId(0)))
-        );
-        assert_eq!(f.r.log_writer(), Some(NodeId(0)));
-        f
-    }
-
-    fn leader_record(&mut self, version: u64) {
-        let rec = LeaderRecord {
-            term: 1,
-            seq: version,
-            version,
-            commit: 0,
-            last_index: 0,
-            sync_seq: 1,
-            sync_index: 0,
-            sync_term: 0,
-            sync_pos: 0,
-        };
-        let at = self
-            .r
-            .layout()
-            .inbound_copy(SlotKind::Leader, NodeId(0), (version % 2) as usize);
-        self.region.write(at, &rec.encode());
-    }
-
-    fn poll(&mut self) {
-        self.now += 1000;
-        self.r.poll(Time(self.now)).unwrap();
-        // Nobody carries the actions out: we play the network by hand.
-        while self.r.next_action().is_some() {}
-    }
-
-    fn scribble_ring(&mut self, at: usize, bytes: &[u8]) {
-        let ring = self.r.layout().ring_offset();
-        let cap = self.r.layout().ring_capacity();
-        let at = at % cap;
-        let n = bytes.len().min(cap - at);
-        self.region.write(ring + at, &bytes[..n]);
-    }
-
-    fn push_entry(&mut self, index: u64, term: u64, payload: &[u8]) {
-        let h = EntryHeader {
-            kind: EntryKind::Data,
-            payload_len: 0,
-            term,
-            leader_term: 1,
-            index,
-            pos: self.next_pos,
-            prev_term: self.last_term,
-            commit: 0,
-            conn: 0,
-        };
-        let buf = encoded(&h, payload);
-        let at = self.r.layout().ring_at(self.next_pos);
-        self.region.write(at, &buf);
-        self.next_pos += buf.len() as u64;
-        self.last_term = term;
     }
 }
 

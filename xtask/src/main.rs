@@ -16,8 +16,9 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
-  test              everything CI runs: formatting, clippy, unit and property
-                    tests, 5000 simulator seeds, the planted-bug checks, the demo
+  test              everything CI runs: formatting, clippy, docs, unit and
+                    property tests, 5000 simulator seeds, the planted-bug
+                    checks, the demo
   sim ARGS          run the deterministic simulator; ARGS as for apus-sim:
                       --seeds N [--first S] [--replicas R] [--bug NAME] [--threads T]
                       --seed S [--replicas R] [--bug NAME] [--trace]
@@ -215,6 +216,21 @@ fn test() -> Result<ExitCode> {
                 "-D",
                 "warnings",
             ]),
+        )?;
+        Ok(String::new())
+    })?;
+    step("cargo doc (broken links are errors)", || {
+        run(
+            "cargo doc",
+            cargo()
+                .args([
+                    "doc",
+                    "--quiet",
+                    "--no-deps",
+                    "--workspace",
+                    "--all-features",
+                ])
+                .env("RUSTDOCFLAGS", "-D warnings"),
         )?;
         Ok(String::new())
     })?;

@@ -12,6 +12,16 @@ impl<S: LogStore> Replica<S> {
     /// follows) has landed: its record first (a re-sync, the commit index),
     /// then every complete entry in the ring.
     pub(super) fn receive(&mut self) -> Result<(), ReplicaError> {
+        // A writer we just revoked may have landed a sync (and entries behind
+        // it, which it may already count) after we last read its record:
+        // take that sync now, as if it had arrived before the term change.
+        if let Some((w, t)) = self.revoked.take()
+            && let Some(rec) = self.read_leader_record(w)
+            && rec.term == t
+            && self.sync_is_fresh(w, &rec)
+        {
+            self.apply_sync(w, &rec)?;
+        }
         if let Some(src) = self.source
             && let Some(rec) = self.read_leader_record(src.peer)
             && rec.term == src.term
@@ -362,22 +372,7 @@ impl<S: LogStore> Replica<S> {
             self.commit,
             if self.settling { " settling" } else { "" }
         ) + &match self.leader.filter(|&l| l != self.cfg.id) {
-            Some(l) => {
-                let mut copies = String::new();
-                for copy in 0..2 {
-                    let mut buf = [0u8; crate::layout::SLOT_LEN];
-                    self.region.read(
-                        self.layout
-                            .inbound_copy(crate::layout::SlotKind::Leader, l, copy),
-                        &mut buf,
-                    );
-                    copies += &format!(
-                        " copy{copy} {:?}",
-                        <LeaderRecord as crate::record::Record>::decode(&buf)
-                    );
-                }
-                format!(" leader-record {:?}{copies}", self.read_leader_record(l))
-            }
+            Some(l) => format!(" leader-record {:?}", self.read_leader_record(l)),
             None => String::new(),
         }
     }

@@ -246,6 +246,11 @@ pub struct Replica<S: LogStore> {
     role: Role,
     leader: Option<NodeId>,
     writer: Option<NodeId>,
+    /// The term in which `writer` was granted.
+    writer_term: Term,
+    /// The writer the last grant change revoked, with the term it was
+    /// granted in: what it landed before the revocation is drained next poll.
+    revoked: Option<(NodeId, Term)>,
     settling: bool,
     recovery: Option<Recovery>,
 
@@ -335,6 +340,8 @@ impl<S: LogStore> Replica<S> {
             role: Role::Follower,
             leader: None,
             writer: None,
+            writer_term: 0,
+            revoked: None,
             settling: false,
             recovery,
             last_index,
@@ -636,7 +643,11 @@ impl<S: LogStore> Replica<S> {
 
     fn set_writer(&mut self, writer: Option<NodeId>) {
         if self.writer != writer {
+            if let Some(old) = self.writer {
+                self.revoked = Some((old, self.writer_term));
+            }
             self.writer = writer;
+            self.writer_term = self.term;
             self.actions.push_back(Action::SetLogWriter(writer));
             self.settling = true;
             self.status_dirty = true;

@@ -198,6 +198,8 @@ impl World {
     fn trace(&mut self, line: impl FnOnce() -> String) {
         if self.tracing {
             let l = line();
+            // APUS_SIM_LIVE=1 streams the timeline as it happens: for runs
+            // that hang or crash before their trace is printed.
             if std::env::var_os("APUS_SIM_LIVE").is_some() {
                 eprintln!("{:>9.3}ms  {l}", self.now as f64 / 1e6);
             }
