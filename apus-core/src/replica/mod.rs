@@ -815,8 +815,14 @@ impl<S: LogStore> Replica<S> {
         self.note_role();
         if self.commit > self.last_commit_event {
             self.last_commit_event = self.commit;
-            self.events
-                .push_back(Event::Committed { index: self.commit });
+            // Consecutive commit events coalesce: the queue stays bounded by
+            // the role changes between two drains, however late the runtime.
+            match self.events.back_mut() {
+                Some(Event::Committed { index }) => *index = self.commit,
+                _ => self
+                    .events
+                    .push_back(Event::Committed { index: self.commit }),
+            }
         }
         if self.status_dirty {
             self.publish_status();
