@@ -58,7 +58,8 @@ impl<S: LogStore> Replica<S> {
             }
             match self.role {
                 Role::Leader => {
-                    assert_eq!(p, self.cfg.id, "two leaders in term {}", self.term);
+                    // Election safety is broken: stop rather than spread it.
+                    panic!("two leaders in term {}: {} and {p}", self.term, self.cfg.id);
                 }
                 Role::Candidate => {
                     self.become_follower(Some(p));

@@ -581,8 +581,7 @@ impl<S: LogStore> Replica<S> {
             st.last_index
         } else {
             // Everything up to a follower's commit index is committed, and
-            // so in our log too.
-            debug_assert!(st.commit <= self.last_index);
+            // so in our log too (min: a status is remote input).
             st.commit.min(self.last_index)
         };
         let (sync_term, sync_pos) = match self.store.meta(m) {

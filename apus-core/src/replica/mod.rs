@@ -324,7 +324,11 @@ impl<S: LogStore> Replica<S> {
             Some(m) => (m.term, m.end_pos()),
             None => (0, 0),
         };
-        let recovery = (cfg.durability == Durability::Memory && hs.term > 0 && last_index == 0)
+        // A lone replica has nobody to recover from: its lost log is lost.
+        let recovery = (cfg.durability == Durability::Memory
+            && cfg.replicas > 1
+            && hs.term > 0
+            && last_index == 0)
             .then_some(Recovery::AwaitingSync);
         let seed = cfg.seed ^ (u64::from(cfg.id.0) << 56) ^ hs.term.rotate_left(17);
         let max_entry = entry::encoded_len(cfg.max_payload);
@@ -906,5 +910,85 @@ impl<S: LogStore> Replica<S> {
         }
         self.status_dirty = true;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemStore;
+
+    fn replica(replicas: usize, durability: Durability, store: MemStore) -> Replica<MemStore> {
+        let mut cfg = ReplicaConfig::new(NodeId(0), replicas);
+        cfg.durability = durability;
+        let region = Region::new(cfg.validate().unwrap().region_len());
+        Replica::new(cfg, region, store, Time(0)).unwrap()
+    }
+
+    #[test]
+    fn memory_mode_restart_recovers_only_with_peers() {
+        let hs = HardState {
+            term: 3,
+            voted_for: Some(NodeId(0)),
+        };
+        let lone = replica(1, Durability::Memory, MemStore::with_hard_state(hs));
+        assert!(!lone.is_recovering());
+        assert_eq!((lone.role(), lone.term()), (Role::Leader, 4));
+        let member = replica(3, Durability::Memory, MemStore::with_hard_state(hs));
+        assert!(member.is_recovering(), "lost its log: must not vote yet");
+        let durable = replica(3, Durability::Durable, MemStore::with_hard_state(hs));
+        assert!(!durable.is_recovering());
+    }
+
+    #[test]
+    fn proposals_are_refused_clearly() {
+        let mut follower = replica(3, Durability::Memory, MemStore::new());
+        assert!(matches!(
+            follower.propose(EntryKind::Data, 0, b"x"),
+            Err(ProposeError::NotLeader { leader: None })
+        ));
+        let mut leader = replica(1, Durability::Memory, MemStore::new());
+        let max = leader.config().max_payload;
+        assert!(matches!(
+            leader.propose(EntryKind::Data, 0, &vec![0; max + 1]),
+            Err(ProposeError::TooLarge { .. })
+        ));
+        assert!(leader.propose(EntryKind::Data, 0, &vec![0; max]).is_ok());
+    }
+
+    #[test]
+    fn a_leader_applies_backpressure_at_one_ring_of_uncommitted_entries() {
+        // A three-replica leader nobody acknowledges: proposals stop at one ring.
+        let mut r = replica(3, Durability::Memory, MemStore::new());
+        let cap = r.layout().ring_capacity();
+        // Win an election by hand: peers' vote responses in our slots.
+        r.poll(Time(100_000_000)).unwrap();
+        let term = r.term();
+        for p in [1u8, 2] {
+            let resp = crate::record::VoteResponse {
+                term,
+                granted: true,
+            };
+            let at = r.layout().inbound(SlotKind::VoteResponse, NodeId(p));
+            r.region.write(at, &resp.encode());
+        }
+        r.poll(Time(100_000_001)).unwrap();
+        r.poll(Time(100_000_002)).unwrap();
+        assert_eq!(r.role(), Role::Leader);
+        let payload = vec![1u8; 1000];
+        let mut accepted = 0usize;
+        loop {
+            match r.propose(EntryKind::Data, 0, &payload) {
+                Ok(_) => accepted += 1,
+                Err(ProposeError::Backpressure) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let per_entry = entry::encoded_len(payload.len());
+        assert!(
+            accepted * per_entry <= cap && (accepted + 2) * per_entry > cap,
+            "{accepted}"
+        );
+        assert_eq!(r.commit_index(), 0);
     }
 }
