@@ -196,7 +196,8 @@ pub struct AckRecord {
     pub acked_index: Index,
     /// Ring position the follower expects next (its free window starts here).
     pub next_pos: Pos,
-    /// A sync sequence the follower could not apply (0 = none): re-probe it.
+    /// A sync sequence of the leader of `current_term` that the follower
+    /// could not apply (0 = none): that leader must read its status again.
     pub rejected_sync: u64,
     /// The follower's last log index.
     pub last_index: Index,

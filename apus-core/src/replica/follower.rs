@@ -19,6 +19,7 @@ impl<S: LogStore> Replica<S> {
             && let Some(rec) = self.read_leader_record(w)
             && rec.term == t
             && self.sync_is_fresh(w, &rec)
+            && self.sync_agrees(&rec)
         {
             self.apply_sync(w, &rec)?;
         }

@@ -323,11 +323,19 @@ impl<S: LogStore> Replica<S> {
             if ack.current_term == term {
                 pr.heard = true;
             }
-            if ack.source_term != term || pr.phase == Phase::Probe {
+            if pr.phase == Phase::Probe {
                 continue;
             }
-            if ack.rejected_sync != 0 && ack.rejected_sync == pr.sync_seq {
+            // A refusal concerns the follower's current leader: us, if its
+            // term is ours (it has no source in our term yet).
+            if ack.current_term == term
+                && ack.rejected_sync != 0
+                && ack.rejected_sync == pr.sync_seq
+            {
                 pr.restart_probe(now);
+                continue;
+            }
+            if ack.source_term != term {
                 continue;
             }
             if ack.sync_seq == pr.sync_seq {

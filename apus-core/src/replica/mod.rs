@@ -652,6 +652,8 @@ impl<S: LogStore> Replica<S> {
             }
             self.writer = writer;
             self.writer_term = self.term;
+            // A refusal was about the old writer's sync numbering.
+            self.rejected_sync = 0;
             self.actions.push_back(Action::SetLogWriter(writer));
             self.settling = true;
             self.status_dirty = true;

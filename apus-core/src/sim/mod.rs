@@ -191,6 +191,17 @@ mod tests {
         ),
         (2335, None, "election storm with a recovering replica"),
         (
+            109600,
+            None,
+            "a refused sync of an old term shadowed the new leader's",
+        ),
+        (
+            111881,
+            None,
+            "a refused sync was reported in an ack the leader ignored",
+        ),
+        (124807, None, "a recovering replica was never synced"),
+        (
             0,
             Some(1),
             "a single replica left its vote requests pending and spun",
