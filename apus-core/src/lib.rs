@@ -54,5 +54,8 @@ pub use replica::{
     Action, CommittedEntry, Counters, Event, Proposal, ProposeError, Replica, ReplicaError,
 };
 pub use store::{EntryMeta, HardState, LogStore, MemStore, StoreError};
-pub use transport::{Completion, OpError, OpId, RemoteOp, Transport, TransportEvent};
+pub use transport::{
+    Capabilities, Completion, OpError, OpId, RemoteOp, Transport, TransportError, TransportEvent,
+    Wake,
+};
 pub use types::{Index, NodeId, Pos, Role, Term, Time};

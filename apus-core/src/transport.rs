@@ -33,6 +33,10 @@
 //! 6. Every posted operation completes exactly once, with an error if the
 //!    peer is unreachable.
 
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
 use crate::types::NodeId;
 
 /// Identifies a posted operation; echoed in its completion.
@@ -175,6 +179,13 @@ pub enum TransportError {
     Other(String),
 }
 
+/// Interrupts an engine blocked in [`Transport::wait`], from any thread
+/// (a proposer that queued work, the storage thread that finished a sync).
+pub trait Wake: Send + Sync + fmt::Debug {
+    /// Makes the current or next `wait` return promptly.
+    fn wake(&self);
+}
+
 /// A remote-memory transport for one node.
 pub trait Transport {
     /// What this transport supports.
@@ -187,4 +198,10 @@ pub trait Transport {
     fn set_log_writer(&mut self, writer: Option<NodeId>) -> Result<(), TransportError>;
     /// Appends what happened since the last call to `events`.
     fn poll(&mut self, events: &mut Vec<TransportEvent>) -> Result<(), TransportError>;
+    /// Blocks until something may have arrived, a [`Wake`] handle fires, or
+    /// `timeout` passes; it may return early. The runtime's `park` and
+    /// `hybrid` poll policies call it instead of spinning.
+    fn wait(&mut self, timeout: Duration) -> Result<(), TransportError>;
+    /// A handle that interrupts [`wait`](Self::wait).
+    fn waker(&self) -> Arc<dyn Wake>;
 }

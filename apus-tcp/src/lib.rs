@@ -1,8 +1,22 @@
-//! The remote-memory transport over TCP, and over QUIC (quinn) behind the
-//! `quic` feature.
+//! The remote-memory transport over TCP.
 //!
-//! Not built yet: issue 3 owns this crate. It will implement
-//! `apus_core::transport::Transport` by framing one-sided writes, reads and
-//! compare-and-swap over a stream; a receiver applies each framed write to the
-//! local region in order and enforces the log write grant. Peers authenticate
-//! with the cluster secret (challenge-response) before anything is applied.
+//! [`TcpTransport`] implements [`apus_core::Transport`] by framing one-sided
+//! writes, reads and compare-and-swaps over one TCP connection per pair of
+//! replicas (`TCP_NODELAY`). The receiving engine applies each framed write
+//! to its own region, in order, and enforces the log write grant, so the
+//! engine cannot tell this transport from RDMA except by its latency. Peers
+//! authenticate at connection time with the cluster secret
+//! ([`handshake`]: HMAC-SHA256 challenge-response, the secret never crosses
+//! the wire); a process without it is refused and logged.
+//!
+//! Poll modes: call [`Transport::poll`](apus_core::Transport::poll) in a loop
+//! (busy-poll: non-blocking sockets, the lowest latency, one core per node),
+//! or block in [`Transport::wait`](apus_core::Transport::wait) (`ppoll` on
+//! the sockets and an eventfd) between polls.
+
+pub mod handshake;
+mod sys;
+mod tcp;
+pub mod wire;
+
+pub use tcp::{TcpConfig, TcpStats, TcpTransport};

@@ -14,6 +14,7 @@ use crate::region::Region;
 use crate::rng::Rng;
 use crate::transport::{
     Capabilities, Completion, OpError, OpId, RemoteOp, Transport, TransportError, TransportEvent,
+    Wake,
 };
 use crate::types::NodeId;
 
@@ -540,4 +541,21 @@ impl Transport for SimTransport<'_> {
         events.append(self.inbox);
         Ok(())
     }
+
+    fn wait(&mut self, _timeout: std::time::Duration) -> Result<(), TransportError> {
+        // Simulated time only moves between events: nothing to wait for.
+        Ok(())
+    }
+
+    fn waker(&self) -> std::sync::Arc<dyn Wake> {
+        std::sync::Arc::new(SimWaker)
+    }
+}
+
+/// The simulator's engines never block.
+#[derive(Debug)]
+struct SimWaker;
+
+impl Wake for SimWaker {
+    fn wake(&self) {}
 }
