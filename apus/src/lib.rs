@@ -1,6 +1,5 @@
-//! The APUS facade: the `Node` runtime (engine thread, proposal queue,
-//! storage, configuration), the `apus` command line and the admin API, with
-//! one cargo feature per transport (`tcp`, `quic`, `fabric`, `verbs`).
-//!
-//! Not built yet: issue 3 owns this crate. Today the consensus engine lives in
-//! `apus-core`; see its documentation for the sans-IO `Replica`.
+//! The APUS facade: the `Node` runtime, storage, configuration, and the
+//! `apus` command line, with one cargo feature per transport (`tcp`, the
+//! default; `quic`, `fabric`, `verbs` as they land).
+
+pub mod storage;
