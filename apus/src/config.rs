@@ -1,0 +1,546 @@
+//! The cluster configuration: one TOML file shared by every replica.
+//!
+//! ```toml
+//! [cluster]
+//! secret = "at least sixteen bytes"   # or secret_file = "/etc/apus/secret"
+//! durability = "durable"              # memory | durable
+//! fsync = "batch"                     # always | batch | never (durable only)
+//! transport = "tcp"                   # tcp
+//! poll = "hybrid"                     # spin | hybrid | park
+//!
+//! [engine]                            # optional; defaults shown
+//! ring_capacity = 4194304
+//! catchup_chunk = 131072
+//! max_payload = 65536
+//! max_inflight_writes = 64
+//! heartbeat_us = 1000
+//! election_timeout_us = 10000
+//!
+//! [[replica]]
+//! id = 0
+//! address = "127.0.0.1:7100"          # replication traffic
+//! client = "127.0.0.1:7200"           # clients and `apus status`
+//! data_dir = "/var/lib/apus/0"
+//! ```
+//!
+//! Every mistake is reported with the field it is in, e.g.
+//! `replica[1].address: invalid socket address "localhost"`.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use apus_core::{Durability, NodeId, ReplicaConfig};
+use serde::Deserialize;
+
+/// A configuration error, naming the field at fault.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {reason}")]
+pub struct ConfigError {
+    /// Dotted path of the field (`cluster.secret`, `replica[2].data_dir`).
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    })
+}
+
+/// When the runtime makes appended entries durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    /// `fdatasync` for every batch the engine hands over, at once.
+    Always,
+    /// Wait up to [`Fsync::BATCH_WINDOW`] to gather more, then one `fdatasync`.
+    #[default]
+    Batch,
+    /// Never: acknowledged entries survive a process crash (they are in the
+    /// page cache) but not a power loss.
+    Never,
+}
+
+impl Fsync {
+    /// How long `batch` waits to gather more entries into one fsync.
+    pub const BATCH_WINDOW: Duration = Duration::from_micros(200);
+}
+
+/// How the engine thread waits for work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PollPolicy {
+    /// Busy-poll: the lowest latency, one core per node.
+    Spin,
+    /// Spin briefly after activity, then block.
+    #[default]
+    Hybrid,
+    /// Block until the transport, a proposer or a timer wakes the engine.
+    Park,
+}
+
+/// The replication transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// TCP (the `tcp` feature, on by default).
+    #[default]
+    Tcp,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    cluster: RawCluster,
+    #[serde(default)]
+    engine: RawEngine,
+    #[serde(default)]
+    replica: Vec<RawReplica>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+    #[serde(default)]
+    durability: Option<String>,
+    fsync: Option<Fsync>,
+    #[serde(default)]
+    transport: TransportKind,
+    #[serde(default)]
+    poll: PollPolicy,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEngine {
+    ring_capacity: Option<usize>,
+    catchup_chunk: Option<usize>,
+    max_payload: Option<usize>,
+    max_inflight_writes: Option<usize>,
+    heartbeat_us: Option<u64>,
+    election_timeout_us: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplica {
+    id: u8,
+    address: String,
+    client: Option<String>,
+    data_dir: PathBuf,
+}
+
+/// One replica of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaSpec {
+    /// Its id.
+    pub id: NodeId,
+    /// Replication address.
+    pub address: SocketAddr,
+    /// Client and admin address, if it serves one.
+    pub client: Option<SocketAddr>,
+    /// Where it keeps its log and hard state.
+    pub data_dir: PathBuf,
+}
+
+/// A validated cluster configuration.
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// The shared secret replicas authenticate each other with.
+    pub secret: Vec<u8>,
+    /// Durability mode.
+    pub durability: Durability,
+    /// Fsync policy (durable mode).
+    pub fsync: Fsync,
+    /// Transport.
+    pub transport: TransportKind,
+    /// Engine thread wait policy.
+    pub poll: PollPolicy,
+    /// The replicas, by id.
+    pub replicas: Vec<ReplicaSpec>,
+    /// Engine settings shared by every replica (its `id` is replica 0's;
+    /// see [`ClusterConfig::engine_for`]).
+    pub engine: ReplicaConfig,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("secret", &"<redacted>")
+            .field("durability", &self.durability)
+            .field("fsync", &self.fsync)
+            .field("transport", &self.transport)
+            .field("poll", &self.poll)
+            .field("replicas", &self.replicas)
+            .finish()
+    }
+}
+
+fn parse_addr(field: String, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().or_else(|_| {
+        err(
+            field,
+            format!("invalid socket address {s:?} (want ip:port)"),
+        )
+    })
+}
+
+/// The dotted path of the key on the line holding byte `offset`:
+/// `cluster.fsync`, `replica[2].address`; `line N` when there is no key.
+fn field_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_no = text[..line_start].lines().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let Some((key, _)) = line.split_once('=') else {
+        return format!("line {line_no}");
+    };
+    let key = key.trim();
+    let mut section = String::new();
+    let mut replicas = 0usize;
+    for l in text[..line_start].lines() {
+        let l = l.trim();
+        if l == "[[replica]]" {
+            replicas += 1;
+            section = format!("replica[{}]", replicas - 1);
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            section = name.trim().to_string();
+        }
+    }
+    if section.is_empty() {
+        key.to_string()
+    } else {
+        format!("{section}.{key}")
+    }
+}
+
+impl ClusterConfig {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<ClusterConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .or_else(|e| err(path.display().to_string(), format!("cannot read: {e}")))?;
+        ClusterConfig::parse(&text, path.parent())
+    }
+
+    /// Parses and validates configuration text. Relative `secret_file` and
+    /// `data_dir` paths are taken relative to `base` (the file's directory).
+    pub fn parse(text: &str, base: Option<&Path>) -> Result<ClusterConfig, ConfigError> {
+        let raw: RawFile = toml::from_str(text).or_else(|e: toml::de::Error| {
+            let field = e
+                .span()
+                .map_or_else(|| "file".into(), |s| field_at(text, s.start));
+            err(field, e.message().to_string())
+        })?;
+        let rel = |p: PathBuf| match base {
+            Some(b) if p.is_relative() => b.join(p),
+            _ => p,
+        };
+        let c = raw.cluster;
+        let secret = match (c.secret, c.secret_file) {
+            (Some(s), None) => s.into_bytes(),
+            (None, Some(f)) => {
+                let f = rel(f);
+                let mut b = std::fs::read(&f).or_else(|e| {
+                    err(
+                        "cluster.secret_file",
+                        format!("cannot read {}: {e}", f.display()),
+                    )
+                })?;
+                while b.last().is_some_and(|c| c.is_ascii_whitespace()) {
+                    b.pop();
+                }
+                b
+            }
+            (Some(_), Some(_)) => {
+                return err("cluster.secret", "give secret or secret_file, not both");
+            }
+            (None, None) => {
+                return err(
+                    "cluster.secret",
+                    "missing: replicas authenticate each other with it",
+                );
+            }
+        };
+        if secret.len() < 16 {
+            return err(
+                "cluster.secret",
+                format!("must be at least 16 bytes, got {}", secret.len()),
+            );
+        }
+        let durability = match c.durability.as_deref() {
+            None | Some("durable") => Durability::Durable,
+            Some("memory") => Durability::Memory,
+            Some(other) => {
+                return err(
+                    "cluster.durability",
+                    format!("{other:?}: want \"memory\" or \"durable\""),
+                );
+            }
+        };
+        if durability == Durability::Memory && c.fsync.is_some() {
+            return err("cluster.fsync", "applies to durability = \"durable\" only");
+        }
+        if raw.replica.is_empty() {
+            return err("replica", "no [[replica]] entries");
+        }
+        let mut replicas = Vec::new();
+        let mut seen_addr = HashSet::new();
+        for (i, r) in raw.replica.iter().enumerate() {
+            let f = |name: &str| format!("replica[{i}].{name}");
+            if usize::from(r.id) != i {
+                return err(
+                    f("id"),
+                    format!(
+                        "replicas must be listed in id order 0, 1, 2...; expected {i}, got {}",
+                        r.id
+                    ),
+                );
+            }
+            let address = parse_addr(f("address"), &r.address)?;
+            if !seen_addr.insert(address) {
+                return err(f("address"), format!("{address} is used twice"));
+            }
+            let client = match &r.client {
+                Some(s) => {
+                    let a = parse_addr(f("client"), s)?;
+                    if !seen_addr.insert(a) {
+                        return err(f("client"), format!("{a} is used twice"));
+                    }
+                    Some(a)
+                }
+                None => None,
+            };
+            if r.data_dir.as_os_str().is_empty() {
+                return err(f("data_dir"), "must not be empty");
+            }
+            replicas.push(ReplicaSpec {
+                id: NodeId(r.id),
+                address,
+                client,
+                data_dir: rel(r.data_dir.clone()),
+            });
+        }
+        let mut engine = ReplicaConfig::new(NodeId(0), replicas.len());
+        engine.durability = durability;
+        let e = raw.engine;
+        if let Some(v) = e.ring_capacity {
+            engine.ring_capacity = v;
+        }
+        if let Some(v) = e.catchup_chunk {
+            engine.catchup_chunk = v;
+        }
+        if let Some(v) = e.max_payload {
+            engine.max_payload = v;
+        }
+        if let Some(v) = e.max_inflight_writes {
+            engine.max_inflight_writes = v;
+        }
+        if let Some(v) = e.heartbeat_us {
+            engine.heartbeat_interval = Duration::from_micros(v);
+        }
+        if let Some(v) = e.election_timeout_us {
+            engine.election_timeout = Duration::from_micros(v);
+        }
+        if let Err(e) = engine.validate() {
+            let field = match e.field {
+                "replicas" => "replica".to_string(),
+                "heartbeat_interval" => "engine.heartbeat_us".to_string(),
+                "election_timeout" => "engine.election_timeout_us".to_string(),
+                other => format!("engine.{other}"),
+            };
+            return err(field, e.reason);
+        }
+        Ok(ClusterConfig {
+            secret,
+            durability,
+            fsync: c.fsync.unwrap_or_default(),
+            transport: c.transport,
+            poll: c.poll,
+            replicas,
+            engine,
+        })
+    }
+
+    /// The engine configuration of replica `id`.
+    pub fn engine_for(&self, id: NodeId) -> Result<ReplicaConfig, ConfigError> {
+        if id.index() >= self.replicas.len() {
+            return err(
+                "--id",
+                format!(
+                    "{} is not a replica of this cluster (ids 0..{})",
+                    id.0,
+                    self.replicas.len()
+                ),
+            );
+        }
+        let mut e = self.engine.clone();
+        e.id = id;
+        e.seed = u64::from(id.0) ^ 0x4150_5553;
+        Ok(e)
+    }
+
+    /// The spec of replica `id`.
+    pub fn replica(&self, id: NodeId) -> Option<&ReplicaSpec> {
+        self.replicas.get(id.index())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[cluster]
+secret = "0123456789abcdef"
+durability = "durable"
+fsync = "always"
+poll = "spin"
+
+[engine]
+ring_capacity = 1048576
+
+[[replica]]
+id = 0
+address = "127.0.0.1:7100"
+client = "127.0.0.1:7200"
+data_dir = "d0"
+
+[[replica]]
+id = 1
+address = "127.0.0.1:7101"
+data_dir = "/abs/d1"
+"#;
+
+    #[test]
+    fn parses_a_good_file() {
+        let c = ClusterConfig::parse(GOOD, Some(Path::new("/etc/apus"))).unwrap();
+        assert_eq!(c.replicas.len(), 2);
+        assert_eq!(c.fsync, Fsync::Always);
+        assert_eq!(c.poll, PollPolicy::Spin);
+        assert_eq!(c.engine.ring_capacity, 1 << 20);
+        assert_eq!(c.replicas[0].data_dir, Path::new("/etc/apus/d0"));
+        assert_eq!(c.replicas[1].data_dir, Path::new("/abs/d1"));
+        assert_eq!(c.engine_for(NodeId(1)).unwrap().id, NodeId(1));
+        assert_eq!(c.engine_for(NodeId(2)).unwrap_err().field, "--id");
+        assert!(
+            !format!("{c:?}").contains("0123456789abcdef"),
+            "secret leaked into Debug"
+        );
+    }
+
+    /// Every invalid field gets an error that names it.
+    #[test]
+    fn each_invalid_field_is_named() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "secret = \"0123456789abcdef\"",
+                "secret = \"short\"",
+                "cluster.secret",
+            ),
+            ("secret = \"0123456789abcdef\"", "", "cluster.secret"),
+            (
+                "secret = \"0123456789abcdef\"",
+                "secret = \"0123456789abcdef\"\nsecret_file = \"x\"",
+                "cluster.secret",
+            ),
+            (
+                "secret = \"0123456789abcdef\"",
+                "secret_file = \"/nonexistent/secret\"",
+                "cluster.secret_file",
+            ),
+            (
+                "durability = \"durable\"",
+                "durability = \"fast\"",
+                "cluster.durability",
+            ),
+            (
+                "durability = \"durable\"\nfsync = \"always\"",
+                "durability = \"memory\"\nfsync = \"always\"",
+                "cluster.fsync",
+            ),
+            (
+                "fsync = \"always\"",
+                "fsync = \"sometimes\"",
+                "cluster.fsync",
+            ),
+            ("poll = \"spin\"", "poll = \"lazy\"", "cluster.poll"),
+            (
+                "ring_capacity = 1048576",
+                "ring_capacity = 1000",
+                "engine.ring_capacity",
+            ),
+            (
+                "ring_capacity = 1048576",
+                "ring_capacity = 1048576\nmax_payload = 900000",
+                "engine.max_payload",
+            ),
+            (
+                "ring_capacity = 1048576",
+                "ring_capacity = 1048576\nheartbeat_us = 0",
+                "engine.heartbeat_us",
+            ),
+            (
+                "ring_capacity = 1048576",
+                "ring_capacity = 1048576\nelection_timeout_us = 1",
+                "engine.election_timeout_us",
+            ),
+            (
+                "ring_capacity = 1048576",
+                "ring_capacity = 1048576\nbogus = 1",
+                "engine.bogus",
+            ),
+            ("id = 1", "id = \"one\"", "replica[1].id"),
+            (
+                "data_dir = \"/abs/d1\"",
+                "data_dir = 7",
+                "replica[1].data_dir",
+            ),
+            (
+                "address = \"127.0.0.1:7101\"",
+                "address = \"localhost\"",
+                "replica[1].address",
+            ),
+            (
+                "address = \"127.0.0.1:7101\"",
+                "address = \"127.0.0.1:7100\"",
+                "replica[1].address",
+            ),
+            (
+                "client = \"127.0.0.1:7200\"",
+                "client = \"127.0.0.1:7100\"",
+                "replica[0].client",
+            ),
+            (
+                "client = \"127.0.0.1:7200\"",
+                "client = \"nope\"",
+                "replica[0].client",
+            ),
+            ("id = 1", "id = 5", "replica[1].id"),
+            (
+                "data_dir = \"d0\"",
+                "data_dir = \"\"",
+                "replica[0].data_dir",
+            ),
+        ];
+        for (from, to, field) in cases {
+            let text = GOOD.replacen(from, to, 1);
+            assert_ne!(&text, GOOD, "case {to:?} did not apply");
+            let e = ClusterConfig::parse(&text, None).expect_err(to);
+            assert!(e.field.starts_with(field), "{to:?}: got {e}");
+        }
+        let none = GOOD.split("[[replica]]").next().unwrap();
+        assert_eq!(
+            ClusterConfig::parse(none, None).unwrap_err().field,
+            "replica"
+        );
+        let unknown =
+            ClusterConfig::parse(&GOOD.replace("poll = \"spin\"", "pol = 1"), None).unwrap_err();
+        assert!(unknown.reason.contains("pol"), "{unknown}");
+    }
+}
