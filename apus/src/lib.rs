@@ -1,6 +1,53 @@
-//! The APUS facade: the `Node` runtime, storage, configuration, and the
-//! `apus` command line, with one cargo feature per transport (`tcp`, the
-//! default; `quic`, `fabric`, `verbs` as they land).
+//! APUS: replicate a server, or your own state machine, with Paxos over
+//! one-sided remote memory writes.
+//!
+//! This crate is the runtime around the [`apus_core`] engine: the [`Node`]
+//! (engine, sync and apply threads), storage ([`storage`]), the cluster
+//! configuration ([`config`]), metrics, and the `apus` command line.
+//!
+//! # Choosing a transport
+//!
+//! Each transport is a cargo feature; the cluster configuration picks one of
+//! those compiled in (`cluster.transport`):
+//!
+//! | feature | transport | runs on |
+//! |---|---|---|
+//! | `tcp` (default) | framed remote-memory operations over TCP | everywhere |
+//!
+//! ```toml
+//! [dependencies]
+//! apus = { path = "apus" }                                            # TCP
+//! # apus = { path = "apus", default-features = false, features = ["tcp"] }
+//! ```
+//!
+//! # Replicating your own state machine
+//!
+//! ```no_run
+//! use apus::{ClusterConfig, Entry, Node, StateMachine};
+//! use apus_core::NodeId;
+//!
+//! struct Counter(u64);
+//! impl StateMachine for Counter {
+//!     fn apply(&mut self, e: &Entry<'_>) -> Vec<u8> {
+//!         self.0 += e.payload.len() as u64;
+//!         self.0.to_le_bytes().to_vec()
+//!     }
+//! }
+//!
+//! let config = ClusterConfig::load("cluster.toml".as_ref())?;
+//! let node = Node::start(&config, NodeId(0), Counter(0))?;
+//! match node.propose(b"hello") {
+//!     Ok(applied) => println!("committed at {}", applied.index),
+//!     Err(e) => eprintln!("{e}"),  // e.g. NotLeader { leader: Some(n1) }
+//! }
+//! node.shutdown();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod config;
+pub mod metrics;
+pub mod node;
 pub mod storage;
+
+pub use config::{ClusterConfig, ConfigError, Fsync, PollPolicy, TransportKind};
+pub use node::{Applied, Entry, Node, NodeError, NodeStatus, ProposeError, StateMachine};

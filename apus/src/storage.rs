@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use apus_core::entry;
-use apus_core::store::{EntryMeta, HardState, LogStore, StoreError};
+use apus_core::store::{EntryMeta, HardState, LogStore, MemStore, StoreError};
 use apus_core::{Index, NodeId};
 use tracing::warn;
 
@@ -336,6 +336,94 @@ impl SegmentStore {
         SyncHandle {
             files: self.files.clone(),
         }
+    }
+}
+
+/// The store for `durability = "memory"`: the log lives in memory, but the
+/// term and vote are saved to `<data_dir>/hardstate` (a replica that forgot
+/// its vote could vote twice in one term).
+#[derive(Debug)]
+pub struct MemoryStore {
+    dir: PathBuf,
+    log: MemStore,
+}
+
+impl MemoryStore {
+    /// Opens `dir`, keeping the saved term and vote; the log starts empty.
+    pub fn open(dir: &Path) -> Result<MemoryStore, StoreError> {
+        fs::create_dir_all(dir)?;
+        let hard = read_hard_state(dir)?;
+        Ok(MemoryStore {
+            dir: dir.to_path_buf(),
+            log: MemStore::with_hard_state(hard),
+        })
+    }
+}
+
+impl LogStore for MemoryStore {
+    fn hard_state(&self) -> HardState {
+        self.log.hard_state()
+    }
+    fn save_hard_state(&mut self, hs: HardState) -> Result<(), StoreError> {
+        write_hard_state(&self.dir, hs)?;
+        self.log.save_hard_state(hs)
+    }
+    fn last_index(&self) -> Index {
+        self.log.last_index()
+    }
+    fn meta(&self, index: Index) -> Option<EntryMeta> {
+        self.log.meta(index)
+    }
+    fn append(&mut self, index: Index, meta: EntryMeta, encoded: &[u8]) -> Result<(), StoreError> {
+        self.log.append(index, meta, encoded)
+    }
+    fn truncate_after(&mut self, index: Index) -> Result<(), StoreError> {
+        self.log.truncate_after(index)
+    }
+    fn read(&mut self, index: Index, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        self.log.read(index, out)
+    }
+}
+
+/// The store a node runs on: segment files (`durable`) or memory (`memory`).
+#[derive(Debug)]
+pub enum NodeStore {
+    /// Durable mode.
+    Segments(SegmentStore),
+    /// Memory mode.
+    Memory(MemoryStore),
+}
+
+macro_rules! each {
+    ($s:expr, $v:ident => $e:expr) => {
+        match $s {
+            NodeStore::Segments($v) => $e,
+            NodeStore::Memory($v) => $e,
+        }
+    };
+}
+
+impl LogStore for NodeStore {
+    fn hard_state(&self) -> HardState {
+        each!(self, s => s.hard_state())
+    }
+    fn save_hard_state(&mut self, hs: HardState) -> Result<(), StoreError> {
+        each!(self, s => s.save_hard_state(hs))
+    }
+    fn last_index(&self) -> Index {
+        each!(self, s => s.last_index())
+    }
+    fn meta(&self, index: Index) -> Option<EntryMeta> {
+        each!(self, s => s.meta(index))
+    }
+    fn append(&mut self, index: Index, meta: EntryMeta, encoded: &[u8]) -> Result<(), StoreError> {
+        each!(self, s => s.append(index, meta, encoded))
+    }
+    fn truncate_after(&mut self, index: Index) -> Result<(), StoreError> {
+        each!(self, s => s.truncate_after(index))
+    }
+    fn read(&mut self, index: Index, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        each!(self, s => s.read(index, out))
     }
 }
 

@@ -1,0 +1,848 @@
+//! The `Node` runtime: one replica of a cluster, running in threads of the
+//! calling process.
+//!
+//! * The **engine thread** owns the [`Replica`], its transport and its store.
+//!   Each iteration it takes queued proposals, polls the transport, polls the
+//!   replica, carries out its actions, and hands committed entries to the
+//!   apply thread. Between iterations it spins or blocks, as the
+//!   [`PollPolicy`] says.
+//! * Proposers (any thread) push onto a bounded lock-free queue and wait on
+//!   their own waiter: a short spin, then park.
+//! * The **sync thread** (durable mode) makes appends durable with one
+//!   `fdatasync` per batch (group commit).
+//! * The **apply thread** feeds committed entries, in order, to the
+//!   application's [`StateMachine`] and answers the waiting proposer with
+//!   what `apply` returned.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+use apus_core::{
+    Action, EntryKind, Event, Index, NodeId, Region, Replica, Role, Term, Time, Transport,
+    TransportEvent, Wake,
+};
+use crossbeam_queue::ArrayQueue;
+use tracing::{error, info, warn};
+
+use crate::config::{ClusterConfig, ConfigError, Fsync, PollPolicy, TransportKind};
+use crate::metrics::{self, Metrics, PUBLISH_EVERY};
+use crate::storage::{MemoryStore, NodeStore, Recovery, SegmentStore, SyncHandle};
+
+/// Proposals queued for the engine, at most.
+pub const PROPOSAL_QUEUE: usize = 4096;
+/// Committed entries queued for the apply thread, at most.
+pub const APPLY_QUEUE: usize = 4096;
+/// How long a `hybrid` engine keeps spinning after its last activity.
+pub const HYBRID_SPIN: Duration = Duration::from_micros(50);
+/// How long a proposer spins before it parks.
+const PROPOSER_SPIN: Duration = Duration::from_micros(20);
+/// Default time a proposal may take before `propose` gives up.
+pub const DEFAULT_PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The application's replicated state.
+pub trait StateMachine: Send + 'static {
+    /// Applies one committed entry. Called for every entry, in log order,
+    /// exactly once per run of the node (after a restart, from index 1 again
+    /// in memory mode, or the whole log in durable mode). The returned bytes
+    /// go back to the proposer if it is waiting on this node.
+    fn apply(&mut self, entry: &Entry<'_>) -> Vec<u8>;
+}
+
+/// A committed entry handed to [`StateMachine::apply`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry<'a> {
+    /// Log index.
+    pub index: Index,
+    /// Term it was proposed in.
+    pub term: Term,
+    /// What it records (library users see `Data`, and the leaders' `Noop`s).
+    pub kind: EntryKind,
+    /// Connection id (0 for library use).
+    pub conn: u64,
+    /// The proposed bytes.
+    pub payload: &'a [u8],
+}
+
+/// A proposal that committed and was applied on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// Its log index.
+    pub index: Index,
+    /// What the state machine returned.
+    pub output: Vec<u8>,
+}
+
+/// Why a proposal did not commit (as far as this node knows).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// Only the leader takes proposals; try it.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader, when known.
+        leader: Option<NodeId>,
+    },
+    /// The payload is larger than `engine.max_payload`.
+    #[error("payload of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Payload size.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// A leader change replaced the proposal: it will never commit.
+    #[error("lost in a leader change; it did not commit")]
+    Lost,
+    /// No answer in time. The proposal may still commit.
+    #[error("timed out; the proposal may or may not commit")]
+    Timeout,
+    /// The node is shutting down or has stopped.
+    #[error("node stopped: {0}")]
+    Stopped(String),
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration does not fit.
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// Storage could not be opened or recovered.
+    #[error("storage: {0}")]
+    Store(#[from] apus_core::StoreError),
+    /// The transport could not start.
+    #[error("transport: {0}")]
+    Transport(#[from] std::io::Error),
+    /// The engine refused its configuration or state.
+    #[error("engine: {0}")]
+    Engine(#[from] apus_core::ReplicaError),
+}
+
+/// What a node knows about itself (for `apus status`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// This node.
+    pub id: NodeId,
+    /// Its role.
+    pub role: Role,
+    /// Its term.
+    pub term: Term,
+    /// The leader it knows of.
+    pub leader: Option<NodeId>,
+    /// Commit index.
+    pub commit: Index,
+    /// Last log index.
+    pub last_index: Index,
+    /// Entries applied by the state machine.
+    pub applied: Index,
+    /// Whether it is recovering a lost log (memory mode restart).
+    pub recovering: bool,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    done: AtomicBool,
+    result: Mutex<Option<Result<Applied, ProposeError>>>,
+    thread: Thread,
+}
+
+impl Waiter {
+    fn new() -> Arc<Waiter> {
+        Arc::new(Waiter {
+            done: AtomicBool::new(false),
+            result: Mutex::new(None),
+            thread: thread::current(),
+        })
+    }
+
+    fn complete(&self, r: Result<Applied, ProposeError>) {
+        if let Ok(mut slot) = self.result.lock() {
+            if slot.is_some() {
+                return;
+            }
+            *slot = Some(r);
+        }
+        self.done.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
+
+    /// Spins briefly, then parks until completed or `deadline`.
+    fn wait(&self, deadline: Instant) -> Result<Applied, ProposeError> {
+        let spin_until = Instant::now() + PROPOSER_SPIN;
+        while !self.done.load(Ordering::Acquire) {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ProposeError::Timeout);
+            }
+            if now < spin_until {
+                std::hint::spin_loop();
+            } else {
+                thread::park_timeout(deadline - now);
+            }
+        }
+        self.result
+            .lock()
+            .ok()
+            .and_then(|mut r| r.take())
+            .unwrap_or(Err(ProposeError::Stopped("waiter poisoned".into())))
+    }
+}
+
+struct Request {
+    kind: EntryKind,
+    conn: u64,
+    payload: Vec<u8>,
+    waiter: Arc<Waiter>,
+}
+
+struct ApplyItem {
+    index: Index,
+    term: Term,
+    kind: EntryKind,
+    conn: u64,
+    payload: Vec<u8>,
+    waiter: Option<Arc<Waiter>>,
+}
+
+struct Shared {
+    id: NodeId,
+    queue: ArrayQueue<Request>,
+    apply_queue: ArrayQueue<ApplyItem>,
+    waker: Arc<dyn Wake>,
+    engine_parked: AtomicBool,
+    stop: AtomicBool,
+    stopped: Mutex<Option<String>>,
+    status: Mutex<NodeStatus>,
+    applied: AtomicU64,
+    metrics: Metrics,
+    max_payload: usize,
+    apply_thread: Mutex<Option<Thread>>,
+}
+
+/// A running replica. See the module docs.
+pub struct Node {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    recovery: Recovery,
+    propose_timeout: Duration,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("id", &self.shared.id).finish()
+    }
+}
+
+impl Node {
+    /// Starts replica `id` of the cluster described by `config`, applying
+    /// committed entries to `sm`. The log is recovered from `data_dir` first
+    /// (durable mode).
+    pub fn start<S: StateMachine>(
+        config: &ClusterConfig,
+        id: NodeId,
+        sm: S,
+    ) -> Result<Node, NodeError> {
+        let engine_cfg = config.engine_for(id)?;
+        let spec = config.replica(id).expect("checked by engine_for").clone();
+        let layout = engine_cfg.validate().map_err(|e| ConfigError {
+            field: format!("engine.{}", e.field),
+            reason: e.reason,
+        })?;
+        let (store, recovery, sync) = match config.durability {
+            apus_core::Durability::Durable => {
+                let (s, r) = SegmentStore::open(&spec.data_dir, engine_cfg.max_payload)?;
+                let h = s.sync_handle();
+                (NodeStore::Segments(s), r, Some(h))
+            }
+            apus_core::Durability::Memory => (
+                NodeStore::Memory(MemoryStore::open(&spec.data_dir)?),
+                Recovery::default(),
+                None,
+            ),
+        };
+        let region = Region::new(layout.region_len());
+        let transport = open_transport(config, id, layout, region.clone())?;
+        let max_payload = engine_cfg.max_payload;
+        let epoch = Instant::now();
+        let replica = Replica::new(engine_cfg, region, store, Time(0))?;
+        info!(
+            node = %id,
+            durability = ?config.durability,
+            recovered = recovery.entries,
+            "node starting"
+        );
+        let shared = Arc::new(Shared {
+            id,
+            queue: ArrayQueue::new(PROPOSAL_QUEUE),
+            apply_queue: ArrayQueue::new(APPLY_QUEUE),
+            waker: transport.waker(),
+            engine_parked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            stopped: Mutex::new(None),
+            status: Mutex::new(NodeStatus {
+                id,
+                role: Role::Follower,
+                term: replica.term(),
+                leader: None,
+                commit: 0,
+                last_index: replica.last_index(),
+                applied: 0,
+                recovering: replica.is_recovering(),
+            }),
+            applied: AtomicU64::new(0),
+            metrics: Metrics::default(),
+            max_payload,
+            apply_thread: Mutex::new(None),
+        });
+        let mut threads = Vec::new();
+        let apply = {
+            let shared = shared.clone();
+            thread::Builder::new()
+                .name(format!("apus-apply-{id}"))
+                .spawn(move || apply_loop(shared, sm))?
+        };
+        *shared.apply_thread.lock().expect("fresh mutex") = Some(apply.thread().clone());
+        threads.push(apply);
+        let (synced_tx, synced_rx) = mpsc::channel();
+        let sync_tx = match (sync, config.fsync) {
+            (Some(handle), policy) => {
+                let (tx, rx) = mpsc::channel();
+                let shared = shared.clone();
+                threads.push(
+                    thread::Builder::new()
+                        .name(format!("apus-sync-{id}"))
+                        .spawn(move || sync_loop(handle, policy, rx, synced_tx, shared))?,
+                );
+                Some(tx)
+            }
+            (None, _) => None,
+        };
+        let engine = Engine {
+            replica,
+            transport,
+            shared: shared.clone(),
+            pending: VecDeque::new(),
+            retry: None,
+            sync_tx,
+            synced_rx,
+            policy: config.poll,
+            epoch,
+            latency: metrics::latency_histogram(),
+            events: Vec::with_capacity(64),
+            last_status: None,
+            last_publish: epoch,
+        };
+        threads.push(
+            thread::Builder::new()
+                .name(format!("apus-engine-{id}"))
+                .spawn(move || engine.run())?,
+        );
+        Ok(Node {
+            shared,
+            threads,
+            recovery,
+            propose_timeout: DEFAULT_PROPOSE_TIMEOUT,
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.shared.id
+    }
+
+    /// What recovery found in `data_dir` at start.
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// Sets how long [`propose`](Self::propose) waits (default 5 s).
+    pub fn set_propose_timeout(&mut self, t: Duration) {
+        self.propose_timeout = t;
+    }
+
+    /// Replicates `payload` and waits until it is committed and applied on
+    /// this node; returns what the state machine's `apply` returned.
+    pub fn propose(&self, payload: &[u8]) -> Result<Applied, ProposeError> {
+        self.propose_entry(EntryKind::Data, 0, payload)
+    }
+
+    /// [`propose`](Self::propose) with an entry kind and connection id (for
+    /// the interception library).
+    pub fn propose_entry(
+        &self,
+        kind: EntryKind,
+        conn: u64,
+        payload: &[u8],
+    ) -> Result<Applied, ProposeError> {
+        if let Some(why) = self.stopped() {
+            return Err(ProposeError::Stopped(why));
+        }
+        if payload.len() > self.shared.max_payload {
+            return Err(ProposeError::TooLarge {
+                len: payload.len(),
+                max: self.shared.max_payload,
+            });
+        }
+        let deadline = Instant::now() + self.propose_timeout;
+        let waiter = Waiter::new();
+        let mut req = Request {
+            kind,
+            conn,
+            payload: payload.to_vec(),
+            waiter: waiter.clone(),
+        };
+        loop {
+            match self.shared.queue.push(req) {
+                Ok(()) => break,
+                Err(back) => {
+                    // Queue full: the engine is behind. Wait for room.
+                    if Instant::now() >= deadline {
+                        return Err(ProposeError::Timeout);
+                    }
+                    if let Some(why) = self.stopped() {
+                        return Err(ProposeError::Stopped(why));
+                    }
+                    req = back;
+                    self.shared.waker.wake();
+                    thread::yield_now();
+                }
+            }
+        }
+        // Dekker-style hand-off with the engine's park (see Engine::idle).
+        if self.shared.engine_parked.load(Ordering::SeqCst) {
+            self.shared.waker.wake();
+        }
+        waiter.wait(deadline)
+    }
+
+    /// The node's current status.
+    pub fn status(&self) -> NodeStatus {
+        let mut s = self
+            .shared
+            .status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
+        s.applied = self.shared.applied.load(Ordering::Acquire);
+        s
+    }
+
+    /// Metrics (counters, latency).
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Why the node stopped, if it did (a fatal storage error, shutdown).
+    pub fn stopped(&self) -> Option<String> {
+        self.shared.stopped.lock().ok().and_then(|s| s.clone())
+    }
+
+    /// Stops every thread and waits for them. Proposals still waiting fail
+    /// with [`ProposeError::Stopped`].
+    pub fn shutdown(mut self) {
+        self.stop_threads();
+    }
+
+    fn stop_threads(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.waker.wake();
+        if let Some(t) = self.shared.apply_thread.lock().ok().and_then(|t| t.clone()) {
+            t.unpark();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
+/// The transport the configuration names, if this build has it.
+fn open_transport(
+    config: &ClusterConfig,
+    id: NodeId,
+    layout: apus_core::RegionLayout,
+    region: Region,
+) -> Result<Box<dyn Transport + Send>, NodeError> {
+    match config.transport {
+        #[cfg(feature = "tcp")]
+        TransportKind::Tcp => Ok(Box::new(apus_tcp::TcpTransport::start(
+            apus_tcp::TcpConfig {
+                me: id,
+                peers: config.replicas.iter().map(|r| r.address).collect(),
+                secret: config.secret.clone(),
+                layout,
+            },
+            region,
+        )?)),
+        #[cfg(not(feature = "tcp"))]
+        TransportKind::Tcp => {
+            let _ = (id, layout, region);
+            Err(NodeError::Config(ConfigError {
+                field: "cluster.transport".into(),
+                reason: "\"tcp\" is not compiled in: build apus with the `tcp` feature".into(),
+            }))
+        }
+    }
+}
+
+struct Engine {
+    replica: Replica<NodeStore>,
+    transport: Box<dyn Transport + Send>,
+    shared: Arc<Shared>,
+    /// Proposals in the log, waiting to commit, in index order.
+    pending: VecDeque<(Index, Term, Arc<Waiter>, Instant)>,
+    /// A proposal the replica refused with backpressure, to retry first.
+    retry: Option<Request>,
+    sync_tx: Option<Sender<u64>>,
+    synced_rx: Receiver<u64>,
+    policy: PollPolicy,
+    epoch: Instant,
+    latency: hdrhistogram::Histogram<u64>,
+    events: Vec<TransportEvent>,
+    last_status: Option<NodeStatus>,
+    last_publish: Instant,
+}
+
+impl Engine {
+    fn now(&self) -> Time {
+        Time(self.epoch.elapsed().as_nanos() as u64)
+    }
+
+    fn run(mut self) {
+        let mut last_activity = Instant::now();
+        let result = loop {
+            if self.shared.stop.load(Ordering::SeqCst) {
+                break Ok(());
+            }
+            match self.iterate() {
+                Ok(true) => last_activity = Instant::now(),
+                Ok(false) => {
+                    if let Err(e) = self.idle(last_activity) {
+                        break Err(e);
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let why = match result {
+            Ok(()) => "shut down".to_string(),
+            Err(e) => {
+                error!(node = %self.shared.id, error = %e, "engine stopped");
+                e
+            }
+        };
+        if let Ok(mut s) = self.shared.stopped.lock() {
+            s.get_or_insert(why.clone());
+        }
+        for (_, _, w, _) in self.pending.drain(..) {
+            w.complete(Err(ProposeError::Stopped(why.clone())));
+        }
+        if let Some(r) = self.retry.take() {
+            r.waiter.complete(Err(ProposeError::Stopped(why.clone())));
+        }
+        while let Some(r) = self.shared.queue.pop() {
+            r.waiter.complete(Err(ProposeError::Stopped(why.clone())));
+        }
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.shared.apply_thread.lock().ok().and_then(|t| t.clone()) {
+            t.unpark();
+        }
+    }
+
+    /// One pass; `Ok(true)` if anything happened.
+    fn iterate(&mut self) -> Result<bool, String> {
+        let mut busy = self.take_proposals()?;
+        self.transport
+            .poll(&mut self.events)
+            .map_err(|e| e.to_string())?;
+        let now = self.now();
+        busy |= !self.events.is_empty();
+        for e in self.events.drain(..) {
+            self.replica
+                .handle_event(e, now)
+                .map_err(|e| e.to_string())?;
+        }
+        while let Ok(token) = self.synced_rx.try_recv() {
+            self.replica.handle_synced(token, now);
+            busy = true;
+        }
+        self.replica.poll(now).map_err(|e| e.to_string())?;
+        busy |= self.carry_out()?;
+        busy |= self.take_events();
+        busy |= self.hand_over_committed()?;
+        self.publish_status();
+        Ok(busy)
+    }
+
+    fn take_proposals(&mut self) -> Result<bool, String> {
+        let mut any = false;
+        loop {
+            let Some(req) = self.retry.take().or_else(|| self.shared.queue.pop()) else {
+                return Ok(any);
+            };
+            any = true;
+            match self.replica.propose(req.kind, req.conn, &req.payload) {
+                Ok(p) => {
+                    self.shared
+                        .metrics
+                        .counters
+                        .proposed
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.pending
+                        .push_back((p.index, p.term, req.waiter, Instant::now()));
+                }
+                Err(apus_core::ProposeError::Backpressure) => {
+                    self.retry = Some(req);
+                    return Ok(any);
+                }
+                Err(apus_core::ProposeError::NotLeader { leader }) => {
+                    self.shared
+                        .metrics
+                        .counters
+                        .not_leader
+                        .fetch_add(1, Ordering::Relaxed);
+                    req.waiter.complete(Err(ProposeError::NotLeader { leader }));
+                }
+                Err(apus_core::ProposeError::TooLarge { len, max }) => {
+                    req.waiter
+                        .complete(Err(ProposeError::TooLarge { len, max }));
+                }
+                Err(apus_core::ProposeError::Store(e)) => return Err(format!("storage: {e}")),
+            }
+        }
+    }
+
+    fn carry_out(&mut self) -> Result<bool, String> {
+        let mut any = false;
+        while let Some(a) = self.replica.next_action() {
+            any = true;
+            match a {
+                Action::Post(op) => self.transport.post(op).map_err(|e| e.to_string())?,
+                Action::SetLogWriter(w) => self
+                    .transport
+                    .set_log_writer(w)
+                    .map_err(|e| e.to_string())?,
+                Action::Sync { token } => match &self.sync_tx {
+                    Some(tx) => tx.send(token).map_err(|_| "sync thread gone".to_string())?,
+                    None => {
+                        let now = self.now();
+                        self.replica.handle_synced(token, now);
+                    }
+                },
+            }
+        }
+        Ok(any)
+    }
+
+    fn take_events(&mut self) -> bool {
+        let mut any = false;
+        while let Some(e) = self.replica.next_event() {
+            any = true;
+            if let Event::RoleChanged { role, term, leader } = e {
+                info!(node = %self.shared.id, %role, term, leader = ?leader, "role changed");
+                if role == Role::Candidate {
+                    self.shared
+                        .metrics
+                        .counters
+                        .elections
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        any
+    }
+
+    /// Moves committed entries to the apply thread while it has room.
+    fn hand_over_committed(&mut self) -> Result<bool, String> {
+        let mut any = false;
+        while self.shared.apply_queue.len() < self.shared.apply_queue.capacity() {
+            let Some(e) = self.replica.next_committed().map_err(|e| e.to_string())? else {
+                break;
+            };
+            any = true;
+            let mut waiter = None;
+            while let Some(&(index, term, _, at)) = self.pending.front() {
+                if index > e.index {
+                    break;
+                }
+                let (_, _, w, _) = self.pending.pop_front().expect("front exists");
+                if index == e.index && term == e.term {
+                    let _ = self.latency.record(at.elapsed().as_nanos() as u64);
+                    waiter = Some(w);
+                } else {
+                    self.shared
+                        .metrics
+                        .counters
+                        .lost
+                        .fetch_add(1, Ordering::Relaxed);
+                    w.complete(Err(ProposeError::Lost));
+                }
+            }
+            let item = ApplyItem {
+                index: e.index,
+                term: e.term,
+                kind: e.kind,
+                conn: e.conn,
+                payload: e.payload.to_vec(),
+                waiter,
+            };
+            if self.shared.apply_queue.push(item).is_err() {
+                unreachable!("the engine is the only producer and checked for room");
+            }
+        }
+        if any && let Some(t) = self.shared.apply_thread.lock().ok().and_then(|t| t.clone()) {
+            t.unpark();
+        }
+        Ok(any)
+    }
+
+    fn publish_status(&mut self) {
+        let r = &self.replica;
+        let now = NodeStatus {
+            id: self.shared.id,
+            role: r.role(),
+            term: r.term(),
+            leader: r.leader(),
+            commit: r.commit_index(),
+            last_index: r.last_index(),
+            applied: 0,
+            recovering: r.is_recovering(),
+        };
+        if self.last_status.as_ref() != Some(&now) {
+            if let Ok(mut s) = self.shared.status.lock() {
+                *s = now.clone();
+            }
+            self.last_status = Some(now);
+        }
+        if self.last_publish.elapsed() >= PUBLISH_EVERY {
+            self.last_publish = Instant::now();
+            self.shared.metrics.publish_commit_latency(&self.latency);
+        }
+    }
+
+    /// Nothing happened: spin or block, as the policy says.
+    fn idle(&mut self, last_activity: Instant) -> Result<(), String> {
+        match self.policy {
+            PollPolicy::Spin => {
+                std::hint::spin_loop();
+                return Ok(());
+            }
+            PollPolicy::Hybrid if last_activity.elapsed() < HYBRID_SPIN => {
+                std::hint::spin_loop();
+                return Ok(());
+            }
+            PollPolicy::Hybrid | PollPolicy::Park => {}
+        }
+        let now = self.now();
+        let until = self.replica.next_timeout();
+        let timeout = until.saturating_since(now).min(Duration::from_millis(100));
+        if timeout.is_zero() {
+            return Ok(());
+        }
+        // Announce the park, then look once more: a proposer that pushed
+        // before seeing the flag is caught here, one after it wakes us.
+        self.shared.engine_parked.store(true, Ordering::SeqCst);
+        if self.shared.queue.is_empty() && !self.shared.stop.load(Ordering::SeqCst) {
+            self.transport.wait(timeout).map_err(|e| e.to_string())?;
+        }
+        self.shared.engine_parked.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn apply_loop<S: StateMachine>(shared: Arc<Shared>, mut sm: S) {
+    loop {
+        let mut any = false;
+        while let Some(item) = shared.apply_queue.pop() {
+            any = true;
+            let entry = Entry {
+                index: item.index,
+                term: item.term,
+                kind: item.kind,
+                conn: item.conn,
+                payload: &item.payload,
+            };
+            let output = sm.apply(&entry);
+            shared.applied.store(item.index, Ordering::Release);
+            shared
+                .metrics
+                .counters
+                .applied
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(w) = item.waiter {
+                shared
+                    .metrics
+                    .counters
+                    .committed
+                    .fetch_add(1, Ordering::Relaxed);
+                w.complete(Ok(Applied {
+                    index: item.index,
+                    output,
+                }));
+            }
+        }
+        if !any {
+            if shared.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            thread::park_timeout(Duration::from_millis(20));
+        }
+    }
+}
+
+fn sync_loop(
+    handle: SyncHandle,
+    policy: Fsync,
+    requests: Receiver<u64>,
+    done: Sender<u64>,
+    shared: Arc<Shared>,
+) {
+    while let Ok(mut token) = requests.recv() {
+        if policy == Fsync::Batch {
+            // Let the group grow: everything appended meanwhile rides along.
+            thread::sleep(Fsync::BATCH_WINDOW);
+        }
+        while let Ok(t) = requests.try_recv() {
+            token = token.max(t);
+        }
+        let result = handle.flush().and_then(|s| {
+            if policy == Fsync::Never {
+                Ok(())
+            } else {
+                s.sync()
+            }
+        });
+        match result {
+            Ok(()) => {
+                shared
+                    .metrics
+                    .counters
+                    .syncs
+                    .fetch_add(1, Ordering::Relaxed);
+                if done.send(token).is_err() {
+                    return;
+                }
+                shared.waker.wake();
+            }
+            Err(e) => {
+                // Without durable storage the node must not acknowledge
+                // anything more: stop it.
+                warn!(node = %shared.id, error = %e, "sync failed: stopping the node");
+                if let Ok(mut s) = shared.stopped.lock() {
+                    s.get_or_insert(format!("sync failed: {e}"));
+                }
+                shared.stop.store(true, Ordering::SeqCst);
+                shared.waker.wake();
+                return;
+            }
+        }
+    }
+}
