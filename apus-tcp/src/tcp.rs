@@ -86,11 +86,58 @@ enum Awaiting {
     Cas { local: usize },
 }
 
+/// Received bytes: `buf[start..end]` is unparsed. The buffer is zeroed once
+/// and reused; it grows only for a frame larger than itself.
+#[derive(Debug)]
+struct RecvBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl RecvBuf {
+    fn new() -> RecvBuf {
+        RecvBuf {
+            buf: vec![0; 256 << 10],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Room to read into, compacting or growing as needed.
+    fn spare(&mut self) -> &mut [u8] {
+        if self.end == self.buf.len() {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else {
+                // One frame fills the buffer: make room for the rest of it
+                // (frames are bounded by wire::MAX_FRAME).
+                let grown = (self.buf.len() * 2).min(wire::MAX_FRAME + wire::LEN_PREFIX + 1);
+                self.buf.resize(grown.max(self.buf.len() + 1), 0);
+            }
+        }
+        &mut self.buf[self.end..]
+    }
+
+    fn unparsed(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Conn {
     stream: TcpStream,
-    rbuf: Vec<u8>,
-    rstart: usize,
+    rbuf: RecvBuf,
     wbuf: Vec<u8>,
     wpos: usize,
     pending: VecDeque<(OpId, Awaiting)>,
@@ -239,8 +286,7 @@ impl TcpTransport {
         info!(me = %self.me, %peer, "connection established");
         self.conns[peer.index()] = Some(Conn {
             stream,
-            rbuf: Vec::with_capacity(256 << 10),
-            rstart: 0,
+            rbuf: RecvBuf::new(),
             wbuf: Vec::with_capacity(256 << 10),
             wpos: 0,
             pending: VecDeque::new(),
@@ -283,25 +329,17 @@ impl TcpTransport {
             let Some(conn) = self.conns[peer.index()].as_mut() else {
                 return;
             };
-            if conn.rbuf.capacity() - conn.rbuf.len() < 64 << 10 {
-                conn.rbuf.reserve(64 << 10);
-            }
-            let len = conn.rbuf.len();
-            let spare = conn.rbuf.capacity() - len;
-            conn.rbuf.resize(len + spare, 0);
-            let r = conn.stream.read(&mut conn.rbuf[len..]);
+            let r = conn.stream.read(conn.rbuf.spare());
             match r {
                 Ok(0) => {
-                    conn.rbuf.truncate(len);
                     self.close(peer, "peer closed the connection");
                     return;
                 }
                 Ok(n) => {
-                    conn.rbuf.truncate(len + n);
+                    conn.rbuf.end += n;
                     budget = budget.saturating_sub(n);
                 }
                 Err(e) => {
-                    conn.rbuf.truncate(len);
                     if e.kind() != io::ErrorKind::WouldBlock {
                         self.close(peer, "read error");
                         return;
@@ -333,7 +371,7 @@ impl TcpTransport {
         let layout = &self.layout;
         let writer = self.writer;
         while let Some((frame, used)) =
-            wire::decode(&conn.rbuf[conn.rstart..]).map_err(|e| e.to_string())?
+            wire::decode(conn.rbuf.unparsed()).map_err(|e| e.to_string())?
         {
             match frame {
                 Frame::Write { op, remote, data } => {
@@ -413,12 +451,7 @@ impl TcpTransport {
                     }));
                 }
             }
-            conn.rstart += used;
-        }
-        // Compact once the consumed prefix dominates.
-        if conn.rstart > 0 && conn.rstart * 2 >= conn.rbuf.len() {
-            conn.rbuf.drain(..conn.rstart);
-            conn.rstart = 0;
+            conn.rbuf.consume(used);
         }
         Ok(())
     }
