@@ -224,8 +224,11 @@ impl ClusterConfig {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<ClusterConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .or_else(|e| err(path.display().to_string(), format!("cannot read: {e}")))?;
-        ClusterConfig::parse(&text, path.parent())
+            .or_else(|e| err("--config", format!("cannot read {}: {e}", path.display())))?;
+        ClusterConfig::parse(&text, path.parent()).map_err(|e| ConfigError {
+            field: format!("{}: {}", path.display(), e.field),
+            reason: e.reason,
+        })
     }
 
     /// Parses and validates configuration text. Relative `secret_file` and

@@ -44,9 +44,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod node;
+pub mod service;
 pub mod storage;
 
 pub use config::{ClusterConfig, ConfigError, Fsync, PollPolicy, TransportKind};

@@ -4,7 +4,10 @@
 //! cargo xtask test              everything CI runs
 //! cargo xtask sim ARGS          the deterministic simulator (see --help)
 //! cargo xtask demo [--seed S]   a simulated three-replica cluster with a leader crash
+//! cargo xtask cluster-test ...  three real node processes, a leader kill, checks
 //! ```
+
+mod cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -18,12 +21,17 @@ usage: cargo xtask <command>
 commands:
   test              everything CI runs: formatting, clippy, docs, unit and
                     property tests, 5000 simulator seeds, the planted-bug
-                    checks, the demo
+                    checks, the cluster tests, the demo
   sim ARGS          run the deterministic simulator; ARGS as for apus-sim:
                       --seeds N [--first S] [--replicas R] [--bug NAME] [--threads T]
                       --seed S [--replicas R] [--bug NAME] [--trace]
   demo [--seed S]   a simulated three-replica cluster: load, a leader crash,
-                    failover and catch-up, with a timeline and the figures";
+                    failover and catch-up, with a timeline and the figures
+  cluster-test --transport tcp [--durability memory|durable] [--fsync always|batch|never]
+               [--proposals N] [--proposers P] [--poll spin|hybrid|park]
+                    three `apus node` processes under load; the leader is
+                    SIGKILLed and restarted; every acknowledged proposal must
+                    be on every replica (durable: also after a whole-cluster kill)";
 
 /// Simulator seeds `cargo xtask test` runs.
 const CI_SEEDS: u64 = 5000;
@@ -37,6 +45,7 @@ fn main() -> ExitCode {
         Some("test") if args.len() == 1 => test(),
         Some("sim") => sim(&args[1..]),
         Some("demo") => demo(&args[1..]),
+        Some("cluster-test") => cluster::run_test(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -63,21 +72,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(root());
     c
 }
 
 /// Runs a command, failing with its name if it exits unsuccessfully.
-fn run(what: &str, cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(what: &str, cmd: &mut Command) -> Result<()> {
     let status = cmd
         .status()
         .with_context(|| format!("{what}: cannot start {:?}", cmd.get_program()))?;
@@ -260,6 +269,35 @@ fn test() -> Result<ExitCode> {
             }
             Ok(format!("{v} of {n} seeds report a violation"))
         })?;
+    }
+    for args in [
+        &["--transport", "tcp"][..],
+        &[
+            "--transport",
+            "tcp",
+            "--durability",
+            "durable",
+            "--fsync",
+            "always",
+        ][..],
+    ] {
+        step(
+            &format!("cargo xtask cluster-test {}", args.join(" ")),
+            || {
+                let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                    .current_dir(root())
+                    .args(["xtask", "cluster-test"])
+                    .args(args)
+                    .output()
+                    .context("running cluster-test")?;
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                if !out.status.success() || !stdout.lines().any(|l| l.ends_with(": PASS")) {
+                    bail!("cluster-test failed:\n{stdout}{stderr}");
+                }
+                Ok(stdout.lines().last().unwrap_or_default().trim().to_string())
+            },
+        )?;
     }
     step("demo (simulated cluster with a leader crash)", || {
         let out = Command::new(&bin).arg("--demo").output()?;

@@ -1,0 +1,198 @@
+//! The `apus` command line.
+//!
+//! ```text
+//! apus node   --config C --id N     run replica N (built-in register, client port)
+//! apus status --config C            role, term, commit index and lag of every replica
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use apus::client::{Client, Reply, Request};
+use apus::service::{Register, serve_clients};
+use apus::{ClusterConfig, Node};
+use apus_core::NodeId;
+
+const USAGE: &str = "\
+usage:
+  apus node   --config FILE --id N   run replica N of the cluster in FILE
+  apus status --config FILE          show every replica's role, term, commit index and lag";
+
+struct Args {
+    command: String,
+    config: Option<PathBuf>,
+    id: Option<u8>,
+}
+
+fn parse() -> Result<Args> {
+    let mut it = std::env::args().skip(1);
+    let command = it.next().context("missing command")?;
+    let mut a = Args {
+        command,
+        config: None,
+        id: None,
+    };
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--config" => a.config = Some(PathBuf::from(value()?)),
+            "--id" => {
+                let v = value()?;
+                a.id = Some(
+                    v.parse()
+                        .with_context(|| format!("--id expects a replica id, got {v:?}"))?,
+                );
+            }
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    Ok(a)
+}
+
+fn main() -> ExitCode {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("apus: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match args.command.as_str() {
+        "node" => node(&args),
+        "status" => status(&args),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        other => {
+            eprintln!("apus: unknown command {other:?}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("apus: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(args: &Args) -> Result<ClusterConfig> {
+    let path = args.config.as_ref().context("--config FILE is required")?;
+    Ok(ClusterConfig::load(path)?)
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn node(args: &Args) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let config = load(args)?;
+    let id = NodeId(args.id.context("--id N is required")?);
+    let spec = config.replica(id).with_context(|| {
+        format!(
+            "--id {}: the cluster has replicas 0..{}",
+            id.0,
+            config.replicas.len()
+        )
+    })?;
+    let client: SocketAddr = spec.client.with_context(|| {
+        format!(
+            "replica[{}].client: `apus node` needs a client address",
+            id.0
+        )
+    })?;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+    let register = Register::default();
+    let node = Arc::new(Node::start(&config, id, register.clone()).context("starting the node")?);
+    let r = node.recovery();
+    if r.entries > 0 || r.cut_reason.is_some() {
+        tracing::info!(entries = r.entries, cut_bytes = r.cut_bytes, cut = ?r.cut_reason, "recovered the log");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = serve_clients(node.clone(), register, client, stop.clone())
+        .with_context(|| format!("serving clients on {client}"))?;
+    tracing::info!(%id, %client, "serving clients");
+    while !STOP.load(Ordering::SeqCst) {
+        if let Some(why) = node.stopped() {
+            bail!("the node stopped: {why}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tracing::info!("shutting down");
+    stop.store(true, Ordering::SeqCst);
+    let _ = server.join();
+    match Arc::try_unwrap(node) {
+        Ok(n) => n.shutdown(),
+        Err(_) => tracing::warn!("client threads still hold the node; exiting anyway"),
+    }
+    Ok(())
+}
+
+fn status(args: &Args) -> Result<()> {
+    let config = load(args)?;
+    let mut rows = Vec::new();
+    for r in &config.replicas {
+        let st = r.client.and_then(|addr| {
+            let mut c = Client::connect(addr, Duration::from_secs(1)).ok()?;
+            match c.call(&Request::Status).ok()? {
+                Reply::Status(s) => Some(s),
+                _ => None,
+            }
+        });
+        rows.push((r.id, r.client, st));
+    }
+    let top = rows
+        .iter()
+        .filter_map(|(_, _, s)| s.map(|s| s.commit))
+        .max()
+        .unwrap_or(0);
+    println!(
+        "{:<4} {:<10} {:>6} {:>7} {:>10} {:>10} {:>10} {:>8}",
+        "id", "role", "term", "leader", "commit", "last", "applied", "lag"
+    );
+    for (id, addr, st) in rows {
+        match st {
+            Some(s) => println!(
+                "{:<4} {:<10} {:>6} {:>7} {:>10} {:>10} {:>10} {:>8}{}",
+                id.to_string(),
+                s.role.to_string(),
+                s.term,
+                s.leader.map_or("-".to_string(), |l| l.to_string()),
+                s.commit,
+                s.last_index,
+                s.applied,
+                top.saturating_sub(s.applied),
+                if s.recovering { "  (recovering)" } else { "" }
+            ),
+            None => println!(
+                "{:<4} {}",
+                id.to_string(),
+                match addr {
+                    Some(a) => format!("unreachable at {a}"),
+                    None => "no client address configured".to_string(),
+                }
+            ),
+        }
+    }
+    Ok(())
+}
