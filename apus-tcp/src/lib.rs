@@ -9,14 +9,35 @@
 //! ([`handshake`]: HMAC-SHA256 challenge-response, the secret never crosses
 //! the wire); a process without it is refused and logged.
 //!
+//! With the `quic` feature, [`quic::QuicTransport`] carries the same frames
+//! over QUIC streams (quinn), with mutual TLS between replicas instead of the
+//! shared secret.
+//!
 //! Poll modes: call [`Transport::poll`](apus_core::Transport::poll) in a loop
 //! (busy-poll: non-blocking sockets, the lowest latency, one core per node),
 //! or block in [`Transport::wait`](apus_core::Transport::wait) (`ppoll` on
 //! the sockets and an eventfd) between polls.
 
 pub mod handshake;
+mod link;
+#[cfg(feature = "quic")]
+pub mod quic;
 mod sys;
 mod tcp;
 pub mod wire;
 
-pub use tcp::{TcpConfig, TcpStats, TcpTransport};
+use std::sync::atomic::AtomicUsize;
+
+pub use tcp::{TcpConfig, TcpTransport};
+
+/// Counters of a transport (monotonic).
+#[derive(Debug, Default)]
+pub struct TransportStats {
+    /// Connections that failed set-up (wrong secret or certificate, garbage,
+    /// wrong layout).
+    pub refused: AtomicUsize,
+    /// Established connections closed for a protocol violation.
+    pub violations: AtomicUsize,
+    /// Connections established.
+    pub established: AtomicUsize,
+}

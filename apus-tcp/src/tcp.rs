@@ -25,16 +25,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use apus_core::layout::RemoteAccess;
 use apus_core::{
     Capabilities, Completion, NodeId, OpError, OpId, Region, RegionLayout, RemoteOp, Transport,
     TransportError, TransportEvent, Wake,
 };
 use tracing::{debug, info, warn};
 
+use crate::TransportStats;
 use crate::handshake::{self, LayoutInfo};
+use crate::link::{Link, Local};
 use crate::sys::{self, EventFd, Interest};
-use crate::wire::{self, Frame};
 
 /// Where every replica listens, and the shared secret.
 #[derive(Clone)]
@@ -59,17 +59,6 @@ impl std::fmt::Debug for TcpConfig {
     }
 }
 
-/// Counters of the transport (monotonic).
-#[derive(Debug, Default)]
-pub struct TcpStats {
-    /// Connections that failed set-up (wrong secret, garbage, wrong layout).
-    pub refused: AtomicUsize,
-    /// Established connections closed for a protocol violation.
-    pub violations: AtomicUsize,
-    /// Connections established.
-    pub established: AtomicUsize,
-}
-
 /// Largest amount of unsent bytes to one peer before the connection is
 /// considered stuck and closed.
 const MAX_BACKLOG: usize = 256 << 20;
@@ -79,68 +68,10 @@ const READ_BUDGET: usize = 1 << 20;
 /// Concurrent handshakes an acceptor serves; more are dropped.
 const MAX_HANDSHAKES: usize = 16;
 
-#[derive(Debug, Clone, Copy)]
-enum Awaiting {
-    Write,
-    Read { local: usize, len: usize },
-    Cas { local: usize },
-}
-
-/// Received bytes: `buf[start..end]` is unparsed. The buffer is zeroed once
-/// and reused; it grows only for a frame larger than itself.
-#[derive(Debug)]
-struct RecvBuf {
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-impl RecvBuf {
-    fn new() -> RecvBuf {
-        RecvBuf {
-            buf: vec![0; 256 << 10],
-            start: 0,
-            end: 0,
-        }
-    }
-
-    /// Room to read into, compacting or growing as needed.
-    fn spare(&mut self) -> &mut [u8] {
-        if self.end == self.buf.len() {
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            } else {
-                // One frame fills the buffer: make room for the rest of it
-                // (frames are bounded by wire::MAX_FRAME).
-                let grown = (self.buf.len() * 2).min(wire::MAX_FRAME + wire::LEN_PREFIX + 1);
-                self.buf.resize(grown.max(self.buf.len() + 1), 0);
-            }
-        }
-        &mut self.buf[self.end..]
-    }
-
-    fn unparsed(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.start += n;
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-}
-
 #[derive(Debug)]
 struct Conn {
     stream: TcpStream,
-    rbuf: RecvBuf,
-    wbuf: Vec<u8>,
-    wpos: usize,
-    pending: VecDeque<(OpId, Awaiting)>,
+    link: Link,
 }
 
 /// The engine side of the TCP transport.
@@ -156,7 +87,7 @@ pub struct TcpTransport {
     wake: Arc<EventFd>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
-    stats: Arc<TcpStats>,
+    stats: Arc<TransportStats>,
     pollfds: Vec<libc::pollfd>,
     interests: Vec<Interest>,
 }
@@ -196,7 +127,7 @@ impl TcpTransport {
         let (tx, rx) = mpsc::channel();
         let wake = Arc::new(EventFd::new()?);
         let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(TcpStats::default());
+        let stats = Arc::new(TransportStats::default());
         let info = LayoutInfo::of(&cfg.layout);
         let n = cfg.peers.len();
         let mut threads = Vec::new();
@@ -267,7 +198,7 @@ impl TcpTransport {
     }
 
     /// The transport's counters.
-    pub fn stats(&self) -> Arc<TcpStats> {
+    pub fn stats(&self) -> Arc<TransportStats> {
         self.stats.clone()
     }
 
@@ -286,10 +217,7 @@ impl TcpTransport {
         info!(me = %self.me, %peer, "connection established");
         self.conns[peer.index()] = Some(Conn {
             stream,
-            rbuf: RecvBuf::new(),
-            wbuf: Vec::with_capacity(256 << 10),
-            wpos: 0,
-            pending: VecDeque::new(),
+            link: Link::new(),
         });
         self.events.push_back(TransportEvent::PeerUp(peer));
     }
@@ -297,17 +225,11 @@ impl TcpTransport {
     /// Drops the connection to `peer`: every operation on it fails, the
     /// engine hears PeerDown, and the dialer (if we dial) tries again.
     fn close(&mut self, peer: NodeId, why: &str) {
-        let Some(conn) = self.conns[peer.index()].take() else {
+        let Some(mut conn) = self.conns[peer.index()].take() else {
             return;
         };
         info!(me = %self.me, %peer, why, "connection closed");
-        for (op, _) in conn.pending {
-            self.events.push_back(TransportEvent::Completed(Completion {
-                op,
-                peer,
-                result: Err(OpError::PeerUnreachable),
-            }));
-        }
+        conn.link.fail_pending(peer, &mut self.events);
         self.events.push_back(TransportEvent::PeerDown(peer));
         if let Some(tx) = &self.redial[peer.index()] {
             let _ = tx.send(());
@@ -329,14 +251,14 @@ impl TcpTransport {
             let Some(conn) = self.conns[peer.index()].as_mut() else {
                 return;
             };
-            let r = conn.stream.read(conn.rbuf.spare());
+            let r = conn.stream.read(conn.link.rbuf.spare());
             match r {
                 Ok(0) => {
                     self.close(peer, "peer closed the connection");
                     return;
                 }
                 Ok(n) => {
-                    conn.rbuf.end += n;
+                    conn.link.rbuf.filled(n);
                     budget = budget.saturating_sub(n);
                 }
                 Err(e) => {
@@ -367,93 +289,12 @@ impl TcpTransport {
     /// Acts on the complete frames in `peer`'s receive buffer.
     fn process(&mut self, peer: NodeId) -> Result<(), String> {
         let conn = self.conns[peer.index()].as_mut().expect("connected");
-        let region = &self.region;
-        let layout = &self.layout;
-        let writer = self.writer;
-        while let Some((frame, used)) =
-            wire::decode(conn.rbuf.unparsed()).map_err(|e| e.to_string())?
-        {
-            match frame {
-                Frame::Write { op, remote, data } => {
-                    let status = match usize::try_from(remote)
-                        .map(|r| layout.remote_write_access(peer, r, data.len()))
-                        .unwrap_or(RemoteAccess::Denied)
-                    {
-                        RemoteAccess::Slot(_) => Ok(()),
-                        RemoteAccess::Ring if writer == Some(peer) => Ok(()),
-                        _ => Err(OpError::AccessDenied),
-                    };
-                    if status.is_ok() {
-                        region.write(remote as usize, data);
-                    } else {
-                        debug!(%peer, remote, len = data.len(), "write refused");
-                    }
-                    wire::encode_done(&mut conn.wbuf, op, status, 0);
-                }
-                Frame::Read { op, remote, count } => {
-                    let count = count as usize;
-                    let ok =
-                        usize::try_from(remote).is_ok_and(|r| layout.remote_read_allowed(r, count));
-                    if ok {
-                        let range = wire::encode_done(&mut conn.wbuf, op, Ok(()), count);
-                        region.read(remote as usize, &mut conn.wbuf[range]);
-                    } else {
-                        wire::encode_done(&mut conn.wbuf, op, Err(OpError::AccessDenied), 0);
-                    }
-                }
-                Frame::Cas {
-                    op,
-                    remote,
-                    expected,
-                    new,
-                } => {
-                    let ok = usize::try_from(remote).is_ok_and(|r| {
-                        r % 8 == 0
-                            && matches!(
-                                layout.remote_write_access(peer, r, 8),
-                                RemoteAccess::Slot(_)
-                            )
-                    });
-                    if ok {
-                        let old = region.compare_and_swap(remote as usize, expected, new);
-                        let range = wire::encode_done(&mut conn.wbuf, op, Ok(()), 8);
-                        conn.wbuf[range].copy_from_slice(&old.to_le_bytes());
-                    } else {
-                        wire::encode_done(&mut conn.wbuf, op, Err(OpError::AccessDenied), 0);
-                    }
-                }
-                Frame::Done { op, status, data } => {
-                    let Some((want, awaiting)) = conn.pending.pop_front() else {
-                        return Err(format!("completion of {op:?}, which is not pending"));
-                    };
-                    if want != op {
-                        return Err(format!("completion of {op:?} where {want:?} was next"));
-                    }
-                    if status.is_ok() {
-                        match awaiting {
-                            Awaiting::Write if data.is_empty() => {}
-                            Awaiting::Read { local, len } if data.len() == len => {
-                                region.write(local, data)
-                            }
-                            Awaiting::Cas { local } if data.len() == 8 => region.write(local, data),
-                            _ => {
-                                return Err(format!(
-                                    "completion of {op:?} with {} bytes",
-                                    data.len()
-                                ));
-                            }
-                        }
-                    }
-                    self.events.push_back(TransportEvent::Completed(Completion {
-                        op,
-                        peer,
-                        result: status,
-                    }));
-                }
-            }
-            conn.rbuf.consume(used);
-        }
-        Ok(())
+        let local = Local {
+            layout: &self.layout,
+            region: &self.region,
+            writer: self.writer,
+        };
+        conn.link.process(peer, local, &mut self.events)
     }
 
     /// Writes as much of `peer`'s send buffer as the socket takes.
@@ -461,13 +302,13 @@ impl TcpTransport {
         let Some(conn) = self.conns[peer.index()].as_mut() else {
             return;
         };
-        while conn.wpos < conn.wbuf.len() {
-            match conn.stream.write(&conn.wbuf[conn.wpos..]) {
+        while !conn.link.unsent().is_empty() {
+            match conn.stream.write(conn.link.unsent()) {
                 Ok(0) => {
                     self.close(peer, "write returned 0");
                     return;
                 }
-                Ok(n) => conn.wpos += n,
+                Ok(n) => conn.link.mark_sent(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => {
                     self.close(peer, "write error");
@@ -475,10 +316,7 @@ impl TcpTransport {
                 }
             }
         }
-        if conn.wpos == conn.wbuf.len() {
-            conn.wbuf.clear();
-            conn.wpos = 0;
-        } else if conn.wbuf.len() - conn.wpos > MAX_BACKLOG {
+        if conn.link.unsent().len() > MAX_BACKLOG {
             self.close(peer, "peer does not read");
         }
     }
@@ -500,73 +338,7 @@ impl Transport for TcpTransport {
             self.fail_now(op.id(), peer);
             return Ok(());
         };
-        match op {
-            RemoteOp::Write {
-                op,
-                local_offset,
-                len,
-                remote_offset,
-                ..
-            } => {
-                if !self.region.contains(local_offset, len) {
-                    return Err(TransportError::LocalRange {
-                        offset: local_offset,
-                        len,
-                    });
-                }
-                let range = wire::encode_write(&mut conn.wbuf, op, remote_offset as u64, len);
-                self.region.read(local_offset, &mut conn.wbuf[range]);
-                conn.pending.push_back((op, Awaiting::Write));
-            }
-            RemoteOp::Read {
-                op,
-                remote_offset,
-                len,
-                local_offset,
-                ..
-            } => {
-                if !self.region.contains(local_offset, len) {
-                    return Err(TransportError::LocalRange {
-                        offset: local_offset,
-                        len,
-                    });
-                }
-                let count = u32::try_from(len).map_err(|_| TransportError::LocalRange {
-                    offset: local_offset,
-                    len,
-                })?;
-                wire::encode_read(&mut conn.wbuf, op, remote_offset as u64, count);
-                conn.pending.push_back((
-                    op,
-                    Awaiting::Read {
-                        local: local_offset,
-                        len,
-                    },
-                ));
-            }
-            RemoteOp::CompareAndSwap {
-                op,
-                remote_offset,
-                expected,
-                new,
-                local_offset,
-                ..
-            } => {
-                if !self.region.contains(local_offset, 8) {
-                    return Err(TransportError::LocalRange {
-                        offset: local_offset,
-                        len: 8,
-                    });
-                }
-                wire::encode_cas(&mut conn.wbuf, op, remote_offset as u64, expected, new);
-                conn.pending.push_back((
-                    op,
-                    Awaiting::Cas {
-                        local: local_offset,
-                    },
-                ));
-            }
-        }
+        conn.link.encode(&self.region, op)?;
         self.flush(peer);
         Ok(())
     }
@@ -601,7 +373,7 @@ impl Transport for TcpTransport {
         for c in self.conns.iter().flatten() {
             self.interests.push(Interest {
                 fd: c.stream.as_raw_fd(),
-                writable: c.wpos < c.wbuf.len(),
+                writable: !c.link.unsent().is_empty(),
             });
         }
         sys::wait(&self.interests, &mut self.pollfds, timeout)?;
@@ -636,7 +408,7 @@ fn accept_loop(
     tx: Sender<(NodeId, TcpStream)>,
     wake: Arc<EventFd>,
     stop: Arc<AtomicBool>,
-    stats: Arc<TcpStats>,
+    stats: Arc<TransportStats>,
 ) {
     let busy = Arc::new(AtomicUsize::new(0));
     let secret = Arc::new(secret);
@@ -701,7 +473,7 @@ fn dial_loop(
     redial: Receiver<()>,
     wake: Arc<EventFd>,
     stop: Arc<AtomicBool>,
-    stats: Arc<TcpStats>,
+    stats: Arc<TransportStats>,
 ) {
     let mut backoff = Duration::from_millis(5);
     let mut warned = false;

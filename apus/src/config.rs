@@ -5,8 +5,9 @@
 //! secret = "at least sixteen bytes"   # or secret_file = "/etc/apus/secret"
 //! durability = "durable"              # memory | durable
 //! fsync = "batch"                     # always | batch | never (durable only)
-//! transport = "tcp"                   # tcp
+//! transport = "tcp"                   # tcp | quic
 //! poll = "hybrid"                     # spin | hybrid | park
+//! tls_ca = "certs/ca.pem"             # quic: the cluster CA (`apus certs` makes one)
 //!
 //! [engine]                            # optional; defaults shown
 //! ring_capacity = 4194304
@@ -21,6 +22,8 @@
 //! address = "127.0.0.1:7100"          # replication traffic
 //! client = "127.0.0.1:7200"           # clients and `apus status`
 //! data_dir = "/var/lib/apus/0"
+//! tls_cert = "certs/n0.pem"           # quic: this replica's certificate...
+//! tls_key = "certs/n0.key"            # ...and key
 //! ```
 //!
 //! Every mistake is reported with the field it is in, e.g.
@@ -87,9 +90,29 @@ pub enum PollPolicy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportKind {
-    /// TCP (the `tcp` feature, on by default).
+    /// TCP with the cluster secret (the `tcp` feature, on by default).
     #[default]
     Tcp,
+    /// QUIC with mutual TLS (the `quic` feature).
+    Quic,
+}
+
+/// Certificate files for the QUIC transport.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsPaths {
+    /// The cluster CA certificate.
+    pub ca: PathBuf,
+    /// Every replica's certificate, by id.
+    pub certs: Vec<PathBuf>,
+    /// Every replica's private key, by id.
+    pub keys: Vec<PathBuf>,
+}
+
+impl TlsPaths {
+    /// Where the CA's private key is kept (next to its certificate).
+    pub fn ca_key(&self) -> PathBuf {
+        self.ca.with_extension("key")
+    }
 }
 
 #[derive(Deserialize)]
@@ -114,6 +137,7 @@ struct RawCluster {
     transport: TransportKind,
     #[serde(default)]
     poll: PollPolicy,
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -134,6 +158,8 @@ struct RawReplica {
     address: String,
     client: Option<String>,
     data_dir: PathBuf,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 /// One replica of the cluster.
@@ -164,6 +190,8 @@ pub struct ClusterConfig {
     pub poll: PollPolicy,
     /// The replicas, by id.
     pub replicas: Vec<ReplicaSpec>,
+    /// Certificates (QUIC).
+    pub tls: Option<TlsPaths>,
     /// Engine settings shared by every replica (its `id` is replica 0's;
     /// see [`ClusterConfig::engine_for`]).
     pub engine: ReplicaConfig,
@@ -329,6 +357,44 @@ impl ClusterConfig {
                 data_dir: rel(r.data_dir.clone()),
             });
         }
+        let tls = match c.transport {
+            TransportKind::Tcp => None,
+            TransportKind::Quic => {
+                let Some(ca) = c.tls_ca.clone() else {
+                    return err(
+                        "cluster.tls_ca",
+                        "transport = \"quic\" needs the cluster CA (`apus certs` makes one)",
+                    );
+                };
+                let mut certs = Vec::new();
+                let mut keys = Vec::new();
+                for (i, r) in raw.replica.iter().enumerate() {
+                    match (&r.tls_cert, &r.tls_key) {
+                        (Some(c), Some(k)) => {
+                            certs.push(rel(c.clone()));
+                            keys.push(rel(k.clone()));
+                        }
+                        (None, _) => {
+                            return err(
+                                format!("replica[{i}].tls_cert"),
+                                "transport = \"quic\" needs it",
+                            );
+                        }
+                        (_, None) => {
+                            return err(
+                                format!("replica[{i}].tls_key"),
+                                "transport = \"quic\" needs it",
+                            );
+                        }
+                    }
+                }
+                Some(TlsPaths {
+                    ca: rel(ca),
+                    certs,
+                    keys,
+                })
+            }
+        };
         let mut engine = ReplicaConfig::new(NodeId(0), replicas.len());
         engine.durability = durability;
         let e = raw.engine;
@@ -366,6 +432,7 @@ impl ClusterConfig {
             transport: c.transport,
             poll: c.poll,
             replicas,
+            tls,
             engine,
         })
     }
@@ -537,6 +604,50 @@ data_dir = "/abs/d1"
             let e = ClusterConfig::parse(&text, None).expect_err(to);
             assert!(e.field.starts_with(field), "{to:?}: got {e}");
         }
+        // QUIC needs its certificates.
+        let quic = GOOD.replace("poll = \"spin\"", "poll = \"spin\"\ntransport = \"quic\"");
+        assert_eq!(
+            ClusterConfig::parse(&quic, None).unwrap_err().field,
+            "cluster.tls_ca"
+        );
+        let quic = quic.replace(
+            "transport = \"quic\"",
+            "transport = \"quic\"\ntls_ca = \"ca.pem\"",
+        );
+        assert_eq!(
+            ClusterConfig::parse(&quic, None).unwrap_err().field,
+            "replica[0].tls_cert"
+        );
+        let quic = quic.replace(
+            "data_dir = \"d0\"",
+            "data_dir = \"d0\"\ntls_cert = \"n0.pem\"",
+        );
+        assert_eq!(
+            ClusterConfig::parse(&quic, None).unwrap_err().field,
+            "replica[0].tls_key"
+        );
+        let quic = quic
+            .replace(
+                "tls_cert = \"n0.pem\"",
+                "tls_cert = \"n0.pem\"\ntls_key = \"n0.key\"",
+            )
+            .replace(
+                "data_dir = \"/abs/d1\"",
+                "data_dir = \"/abs/d1\"\ntls_cert = \"n1.pem\"\ntls_key = \"n1.key\"",
+            );
+        let c = ClusterConfig::parse(&quic, Some(Path::new("/etc/apus"))).unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.ca, Path::new("/etc/apus/ca.pem"));
+        assert_eq!(tls.ca_key(), Path::new("/etc/apus/ca.key"));
+        assert_eq!(tls.keys[1], Path::new("/etc/apus/n1.key"));
+        let transport = GOOD.replace(
+            "poll = \"spin\"",
+            "poll = \"spin\"\ntransport = \"carrier-pigeon\"",
+        );
+        assert_eq!(
+            ClusterConfig::parse(&transport, None).unwrap_err().field,
+            "cluster.transport"
+        );
         let none = GOOD.split("[[replica]]").next().unwrap();
         assert_eq!(
             ClusterConfig::parse(none, None).unwrap_err().field,

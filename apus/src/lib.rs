@@ -12,12 +12,13 @@
 //!
 //! | feature | transport | runs on |
 //! |---|---|---|
-//! | `tcp` (default) | framed remote-memory operations over TCP | everywhere |
+//! | `tcp` (default) | framed remote-memory operations over TCP, cluster secret | everywhere |
+//! | `quic` | the same frames over QUIC streams, mutual TLS (`apus certs`) | everywhere |
 //!
 //! ```toml
 //! [dependencies]
-//! apus = { path = "apus" }                                            # TCP
-//! # apus = { path = "apus", default-features = false, features = ["tcp"] }
+//! apus = { path = "apus" }                                  # TCP
+//! # apus = { path = "apus", features = ["quic"] }            # TCP and QUIC
 //! ```
 //!
 //! # Replicating your own state machine
@@ -51,5 +52,5 @@ pub mod node;
 pub mod service;
 pub mod storage;
 
-pub use config::{ClusterConfig, ConfigError, Fsync, PollPolicy, TransportKind};
+pub use config::{ClusterConfig, ConfigError, Fsync, PollPolicy, TlsPaths, TransportKind};
 pub use node::{Applied, Entry, Node, NodeError, NodeStatus, ProposeError, StateMachine};

@@ -482,12 +482,33 @@ fn open_transport(
             },
             region,
         )?)),
-        #[cfg(not(feature = "tcp"))]
-        TransportKind::Tcp => {
+        #[cfg(feature = "quic")]
+        TransportKind::Quic => {
+            let paths = config
+                .tls
+                .as_ref()
+                .expect("validated: quic has certificates");
+            let certs: Vec<&std::path::Path> = paths.certs.iter().map(|p| p.as_path()).collect();
+            let tls = apus_tcp::quic::TlsConfig::load(&paths.ca, &certs, &paths.keys[id.index()])?;
+            Ok(Box::new(apus_tcp::quic::QuicTransport::start(
+                apus_tcp::quic::QuicConfig {
+                    me: id,
+                    peers: config.replicas.iter().map(|r| r.address).collect(),
+                    layout,
+                    tls,
+                },
+                region,
+            )?))
+        }
+        #[allow(unreachable_patterns)]
+        other => {
             let _ = (id, layout, region);
             Err(NodeError::Config(ConfigError {
                 field: "cluster.transport".into(),
-                reason: "\"tcp\" is not compiled in: build apus with the `tcp` feature".into(),
+                reason: format!(
+                    "{other:?} is not compiled into this build: enable the apus feature `{}`",
+                    format!("{other:?}").to_lowercase()
+                ),
             }))
         }
     }

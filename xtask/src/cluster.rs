@@ -68,9 +68,9 @@ impl Options {
             }
         }
         match o.transport.as_str() {
-            "tcp" => {}
-            "" => bail!("--transport is required (tcp)"),
-            t => bail!("--transport {t:?}: this build supports tcp"),
+            "tcp" | "quic" => {}
+            "" => bail!("--transport is required (tcp or quic)"),
+            t => bail!("--transport {t:?}: cluster-test knows tcp and quic"),
         }
         if !matches!(o.durability.as_str(), "memory" | "durable") {
             bail!("--durability must be memory or durable");
@@ -87,6 +87,10 @@ impl Options {
 
 fn free_addr() -> Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn free_udp_addr() -> Result<SocketAddr> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 struct Cluster {
@@ -357,6 +361,8 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
             "apus",
             "--bin",
             "apus",
+            "--features",
+            "quic",
         ]),
     )?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -380,20 +386,40 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
     if let Some(f) = &o.fsync {
         cfg += &format!("fsync = \"{f}\"\n");
     }
+    let quic = o.transport == "quic";
+    if quic {
+        cfg += "tls_ca = \"certs/ca.pem\"\n";
+    }
     cfg += "[engine]\nheartbeat_us = 2000\nelection_timeout_us = 30000\n";
     let mut clients = Vec::new();
     for i in 0..REPLICAS {
         let client = free_addr()?;
         clients.push(client);
+        let address = if quic { free_udp_addr()? } else { free_addr()? };
         cfg += &format!(
-            "[[replica]]\nid = {i}\naddress = \"{}\"\nclient = \"{client}\"\ndata_dir = \"n{i}\"\n",
-            free_addr()?
+            "[[replica]]\nid = {i}\naddress = \"{address}\"\nclient = \"{client}\"\ndata_dir = \"n{i}\"\n"
         );
+        if quic {
+            cfg += &format!("tls_cert = \"certs/n{i}.pem\"\ntls_key = \"certs/n{i}.key\"\n");
+        }
     }
     let config = dir.join("cluster.toml");
     std::fs::write(&config, cfg)?;
+    let bin = target.join("release").join("apus");
+    if quic {
+        let out = Command::new(&bin)
+            .args(["certs", "--config"])
+            .arg(&config)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "apus certs failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
     let mut cluster = Cluster {
-        bin: target.join("release").join("apus"),
+        bin,
         dir: dir.clone(),
         config,
         clients: clients.clone(),

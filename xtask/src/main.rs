@@ -27,7 +27,7 @@ commands:
                       --seed S [--replicas R] [--bug NAME] [--trace]
   demo [--seed S]   a simulated three-replica cluster: load, a leader crash,
                     failover and catch-up, with a timeline and the figures
-  cluster-test --transport tcp [--durability memory|durable] [--fsync always|batch|never]
+  cluster-test --transport tcp|quic [--durability memory|durable] [--fsync always|batch|never]
                [--proposals N] [--proposers P] [--poll spin|hybrid|park]
                     three `apus node` processes under load; the leader is
                     SIGKILLed and restarted; every acknowledged proposal must
@@ -280,6 +280,7 @@ fn test() -> Result<ExitCode> {
             "--fsync",
             "always",
         ][..],
+        &["--transport", "quic"][..],
     ] {
         step(
             &format!("cargo xtask cluster-test {}", args.join(" ")),
@@ -295,7 +296,8 @@ fn test() -> Result<ExitCode> {
                 if !out.status.success() || !stdout.lines().any(|l| l.ends_with(": PASS")) {
                     bail!("cluster-test failed:\n{stdout}{stderr}");
                 }
-                Ok(stdout.lines().last().unwrap_or_default().trim().to_string())
+                let figures = stdout.lines().skip_while(|l| !l.ends_with(": PASS")).nth(1);
+                Ok(figures.unwrap_or_default().trim().to_string())
             },
         )?;
     }

@@ -3,6 +3,7 @@
 //! ```text
 //! apus node   --config C --id N     run replica N (built-in register, client port)
 //! apus status --config C            role, term, commit index and lag of every replica
+//! apus certs  --config C [--force]  generate the cluster's TLS certificates (quic)
 //! ```
 
 use std::net::SocketAddr;
@@ -21,12 +22,16 @@ use apus_core::NodeId;
 const USAGE: &str = "\
 usage:
   apus node   --config FILE --id N   run replica N of the cluster in FILE
-  apus status --config FILE          show every replica's role, term, commit index and lag";
+  apus status --config FILE          show every replica's role, term, commit index and lag
+  apus certs  --config FILE [--force]
+                                     generate the CA and every replica's certificate and key
+                                     at the paths FILE names (transport = \"quic\")";
 
 struct Args {
     command: String,
     config: Option<PathBuf>,
     id: Option<u8>,
+    force: bool,
 }
 
 fn parse() -> Result<Args> {
@@ -36,11 +41,13 @@ fn parse() -> Result<Args> {
         command,
         config: None,
         id: None,
+        force: false,
     };
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--config" => a.config = Some(PathBuf::from(value()?)),
+            "--force" => a.force = true,
             "--id" => {
                 let v = value()?;
                 a.id = Some(
@@ -65,6 +72,7 @@ fn main() -> ExitCode {
     let result = match args.command.as_str() {
         "node" => node(&args),
         "status" => status(&args),
+        "certs" => certs(&args),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -195,4 +203,55 @@ fn status(args: &Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(feature = "quic")]
+fn certs(args: &Args) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let config = load(args)?;
+    let tls = config
+        .tls
+        .as_ref()
+        .context("cluster.transport: `apus certs` is for transport = \"quic\"")?;
+    let generated = apus_tcp::quic::generate_certs(config.replicas.len())?;
+    let mut files = vec![
+        (tls.ca.clone(), generated.ca_cert.clone(), 0o644),
+        (tls.ca_key(), generated.ca_key.clone(), 0o600),
+    ];
+    for (i, (cert, key)) in generated.replicas.iter().enumerate() {
+        files.push((tls.certs[i].clone(), cert.clone(), 0o644));
+        files.push((tls.keys[i].clone(), key.clone(), 0o600));
+    }
+    if !args.force
+        && let Some((p, _, _)) = files.iter().find(|(p, _, _)| p.exists())
+    {
+        bail!(
+            "{} exists; pass --force to replace every certificate",
+            p.display()
+        );
+    }
+    for (path, pem, mode) in &files {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(*mode)
+            .open(path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        std::io::Write::write_all(&mut f, pem.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    println!(
+        "keep {} offline: it signs new replicas",
+        tls.ca_key().display()
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "quic"))]
+fn certs(_: &Args) -> Result<()> {
+    bail!("this build has no QUIC support: rebuild apus with the `quic` feature")
 }
