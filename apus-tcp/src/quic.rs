@@ -656,15 +656,12 @@ async fn run_link(
     };
     let reader = async {
         let mut buf = vec![0u8; 64 << 10];
-        loop {
-            match recv.read(&mut buf).await {
-                Ok(Some(n)) => ctx.send(Incoming::Data {
-                    peer,
-                    generation,
-                    bytes: buf[..n].to_vec(),
-                }),
-                _ => break,
-            }
+        while let Ok(Some(n)) = recv.read(&mut buf).await {
+            ctx.send(Incoming::Data {
+                peer,
+                generation,
+                bytes: buf[..n].to_vec(),
+            });
         }
     };
     tokio::select! {
