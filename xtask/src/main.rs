@@ -301,6 +301,28 @@ fn test() -> Result<ExitCode> {
             },
         )?;
     }
+    step(
+        "example: replicated key-value store (apus/examples/kv.rs)",
+        || {
+            let out = cargo()
+                .args(["run", "--quiet", "--package", "apus", "--example", "kv"])
+                .output()
+                .context("running the kv example")?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let maps: Vec<&str> = stdout.lines().filter(|l| l.contains("): {")).collect();
+            let same = maps.len() == 2
+                && maps.windows(2).all(|w| {
+                    w[0].split_once(": ").map(|x| x.1) == w[1].split_once(": ").map(|x| x.1)
+                });
+            if !out.status.success() || !same {
+                bail!(
+                    "kv example failed:\n{stdout}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok("two surviving replicas hold the same map".into())
+        },
+    )?;
     step("demo (simulated cluster with a leader crash)", || {
         let out = Command::new(&bin).arg("--demo").output()?;
         let stdout = String::from_utf8_lossy(&out.stdout);
