@@ -7,7 +7,7 @@
 //! certificate is exactly the one configured for the id it claims. The
 //! higher id dials; one bidirectional stream per pair carries the same
 //! frames as the TCP transport, processed by the same code in the engine
-//! thread ([`Link`]): tokio tasks only move bytes and wake the engine, so
+//! thread (the crate's `link` module): tokio tasks only move bytes and wake the engine, so
 //! `set_log_writer` still takes effect the moment it returns.
 
 use std::collections::VecDeque;
