@@ -10,7 +10,8 @@
 //! NOT_LEADER 12: leader u8 (255 = unknown)
 //! FAILED   13: reason (UTF-8)
 //! STATUS   14: role u8 | term u64 | leader u8 | commit u64 | last u64 |
-//!              applied u64 | recovering u8 | entries u64 | digest u64
+//!              applied u64 | recovering u8 | entries u64 | digest u64 |
+//!              divergences u64
 //! IDS      15: count u64 | id u64 ...
 //! ```
 //!
@@ -68,6 +69,9 @@ pub struct RemoteStatus {
     pub entries: u64,
     /// Digest of the applied data entries, in order.
     pub digest: u64,
+    /// Replayed connections whose output differed from the leader's
+    /// (`apus run`).
+    pub divergences: u64,
 }
 
 /// A reply to a client.
@@ -188,6 +192,7 @@ impl Reply {
                 b.push(u8::from(s.recovering));
                 b.extend_from_slice(&s.entries.to_le_bytes());
                 b.extend_from_slice(&s.digest.to_le_bytes());
+                b.extend_from_slice(&s.divergences.to_le_bytes());
                 frame(STATUS_REPLY, &b)
             }
             Reply::Ids(ids) => {
@@ -210,7 +215,7 @@ impl Reply {
             }),
             NOT_LEADER if b.len() == 1 => Ok(Reply::NotLeader(node(b[0]))),
             FAILED => Ok(Reply::Failed(String::from_utf8_lossy(&b).into_owned())),
-            STATUS_REPLY if b.len() == 1 + 8 + 1 + 24 + 1 + 16 => {
+            STATUS_REPLY if b.len() == 1 + 8 + 1 + 24 + 1 + 24 => {
                 let role = match b[0] {
                     0 => Role::Follower,
                     1 => Role::Candidate,
@@ -227,6 +232,7 @@ impl Reply {
                     recovering: b[34] != 0,
                     entries: u64_at(&b, 35),
                     digest: u64_at(&b, 43),
+                    divergences: u64_at(&b, 51),
                 }))
             }
             IDS if b.len() >= 8 => {
@@ -290,6 +296,7 @@ mod tests {
                 recovering: true,
                 entries: 7,
                 digest: 0xdead,
+                divergences: 2,
             }),
             Reply::Ids(vec![1, 2, 3]),
         ];

@@ -8,6 +8,7 @@
 //! transport = "tcp"                   # tcp | quic
 //! poll = "hybrid"                     # spin | hybrid | park
 //! tls_ca = "certs/ca.pem"             # quic: the cluster CA (`apus certs` makes one)
+//! follower_clients = "refuse"         # `apus run`: refuse | serve (unreplicated, to inspect)
 //!
 //! [engine]                            # optional; defaults shown
 //! ring_capacity = 4194304
@@ -21,6 +22,7 @@
 //! id = 0
 //! address = "127.0.0.1:7100"          # replication traffic
 //! client = "127.0.0.1:7200"           # clients and `apus status`
+//! app = "127.0.0.1:6379"              # `apus run`: where this replica's server listens
 //! data_dir = "/var/lib/apus/0"
 //! tls_cert = "certs/n0.pem"           # quic: this replica's certificate...
 //! tls_key = "certs/n0.key"            # ...and key
@@ -97,6 +99,18 @@ pub enum TransportKind {
     Quic,
 }
 
+/// What a follower's server does with a real client (`apus run`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FollowerClients {
+    /// Close the connection: clients must use the leader (`apus leader`).
+    #[default]
+    Refuse,
+    /// Serve it without replication, to inspect a follower's state with
+    /// read-only commands. A write there makes that replica diverge.
+    Serve,
+}
+
 /// Certificate files for the QUIC transport.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsPaths {
@@ -138,6 +152,8 @@ struct RawCluster {
     #[serde(default)]
     poll: PollPolicy,
     tls_ca: Option<PathBuf>,
+    #[serde(default)]
+    follower_clients: FollowerClients,
 }
 
 #[derive(Deserialize, Default)]
@@ -157,6 +173,7 @@ struct RawReplica {
     id: u8,
     address: String,
     client: Option<String>,
+    app: Option<String>,
     data_dir: PathBuf,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -171,6 +188,8 @@ pub struct ReplicaSpec {
     pub address: SocketAddr,
     /// Client and admin address, if it serves one.
     pub client: Option<SocketAddr>,
+    /// Where the replicated server listens (`apus run`).
+    pub app: Option<SocketAddr>,
     /// Where it keeps its log and hard state.
     pub data_dir: PathBuf,
 }
@@ -192,6 +211,8 @@ pub struct ClusterConfig {
     pub replicas: Vec<ReplicaSpec>,
     /// Certificates (QUIC).
     pub tls: Option<TlsPaths>,
+    /// What a follower does with real clients (`apus run`).
+    pub follower_clients: FollowerClients,
     /// Engine settings shared by every replica (its `id` is replica 0's;
     /// see [`ClusterConfig::engine_for`]).
     pub engine: ReplicaConfig,
@@ -347,6 +368,16 @@ impl ClusterConfig {
                 }
                 None => None,
             };
+            let app = match &r.app {
+                Some(s) => {
+                    let a = parse_addr(f("app"), s)?;
+                    if !seen_addr.insert(a) {
+                        return err(f("app"), format!("{a} is used twice"));
+                    }
+                    Some(a)
+                }
+                None => None,
+            };
             if r.data_dir.as_os_str().is_empty() {
                 return err(f("data_dir"), "must not be empty");
             }
@@ -354,6 +385,7 @@ impl ClusterConfig {
                 id: NodeId(r.id),
                 address,
                 client,
+                app,
                 data_dir: rel(r.data_dir.clone()),
             });
         }
@@ -433,6 +465,7 @@ impl ClusterConfig {
             poll: c.poll,
             replicas,
             tls,
+            follower_clients: c.follower_clients,
             engine,
         })
     }

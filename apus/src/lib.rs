@@ -52,5 +52,7 @@ pub mod node;
 pub mod service;
 pub mod storage;
 
-pub use config::{ClusterConfig, ConfigError, Fsync, PollPolicy, TlsPaths, TransportKind};
+pub use config::{
+    ClusterConfig, ConfigError, FollowerClients, Fsync, PollPolicy, TlsPaths, TransportKind,
+};
 pub use node::{Applied, Entry, Node, NodeError, NodeStatus, ProposeError, StateMachine};

@@ -139,6 +139,7 @@ fn serve_one(mut s: TcpStream, node: &Node, register: &Register) -> io::Result<(
                     recovering: st.recovering,
                     entries: r.entries,
                     digest: r.digest,
+                    divergences: 0,
                 })
             }
             Request::Dump => {

@@ -4,6 +4,8 @@
 //! apus node   --config C --id N     run replica N (built-in register, client port)
 //! apus status --config C            role, term, commit index and lag of every replica
 //! apus certs  --config C [--force]  generate the cluster's TLS certificates (quic)
+//! apus run    --config C --id N -- SERVER ARGS...   run a server replicated by the interception library
+//! apus leader --config C            print the leader's application address
 //! ```
 
 use std::net::SocketAddr;
@@ -23,6 +25,9 @@ const USAGE: &str = "\
 usage:
   apus node   --config FILE --id N   run replica N of the cluster in FILE
   apus status --config FILE          show every replica's role, term, commit index and lag
+  apus run    --config FILE --id N -- SERVER [ARGS...]
+                                     run SERVER replicated (it must listen on replica[N].app)
+  apus leader --config FILE          print the current leader's application address
   apus certs  --config FILE [--force]
                                      generate the CA and every replica's certificate and key
                                      at the paths FILE names (transport = \"quic\")";
@@ -32,6 +37,8 @@ struct Args {
     config: Option<PathBuf>,
     id: Option<u8>,
     force: bool,
+    /// What follows `--` (`apus run`).
+    server: Vec<String>,
 }
 
 fn parse() -> Result<Args> {
@@ -42,12 +49,17 @@ fn parse() -> Result<Args> {
         config: None,
         id: None,
         force: false,
+        server: Vec::new(),
     };
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--config" => a.config = Some(PathBuf::from(value()?)),
             "--force" => a.force = true,
+            "--" => {
+                a.server = it.by_ref().collect();
+                break;
+            }
             "--id" => {
                 let v = value()?;
                 a.id = Some(
@@ -73,6 +85,8 @@ fn main() -> ExitCode {
         "node" => node(&args),
         "status" => status(&args),
         "certs" => certs(&args),
+        "run" => run(&args),
+        "leader" => leader(&args),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -175,13 +189,13 @@ fn status(args: &Args) -> Result<()> {
         .max()
         .unwrap_or(0);
     println!(
-        "{:<4} {:<10} {:>6} {:>7} {:>10} {:>10} {:>10} {:>8}",
-        "id", "role", "term", "leader", "commit", "last", "applied", "lag"
+        "{:<4} {:<10} {:>6} {:>7} {:>10} {:>10} {:>10} {:>8} {:>11}",
+        "id", "role", "term", "leader", "commit", "last", "applied", "lag", "divergences"
     );
     for (id, addr, st) in rows {
         match st {
             Some(s) => println!(
-                "{:<4} {:<10} {:>6} {:>7} {:>10} {:>10} {:>10} {:>8}{}",
+                "{:<4} {:<10} {:>6} {:>7} {:>10} {:>10} {:>10} {:>8} {:>11}{}",
                 id.to_string(),
                 s.role.to_string(),
                 s.term,
@@ -190,6 +204,7 @@ fn status(args: &Args) -> Result<()> {
                 s.last_index,
                 s.applied,
                 top.saturating_sub(s.applied),
+                s.divergences,
                 if s.recovering { "  (recovering)" } else { "" }
             ),
             None => println!(
@@ -254,4 +269,98 @@ fn certs(args: &Args) -> Result<()> {
 #[cfg(not(feature = "quic"))]
 fn certs(_: &Args) -> Result<()> {
     bail!("this build has no QUIC support: rebuild apus with the `quic` feature")
+}
+
+/// The interception library: `APUS_INTERCEPT_LIB`, or next to this binary.
+fn intercept_lib() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("APUS_INTERCEPT_LIB") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        bail!("APUS_INTERCEPT_LIB={} is not a file", p.display());
+    }
+    let exe = std::env::current_exe().context("locating the apus binary")?;
+    let p = exe.with_file_name("libapus_intercept.so");
+    if p.is_file() {
+        Ok(p)
+    } else {
+        bail!(
+            "{} not found: build it (cargo build -p apus-intercept, same profile as apus) or set APUS_INTERCEPT_LIB",
+            p.display()
+        )
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let config_path = args.config.as_ref().context("--config FILE is required")?;
+    let config = load(args)?;
+    let id = args.id.context("--id N is required")?;
+    let spec = config.replica(NodeId(id)).with_context(|| {
+        format!(
+            "--id {id}: the cluster has replicas 0..{}",
+            config.replicas.len()
+        )
+    })?;
+    if spec.app.is_none() {
+        bail!("replica[{id}].app: `apus run` needs the address the server listens on");
+    }
+    let (program, rest) = args
+        .server
+        .split_first()
+        .context("give the server command after --")?;
+    let lib = intercept_lib()?;
+    let preload = match std::env::var("LD_PRELOAD") {
+        Ok(existing) if !existing.is_empty() => format!("{}:{existing}", lib.display()),
+        _ => lib.display().to_string(),
+    };
+    let config_abs = std::fs::canonicalize(config_path)?;
+    let mut child = std::process::Command::new(program)
+        .args(rest)
+        .env("LD_PRELOAD", preload)
+        .env("APUS_CONFIG", &config_abs)
+        .env("APUS_ID", id.to_string())
+        .env("APUS_PARENT", std::process::id().to_string())
+        .spawn()
+        .with_context(|| format!("starting {program}"))?;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if status.success() {
+                return Ok(());
+            }
+            bail!("{program} exited with {status}");
+        }
+        if STOP.swap(false, Ordering::SeqCst) {
+            // SAFETY: signalling our own child by its pid.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn leader(args: &Args) -> Result<()> {
+    let config = load(args)?;
+    for r in &config.replicas {
+        let Some(addr) = r.client else { continue };
+        let Ok(mut c) = Client::connect(addr, Duration::from_secs(1)) else {
+            continue;
+        };
+        if let Ok(Reply::Status(s)) = c.call(&Request::Status)
+            && s.role == apus_core::Role::Leader
+        {
+            match r.app {
+                Some(app) => println!("{app}"),
+                None => println!("{}", r.id),
+            }
+            return Ok(());
+        }
+    }
+    bail!("no leader reachable (is the cluster running? replicas need a client address)")
 }

@@ -1,0 +1,123 @@
+//! What the interception library puts in log entries.
+//!
+//! * CONNECT: `origin u64 | tag u64` — who proposed it (the proposing node's
+//!   incarnation nonce) and which accept it was, so a node recognises its own
+//!   connections when it applies them. The connection id is the entry's index.
+//! * DATA: the bytes the server's read returned, as they were.
+//! * CLOSE: `bytes_out u64 | hash_out u64` — what the leader's server had
+//!   written on the connection, for the followers' divergence check.
+
+/// A CONNECT payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connect {
+    /// The proposing node's incarnation nonce.
+    pub origin: u64,
+    /// Distinguishes this node's accepts.
+    pub tag: u64,
+}
+
+/// A CLOSE payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Close {
+    /// Bytes the leader's server wrote on the connection.
+    pub bytes_out: u64,
+    /// Their running hash.
+    pub hash_out: u64,
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+impl Connect {
+    /// Encodes.
+    pub fn encode(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.origin.to_le_bytes());
+        b[8..].copy_from_slice(&self.tag.to_le_bytes());
+        b
+    }
+    /// Decodes; `None` unless exactly 16 bytes.
+    pub fn decode(b: &[u8]) -> Option<Connect> {
+        (b.len() == 16).then(|| Connect {
+            origin: u64_at(b, 0),
+            tag: u64_at(b, 8),
+        })
+    }
+}
+
+impl Close {
+    /// Encodes.
+    pub fn encode(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.bytes_out.to_le_bytes());
+        b[8..].copy_from_slice(&self.hash_out.to_le_bytes());
+        b
+    }
+    /// Decodes; `None` unless exactly 16 bytes.
+    pub fn decode(b: &[u8]) -> Option<Close> {
+        (b.len() == 16).then(|| Close {
+            bytes_out: u64_at(b, 0),
+            hash_out: u64_at(b, 8),
+        })
+    }
+}
+
+/// A running hash of a byte stream (FNV-1a, 64 bits), split-invariant:
+/// hashing `ab` equals hashing `a` then `b`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamHash {
+    /// Bytes hashed.
+    pub bytes: u64,
+    /// The hash.
+    pub hash: u64,
+}
+
+impl Default for StreamHash {
+    fn default() -> Self {
+        StreamHash {
+            bytes: 0,
+            hash: 0xcbf2_9ce4_8422_2325,
+        }
+    }
+}
+
+impl StreamHash {
+    /// Adds `data`.
+    pub fn update(&mut self, data: &[u8]) {
+        for b in data {
+            self.hash ^= u64::from(*b);
+            self.hash = self.hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.bytes += data.len() as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_bad_sizes() {
+        let c = Connect { origin: 7, tag: 9 };
+        assert_eq!(Connect::decode(&c.encode()), Some(c));
+        let x = Close {
+            bytes_out: 10,
+            hash_out: 11,
+        };
+        assert_eq!(Close::decode(&x.encode()), Some(x));
+        assert_eq!(Connect::decode(&[0; 15]), None);
+        assert_eq!(Close::decode(&[0; 17]), None);
+    }
+
+    #[test]
+    fn hash_is_split_invariant() {
+        let mut a = StreamHash::default();
+        a.update(b"hello world");
+        let mut b = StreamHash::default();
+        b.update(b"hello");
+        b.update(b" world");
+        assert_eq!(a, b);
+        assert_eq!(a.bytes, 11);
+    }
+}

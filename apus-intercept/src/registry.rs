@@ -1,0 +1,172 @@
+//! Which file descriptors are replicated client connections.
+//!
+//! Every hooked call first asks [`Registry::conn`]: a lock-free array lookup
+//! indexed by the descriptor, so the library's own threads (transport,
+//! engine, replayer) and every non-client descriptor of the server pass
+//! straight through at the cost of one atomic load.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::payload::StreamHash;
+
+/// Descriptors at or above this are never replicated (and pass through).
+pub const MAX_FD: usize = 1 << 16;
+
+/// A replicated client connection on the leader.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conn {
+    /// Its id: the index of its CONNECT entry.
+    pub id: u64,
+    /// What the server wrote on it.
+    pub out: StreamHash,
+    /// The connection can no longer be replicated (leadership lost, or a
+    /// proposal failed): reads now report end of stream.
+    pub broken: bool,
+    /// A CLOSE has been proposed for it.
+    pub closed: bool,
+    /// Descriptors referring to it (duplicates count: the connection ends
+    /// when the last one closes).
+    pub fds: u32,
+}
+
+/// The table of replicated descriptors.
+pub struct Registry {
+    ids: Box<[AtomicU64]>,
+    conns: Mutex<HashMap<u64, Conn>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            ids: (0..MAX_FD).map(|_| AtomicU64::new(0)).collect(),
+            conns: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Registry {
+    /// The connection id behind `fd`, if it is a replicated connection.
+    pub fn conn(&self, fd: i32) -> Option<u64> {
+        let i = usize::try_from(fd).ok().filter(|&i| i < MAX_FD)?;
+        match self.ids[i].load(Ordering::Acquire) {
+            0 => None,
+            id => Some(id),
+        }
+    }
+
+    /// Registers `fd` as (another descriptor of) connection `id`.
+    pub fn add(&self, fd: i32, id: u64) -> bool {
+        let Some(i) = usize::try_from(fd).ok().filter(|&i| i < MAX_FD) else {
+            return false;
+        };
+        let mut t = self.table();
+        let c = t.entry(id).or_insert(Conn {
+            id,
+            ..Conn::default()
+        });
+        c.fds += 1;
+        // A descriptor number being reused while still registered would
+        // mean a close we did not see: do not leak its count.
+        let old = self.ids[i].swap(id, Ordering::AcqRel);
+        if old != 0 && old != id {
+            if let Some(o) = t.get_mut(&old) {
+                o.fds = o.fds.saturating_sub(1);
+            }
+        } else if old == id {
+            c.fds -= 1;
+        }
+        true
+    }
+
+    /// Forgets `fd` (it is being closed). Returns its connection when this
+    /// was the connection's last descriptor.
+    pub fn remove(&self, fd: i32) -> Option<Conn> {
+        let i = usize::try_from(fd).ok().filter(|&i| i < MAX_FD)?;
+        let id = self.ids[i].swap(0, Ordering::AcqRel);
+        if id == 0 {
+            return None;
+        }
+        let mut t = self.table();
+        let c = t.get_mut(&id)?;
+        c.fds = c.fds.saturating_sub(1);
+        if c.fds == 0 { t.remove(&id) } else { None }
+    }
+
+    /// Runs `f` on connection `id`.
+    pub fn with<R>(&self, id: u64, f: impl FnOnce(&mut Conn) -> R) -> Option<R> {
+        self.table().get_mut(&id).map(f)
+    }
+
+    /// Marks every connection broken; returns their descriptors.
+    pub fn break_all(&self) -> Vec<i32> {
+        for c in self.table().values_mut() {
+            c.broken = true;
+        }
+        (0..MAX_FD)
+            .filter(|&i| self.ids[i].load(Ordering::Acquire) != 0)
+            .map(|i| i as i32)
+            .collect()
+    }
+
+    /// Whether connection `id` belongs to this node (is registered here).
+    pub fn owns(&self, id: u64) -> bool {
+        self.table().contains_key(&id)
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Conn>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_add_remove() {
+        let r = Registry::default();
+        assert_eq!(r.conn(5), None);
+        assert!(r.add(5, 42));
+        assert_eq!(r.conn(5), Some(42));
+        assert!(r.owns(42));
+        r.with(42, |c| c.out.update(b"abc"));
+        let c = r.remove(5).unwrap();
+        assert_eq!((c.id, c.out.bytes), (42, 3));
+        assert_eq!(r.conn(5), None);
+        assert!(!r.owns(42));
+        assert!(!r.add(-1, 1));
+        assert!(!r.add(MAX_FD as i32, 1));
+        assert_eq!(r.conn(i32::MAX), None);
+    }
+
+    #[test]
+    fn duplicates_share_the_connection_until_the_last_closes() {
+        let r = Registry::default();
+        r.add(5, 42);
+        r.add(6, 42); // dup(5)
+        assert_eq!(r.conn(6), Some(42));
+        assert_eq!(r.remove(5), None, "a duplicate is still open");
+        assert!(r.owns(42));
+        assert_eq!(r.remove(6).map(|c| c.id), Some(42));
+        assert!(!r.owns(42));
+    }
+
+    #[test]
+    fn break_all_reports_descriptors() {
+        let r = Registry::default();
+        r.add(7, 1);
+        r.add(9, 2);
+        let mut fds = r.break_all();
+        fds.sort();
+        assert_eq!(fds, vec![7, 9]);
+        assert!(r.with(1, |c| c.broken).unwrap());
+    }
+}
