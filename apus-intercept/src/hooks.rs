@@ -85,8 +85,10 @@ fn on_accept(fd: c_int) -> Verdict {
     let Some(a) = apus() else {
         return Verdict::Keep;
     };
-    if port(fd, true).is_some_and(|p| a.replay.is_replay_port(p)) {
-        // Our own replay connection into this server: not a client.
+    if let Some(id) = port(fd, true).and_then(|p| a.replay.replay_port(p)) {
+        // Our own replay connection into this server: not a client, but its
+        // reads are watched so replay proceeds in log order.
+        REGISTRY.add_replay(fd, id);
         return Verdict::Keep;
     }
     if !a.wait_serving() {
@@ -155,6 +157,18 @@ pub unsafe extern "C" fn accept4(
 ) -> c_int {
     // SAFETY: the real call gets the caller's arguments unchanged.
     unsafe { accept_common(fd, || real::accept4(fd, addr, len, flags)) }
+}
+
+/// Counts what the server read from a replay connection (followers).
+fn note_replay_read(fd: c_int, n: ssize_t) {
+    if n > 0
+        && !in_hook()
+        && let Some(id) = REGISTRY.replay_conn(fd)
+    {
+        let e = errno();
+        inside(|| REGISTRY.consumed(id, n as u64));
+        set_errno(e);
+    }
 }
 
 /// The replicated connection behind `fd`, if this call must be replicated.
@@ -227,7 +241,9 @@ fn broken(conn: u64) -> bool {
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, count: size_t) -> ssize_t {
     let Some(conn) = replicated(fd) else {
         // SAFETY: forwarded unchanged.
-        return unsafe { real::read(fd, buf, count) };
+        let n = unsafe { real::read(fd, buf, count) };
+        note_replay_read(fd, n);
+        return n;
     };
     if broken(conn) {
         return 0;
@@ -252,7 +268,11 @@ pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, len: size_t, flags: c
     let conn = replicated(fd).filter(|_| flags & libc::MSG_PEEK == 0);
     let Some(conn) = conn else {
         // SAFETY: forwarded unchanged.
-        return unsafe { real::recv(fd, buf, len, flags) };
+        let n = unsafe { real::recv(fd, buf, len, flags) };
+        if flags & libc::MSG_PEEK == 0 {
+            note_replay_read(fd, n);
+        }
+        return n;
     };
     if broken(conn) {
         return 0;
@@ -284,7 +304,11 @@ pub unsafe extern "C" fn recvfrom(
     let conn = replicated(fd).filter(|_| flags & libc::MSG_PEEK == 0);
     let Some(conn) = conn else {
         // SAFETY: forwarded unchanged.
-        return unsafe { real::recvfrom(fd, buf, len, flags, addr, alen) };
+        let n = unsafe { real::recvfrom(fd, buf, len, flags, addr, alen) };
+        if flags & libc::MSG_PEEK == 0 {
+            note_replay_read(fd, n);
+        }
+        return n;
     };
     if broken(conn) {
         return 0;
@@ -325,7 +349,9 @@ unsafe fn parts<'a>(iov: *const iovec, n: usize) -> Vec<&'a [u8]> {
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
     let Some(conn) = replicated(fd) else {
         // SAFETY: forwarded unchanged.
-        return unsafe { real::readv(fd, iov, n) };
+        let got = unsafe { real::readv(fd, iov, n) };
+        note_replay_read(fd, got);
+        return got;
     };
     if broken(conn) {
         return 0;
@@ -346,7 +372,11 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
     let conn = replicated(fd).filter(|_| flags & libc::MSG_PEEK == 0 && !msg.is_null());
     let Some(conn) = conn else {
         // SAFETY: forwarded unchanged.
-        return unsafe { real::recvmsg(fd, msg, flags) };
+        let n = unsafe { real::recvmsg(fd, msg, flags) };
+        if flags & libc::MSG_PEEK == 0 {
+            note_replay_read(fd, n);
+        }
+        return n;
     };
     if broken(conn) {
         return 0;
@@ -503,6 +533,8 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
         let e = errno();
         inside(|| close_conn(fd, conn));
         set_errno(e);
+    } else if !in_hook() {
+        REGISTRY.remove_replay(fd);
     }
     // SAFETY: forwarded unchanged.
     unsafe { real::close(fd) }
@@ -524,6 +556,9 @@ fn duplicated(old: c_int, new: c_int) {
         }
         if let Some(conn) = REGISTRY.conn(old) {
             REGISTRY.add(new, conn);
+        }
+        if let Some(id) = REGISTRY.replay_conn(old) {
+            REGISTRY.add_replay(new, id);
         }
     });
     set_errno(e);

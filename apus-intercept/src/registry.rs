@@ -6,8 +6,9 @@
 //! straight through at the cost of one atomic load.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::payload::StreamHash;
 
@@ -35,6 +36,12 @@ pub struct Conn {
 pub struct Registry {
     ids: Box<[AtomicU64]>,
     conns: Mutex<HashMap<u64, Conn>>,
+    /// Server-side descriptors of replay connections (followers), by fd:
+    /// the connection id they replay.
+    replay_ids: Box<[AtomicU64]>,
+    /// Bytes the server has read from each replay connection.
+    consumed: Mutex<HashMap<u64, u64>>,
+    consumed_changed: Condvar,
 }
 
 impl std::fmt::Debug for Registry {
@@ -48,6 +55,9 @@ impl Default for Registry {
         Registry {
             ids: (0..MAX_FD).map(|_| AtomicU64::new(0)).collect(),
             conns: Mutex::new(HashMap::new()),
+            replay_ids: (0..MAX_FD).map(|_| AtomicU64::new(0)).collect(),
+            consumed: Mutex::new(HashMap::new()),
+            consumed_changed: Condvar::new(),
         }
     }
 }
@@ -119,6 +129,69 @@ impl Registry {
     /// Whether connection `id` belongs to this node (is registered here).
     pub fn owns(&self, id: u64) -> bool {
         self.table().contains_key(&id)
+    }
+
+    /// The replay connection whose server side is `fd`, if any.
+    pub fn replay_conn(&self, fd: i32) -> Option<u64> {
+        let i = usize::try_from(fd).ok().filter(|&i| i < MAX_FD)?;
+        match self.replay_ids[i].load(Ordering::Acquire) {
+            0 => None,
+            id => Some(id),
+        }
+    }
+
+    /// `fd` is (a descriptor of) the server side of replay connection `id`.
+    pub fn add_replay(&self, fd: i32, id: u64) {
+        if let Some(i) = usize::try_from(fd).ok().filter(|&i| i < MAX_FD) {
+            self.replay_ids[i].store(id, Ordering::Release);
+        }
+    }
+
+    /// `fd` is being closed.
+    pub fn remove_replay(&self, fd: i32) {
+        if let Some(i) = usize::try_from(fd).ok().filter(|&i| i < MAX_FD) {
+            self.replay_ids[i].store(0, Ordering::Release);
+        }
+    }
+
+    /// The server read `n` bytes of replay connection `id`.
+    pub fn consumed(&self, id: u64, n: u64) {
+        *self
+            .consumed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default() += n;
+        self.consumed_changed.notify_all();
+    }
+
+    /// Waits until the server has read `target` bytes of replay connection
+    /// `id`; `false` on timeout.
+    pub fn wait_consumed(&self, id: u64, target: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut c = self.consumed.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if c.get(&id).copied().unwrap_or(0) >= target {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            c = self
+                .consumed_changed
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Forgets replay connection `id`'s consumption.
+    pub fn forget_replay(&self, id: u64) {
+        self.consumed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Conn>> {

@@ -8,7 +8,7 @@
 //! connection drains and hashes what the server answers, and when the
 //! connection closes its hash is compared with the leader's.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::FromRawFd;
@@ -29,6 +29,9 @@ use crate::registry::Registry;
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
 /// How long replay waits for the local server to listen.
 const CONNECT_WAIT: Duration = Duration::from_secs(30);
+/// How long replay waits for the local server to read what it was given
+/// before moving on to the next entry.
+const CONSUME_WAIT: Duration = Duration::from_secs(2);
 
 /// Releases server threads in log order.
 #[derive(Debug, Default)]
@@ -65,6 +68,8 @@ impl Turnstile {
 
 struct Replayed {
     stream: TcpStream,
+    /// Bytes written into the server on this connection.
+    written: u64,
     out: Arc<Mutex<StreamHash>>,
     drained: Arc<AtomicBool>,
 }
@@ -80,7 +85,8 @@ pub struct Replay {
     /// Releases our server's threads in log order.
     pub turnstile: Turnstile,
     conns: Mutex<HashMap<u64, Replayed>>,
-    ports: Mutex<HashSet<u16>>,
+    /// Local ports of replay connections, and the connection each replays.
+    ports: Mutex<HashMap<u16, u64>>,
     /// Replayed connections whose output differed from the leader's.
     pub divergences: AtomicU64,
     /// Entries replayed into the local server.
@@ -104,18 +110,19 @@ impl Replay {
             registry,
             turnstile: Turnstile::default(),
             conns: Mutex::new(HashMap::new()),
-            ports: Mutex::new(HashSet::new()),
+            ports: Mutex::new(HashMap::new()),
             divergences: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
         }
     }
 
-    /// Whether a connection from local `port` is one of our replays.
-    pub fn is_replay_port(&self, port: u16) -> bool {
+    /// The connection replayed from local `port`, if it is one of ours.
+    pub fn replay_port(&self, port: u16) -> Option<u64> {
         self.ports
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&port)
+            .get(&port)
+            .copied()
     }
 
     /// Ids of the connections being replayed.
@@ -130,10 +137,10 @@ impl Replay {
 
     /// Opens a loopback connection to the server from a port it will
     /// recognise as ours.
-    fn connect(&self) -> io::Result<TcpStream> {
+    fn connect(&self, id: u64) -> io::Result<TcpStream> {
         let deadline = Instant::now() + CONNECT_WAIT;
         loop {
-            match self.try_connect() {
+            match self.try_connect(id) {
                 Ok(s) => return Ok(s),
                 Err(e)
                     if Instant::now() < deadline
@@ -146,7 +153,7 @@ impl Replay {
         }
     }
 
-    fn try_connect(&self) -> io::Result<TcpStream> {
+    fn try_connect(&self, id: u64) -> io::Result<TcpStream> {
         let SocketAddr::V4(app) = self.app else {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -175,7 +182,7 @@ impl Replay {
         self.ports
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(port);
+            .insert(port, id);
         let target = sockaddr_in(*app.ip(), app.port());
         // SAFETY: `target` is a valid sockaddr_in of `len` bytes.
         if unsafe { libc::connect(fd, (&raw const target).cast(), len) } != 0 {
@@ -191,7 +198,7 @@ impl Replay {
     }
 
     fn replay_connect(&self, id: u64) {
-        let stream = match self.connect() {
+        let stream = match self.connect(id) {
             Ok(s) => s,
             Err(e) => {
                 warn!(conn = id, error = %e, "cannot replay a connection into the local server");
@@ -224,6 +231,7 @@ impl Replay {
             id,
             Replayed {
                 stream,
+                written: 0,
                 out,
                 drained,
             },
@@ -239,8 +247,22 @@ impl Replay {
         if data.is_empty() {
             // The client closed its side.
             let _ = c.stream.shutdown(Shutdown::Write);
-        } else if let Err(e) = c.stream.write_all(data) {
+            return;
+        }
+        if let Err(e) = c.stream.write_all(data) {
             debug!(conn = id, error = %e, "the local server no longer takes input on a replayed connection");
+            return;
+        }
+        c.written += data.len() as u64;
+        let target = c.written;
+        drop(conns);
+        // The next entry goes in only once the server has read this one, so
+        // it reads its input in log order, as the leader's did.
+        if !self.registry.wait_consumed(id, target, CONSUME_WAIT) {
+            debug!(
+                conn = id,
+                "the local server has not read its replayed input yet; going on"
+            );
         }
     }
 
@@ -259,6 +281,7 @@ impl Replay {
         }
         let _ = c.stream.shutdown(Shutdown::Both);
         let out = *c.out.lock().unwrap_or_else(|p| p.into_inner());
+        self.registry.forget_replay(id);
         Some(out)
     }
 
