@@ -7,15 +7,18 @@
 //! ```
 //!
 //! Commands: PING, ECHO, SET, GET, DEL, EXISTS, INCR, INCRBY, DBSIZE, DIGEST
-//! (a hash of the whole state, to compare replicas), QUIT. One thread per
-//! connection parses requests; commands execute one at a time under a single
-//! lock, so the state depends only on the order in which requests arrive.
+//! (a hash of the whole state, to compare replicas), QUIT.
+//!
+//! One thread serves every connection with non-blocking sockets, and runs
+//! each request as soon as it has read it: the state and every reply depend
+//! only on the order in which input is read, as with Redis's event loop.
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::io::{self, BufRead, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 type Db = Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>>;
 
@@ -160,28 +163,114 @@ fn execute(db: &Db, args: &[Vec<u8>]) -> Reply {
     }
 }
 
-fn serve(stream: TcpStream, db: Db) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    let mut r = BufReader::new(stream.try_clone()?);
-    let mut w = BufWriter::new(stream);
+/// One client connection of the event loop.
+struct Client {
+    stream: TcpStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    closing: bool,
+}
+
+/// Parses and runs every complete request in `c.input`; `false` once the
+/// connection should close (QUIT, or malformed input after the error reply).
+fn run_requests(c: &mut Client, db: &Db) -> bool {
     loop {
-        let req = match read_request(&mut r) {
-            Ok(Some(req)) => req,
-            Ok(None) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                write_reply(&mut w, &Reply::Error(format!("ERR protocol error: {e}")))?;
-                return w.flush();
+        let mut r = io::Cursor::new(&c.input[..]);
+        match read_request(&mut r) {
+            Ok(Some(req)) => {
+                let used = r.position() as usize;
+                c.input.drain(..used);
+                if req.first().is_some_and(|c| c.eq_ignore_ascii_case(b"QUIT")) {
+                    let _ = write_reply(&mut c.output, &Reply::Simple("OK"));
+                    return false;
+                }
+                if !req.is_empty() {
+                    let _ = write_reply(&mut c.output, &execute(db, &req));
+                }
             }
-            Err(e) => return Err(e),
-        };
-        if req.first().is_some_and(|c| c.eq_ignore_ascii_case(b"QUIT")) {
-            write_reply(&mut w, &Reply::Simple("OK"))?;
-            return w.flush();
+            Ok(None) => return true,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return true,
+            Err(e) => {
+                let _ = write_reply(
+                    &mut c.output,
+                    &Reply::Error(format!("ERR protocol error: {e}")),
+                );
+                return false;
+            }
         }
-        write_reply(&mut w, &execute(&db, &req))?;
-        // Answer pipelined requests together, but never leave one unanswered.
-        if r.buffer().is_empty() {
-            w.flush()?;
+    }
+}
+
+fn serve(listener: TcpListener, db: Db) -> io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let mut clients: Vec<Client> = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut idle = 0u32;
+    loop {
+        let mut busy = false;
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(true)?;
+                    stream.set_nodelay(true)?;
+                    clients.push(Client {
+                        stream,
+                        input: Vec::new(),
+                        output: Vec::new(),
+                        closing: false,
+                    });
+                    busy = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    eprintln!("resp-kv: accept: {e}");
+                    break;
+                }
+            }
+        }
+        for c in clients.iter_mut() {
+            if !c.closing {
+                match io::Read::read(&mut c.stream, &mut buf) {
+                    Ok(0) => c.closing = true,
+                    Ok(n) => {
+                        busy = true;
+                        c.input.extend_from_slice(&buf[..n]);
+                        if !run_requests(c, &db) {
+                            c.closing = true;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => c.closing = true,
+                }
+            }
+            while !c.output.is_empty() {
+                match c.stream.write(&c.output) {
+                    Ok(0) => {
+                        c.output.clear();
+                        c.closing = true;
+                    }
+                    Ok(n) => {
+                        c.output.drain(..n);
+                        busy = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        c.output.clear();
+                        c.closing = true;
+                    }
+                }
+            }
+        }
+        // A closing client leaves once its replies are out.
+        clients.retain(|c| !(c.closing && c.output.is_empty()));
+        // Spin briefly after activity, then back off to at most 1 ms.
+        if busy {
+            idle = 0;
+        } else {
+            idle = idle.saturating_add(1);
+            if idle > 64 {
+                thread::sleep(Duration::from_micros(u64::from(idle.min(1000))));
+            }
         }
     }
 }
@@ -212,17 +301,9 @@ fn main() {
         }
     };
     eprintln!("resp-kv: listening on 127.0.0.1:{port}");
-    let db: Db = Arc::default();
-    for stream in listener.incoming() {
-        match stream {
-            Ok(s) => {
-                let db = db.clone();
-                thread::spawn(move || {
-                    let _ = serve(s, db);
-                });
-            }
-            Err(e) => eprintln!("resp-kv: accept: {e}"),
-        }
+    if let Err(e) = serve(listener, Db::default()) {
+        eprintln!("resp-kv: {e}");
+        std::process::exit(1);
     }
 }
 
@@ -269,7 +350,7 @@ mod tests {
 
     #[test]
     fn parses_resp_and_inline_and_rejects_garbage() {
-        let mut r = BufReader::new(&b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n"[..]);
+        let mut r = io::BufReader::new(&b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n"[..]);
         assert_eq!(
             read_request(&mut r).unwrap().unwrap(),
             vec![b"GET".to_vec(), b"k".to_vec()]
@@ -285,7 +366,7 @@ mod tests {
             b"*1\r\n$1\r\nab\r\n",
             b"*9999\r\n",
         ] {
-            let mut r = BufReader::new(bad);
+            let mut r = io::BufReader::new(bad);
             assert!(read_request(&mut r).is_err(), "{bad:?}");
         }
     }
