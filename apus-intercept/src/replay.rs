@@ -267,7 +267,7 @@ impl Replay {
     }
 
     /// Ends a replayed connection and returns what the local server wrote
-    /// on it (waiting up to [`DRAIN_WAIT`] for the server to finish).
+    /// on it (waiting up to `DRAIN_WAIT`, 5 s, for the server to finish).
     pub fn finish(&self, id: u64) -> Option<StreamHash> {
         let c = self
             .conns
