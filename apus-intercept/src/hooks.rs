@@ -11,7 +11,7 @@ use apus_core::EntryKind;
 use libc::{c_int, c_void, iovec, msghdr, size_t, sockaddr, socklen_t, ssize_t};
 
 use crate::payload::Close;
-use crate::{REGISTRY, apus, connect_payload, in_hook, inside, real, settings};
+use crate::{REGISTRY, Serving, apus, connect_payload, in_hook, inside, real, settings};
 
 fn errno() -> c_int {
     // SAFETY: __errno_location returns this thread's errno slot.
@@ -91,13 +91,17 @@ fn on_accept(fd: c_int) -> Verdict {
         REGISTRY.add_replay(fd, id);
         return Verdict::Keep;
     }
-    if !a.wait_serving() {
+    match a.serving() {
+        Serving::Leader => {}
+        Serving::TakingOver => return Verdict::Reject,
         // A real client reached a follower: it must use the leader (or,
         // if so configured, may inspect this replica unreplicated).
-        return match a.follower_clients {
-            apus::FollowerClients::Serve => Verdict::Keep,
-            apus::FollowerClients::Refuse => Verdict::Reject,
-        };
+        Serving::Follower => {
+            return match a.follower_clients {
+                apus::FollowerClients::Serve => Verdict::Keep,
+                apus::FollowerClients::Refuse => Verdict::Reject,
+            };
+        }
     }
     match a.replicate(EntryKind::Connect, 0, &connect_payload(a)) {
         Ok(index) if REGISTRY.add(fd, index) => Verdict::Keep,

@@ -28,7 +28,7 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, LazyLock, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::thread;
 use std::time::Duration;
 
@@ -95,23 +95,19 @@ fn read_settings() -> Option<Settings> {
     if expected != Some(parent) {
         return None;
     }
-    let fail = |why: String| {
-        eprintln!("apus-intercept: {why}; the server runs without replication");
-        None
-    };
     let config = match ClusterConfig::load(&PathBuf::from(path)) {
         Ok(c) => c,
-        Err(e) => return fail(format!("config: {e}")),
+        Err(e) => refuse(&format!("config: {e}")),
     };
     let id = match id.to_str().and_then(|s| s.parse::<u8>().ok()) {
         Some(i) if usize::from(i) < config.replicas.len() => NodeId(i),
-        _ => return fail(format!("APUS_ID {id:?} is not a replica of the cluster")),
+        _ => refuse(&format!("APUS_ID {id:?} is not a replica of the cluster")),
     };
     let Some(app) = config.replicas[id.index()].app else {
-        return fail(format!(
+        refuse(&format!(
             "replica[{}].app is not set: which port does the server listen on?",
             id.0
-        ));
+        ))
     };
     Some(Settings {
         config,
@@ -120,6 +116,29 @@ fn read_settings() -> Option<Settings> {
         pid: std::process::id(),
     })
 }
+
+/// Ends the process: a server that was meant to be replicated must never
+/// serve clients unreplicated (its state would silently fork from the
+/// cluster's). `_exit`, not `exit`: this may run inside any libc call of the
+/// server, where its atexit handlers cannot be trusted to run.
+fn refuse(why: &str) -> ! {
+    eprintln!("apus-intercept: {why}; refusing to run the server unreplicated");
+    // SAFETY: _exit has no preconditions and does not return.
+    unsafe { libc::_exit(EXIT_REFUSED) }
+}
+
+/// The exit status of a server that `refuse` stopped (EX_CONFIG).
+pub const EXIT_REFUSED: i32 = 78;
+
+/// Reads the settings as the library loads, so a misconfigured replica stops
+/// before the server has done anything.
+extern "C" fn load_settings() {
+    LazyLock::force(&SETTINGS);
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static LOAD_SETTINGS: extern "C" fn() = load_settings;
 
 /// The active settings, if this is the replicated process (not a fork).
 fn settings() -> Option<&'static Settings> {
@@ -133,7 +152,6 @@ struct Apus {
     replay: Arc<Replay>,
     /// Whether this node is the leader and ready for real clients.
     serving: Mutex<bool>,
-    serving_changed: Condvar,
     max_payload: usize,
     follower_clients: apus::FollowerClients,
 }
@@ -163,32 +181,35 @@ fn start() -> Option<Apus> {
     let replay = Arc::new(Replay::new(s.app, nonce, &REGISTRY));
     let node = match Node::start(&s.config, s.id, Replayer(replay.clone())) {
         Ok(n) => n,
-        Err(e) => {
-            eprintln!(
-                "apus-intercept: cannot start replica {}: {e}; the server runs without replication",
-                s.id.0
-            );
-            return None;
-        }
+        Err(e) => refuse(&format!("cannot start replica {}: {e}", s.id.0)),
     };
     info!(id = %s.id, app = %s.app, "replication started inside the server");
     let apus = Apus {
         node,
         replay,
         serving: Mutex::new(false),
-        serving_changed: Condvar::new(),
         max_payload: s.config.engine.max_payload,
         follower_clients: s.config.follower_clients,
     };
-    thread::Builder::new()
+    if let Err(e) = thread::Builder::new()
         .name("apus-roles".into())
         .spawn(|| inside(watch_roles))
-        .ok()?;
+    {
+        refuse(&format!("cannot start the role watcher: {e}"));
+    }
     if let Some(addr) = s.config.replicas[s.id.index()].client {
-        thread::Builder::new()
+        // Bound here, not in the thread: an address in use is a
+        // misconfiguration (two replicas with one id) and must stop us.
+        let listener = match std::net::TcpListener::bind(addr) {
+            Ok(l) => l,
+            Err(e) => refuse(&format!("cannot serve status on {addr}: {e}")),
+        };
+        if let Err(e) = thread::Builder::new()
             .name("apus-status".into())
-            .spawn(move || inside(|| serve_status(addr)))
-            .ok()?;
+            .spawn(move || inside(|| serve_status(listener)))
+        {
+            refuse(&format!("cannot start the status server: {e}"));
+        }
     }
     Some(apus)
 }
@@ -207,10 +228,14 @@ fn watch_roles() {
         if now == leading {
             continue;
         }
+        if now && !caught_up(a) {
+            // Lost the leadership again before taking over.
+            continue;
+        }
         leading = now;
         if now {
-            for id in a.replay.replayed_ids() {
-                let out = a.replay.finish(id).unwrap_or_default();
+            let ids = a.replay.replayed_ids();
+            for (id, out) in a.replay.finish_all(&ids) {
                 let close = payload::Close {
                     bytes_out: out.bytes,
                     hash_out: out.hash,
@@ -231,19 +256,30 @@ fn watch_roles() {
             info!("no longer leading: client connections closed");
         }
         *a.serving.lock().unwrap_or_else(|p| p.into_inner()) = now;
-        a.serving_changed.notify_all();
+    }
+}
+
+/// A new leader first applies every entry its log held when it was
+/// elected (the old leader's last requests, committed in the new term):
+/// only then has its server seen every byte the old leader's clients sent,
+/// and only then may their replayed connections be closed. `false` if the
+/// leadership was lost while waiting.
+fn caught_up(a: &Apus) -> bool {
+    let target = a.node.status().last_index;
+    loop {
+        let st = a.node.status();
+        if st.role != Role::Leader {
+            return false;
+        }
+        if st.applied >= target {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(1));
     }
 }
 
 /// Answers STATUS on the replica's client address (for `apus status`).
-fn serve_status(addr: SocketAddr) {
-    let listener = match std::net::TcpListener::bind(addr) {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(%addr, error = %e, "cannot serve status");
-            return;
-        }
-    };
+fn serve_status(listener: std::net::TcpListener) {
     for stream in listener.incoming().flatten() {
         let _ = thread::Builder::new()
             .name("apus-status-conn".into())
@@ -282,25 +318,29 @@ fn serve_status(addr: SocketAddr) {
     }
 }
 
+/// Whether real clients may be served, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Serving {
+    /// This node leads and has ended the old leader's connections.
+    Leader,
+    /// This node leads but is still ending the old leader's connections.
+    /// That needs the server's event loop, so a new client is turned away
+    /// at once rather than held in `accept` (it retries).
+    TakingOver,
+    /// Another node leads, or none does.
+    Follower,
+}
+
 impl Apus {
-    /// Waits until this node leads and is ready for clients; `false` if it
-    /// is a follower.
-    fn wait_serving(&self) -> bool {
-        let role = self.node.status().role;
-        if role != Role::Leader {
-            return false;
+    fn serving(&self) -> Serving {
+        if self.node.status().role != Role::Leader {
+            return Serving::Follower;
         }
-        let mut s = self.serving.lock().unwrap_or_else(|p| p.into_inner());
-        let mut waited = 0;
-        while !*s && waited < 5000 {
-            let (g, _) = self
-                .serving_changed
-                .wait_timeout(s, Duration::from_millis(1))
-                .unwrap_or_else(|p| p.into_inner());
-            s = g;
-            waited += 1;
+        if *self.serving.lock().unwrap_or_else(|p| p.into_inner()) {
+            Serving::Leader
+        } else {
+            Serving::TakingOver
         }
-        *s
     }
 
     /// Replicates an entry and holds the caller until it is committed and

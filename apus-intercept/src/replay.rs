@@ -269,20 +269,44 @@ impl Replay {
     /// Ends a replayed connection and returns what the local server wrote
     /// on it (waiting up to `DRAIN_WAIT`, 5 s, for the server to finish).
     pub fn finish(&self, id: u64) -> Option<StreamHash> {
-        let c = self
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id)?;
-        let _ = c.stream.shutdown(Shutdown::Write);
+        self.finish_all(&[id]).pop().map(|(_, h)| h)
+    }
+
+    /// Ends several replayed connections at once: every one is shut down
+    /// first, then their output is drained under one deadline, so a new
+    /// leader waits `DRAIN_WAIT` at most, however many clients the old one
+    /// had. Returns each connection that was replayed here with its output.
+    pub fn finish_all(&self, ids: &[u64]) -> Vec<(u64, StreamHash)> {
+        let ended: Vec<(u64, Replayed)> = {
+            let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            ids.iter()
+                .filter_map(|id| conns.remove(id).map(|c| (*id, c)))
+                .collect()
+        };
+        for (_, c) in &ended {
+            let _ = c.stream.shutdown(Shutdown::Write);
+        }
         let deadline = Instant::now() + DRAIN_WAIT;
-        while !c.drained.load(Ordering::Acquire) && Instant::now() < deadline {
+        while !ended.iter().all(|(_, c)| c.drained.load(Ordering::Acquire))
+            && Instant::now() < deadline
+        {
             thread::sleep(Duration::from_millis(1));
         }
-        let _ = c.stream.shutdown(Shutdown::Both);
-        let out = *c.out.lock().unwrap_or_else(|p| p.into_inner());
-        self.registry.forget_replay(id);
-        Some(out)
+        ended
+            .into_iter()
+            .map(|(id, c)| {
+                if !c.drained.load(Ordering::Acquire) {
+                    debug!(
+                        conn = id,
+                        "the local server did not finish its output in time"
+                    );
+                }
+                let _ = c.stream.shutdown(Shutdown::Both);
+                let out = *c.out.lock().unwrap_or_else(|p| p.into_inner());
+                self.registry.forget_replay(id);
+                (id, out)
+            })
+            .collect()
     }
 
     fn replay_close(&self, id: u64, leader: Option<Close>) {

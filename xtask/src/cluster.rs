@@ -20,8 +20,6 @@ use apus::client::{Client, RemoteStatus, Reply, Request};
 use apus_core::Role;
 use hdrhistogram::Histogram;
 
-use crate::{cargo, root, run};
-
 const REPLICAS: usize = 3;
 const PAYLOAD_FILLER: usize = 24;
 
@@ -351,23 +349,8 @@ fn proposer(load: Arc<Load>, clients: Vec<SocketAddr>) {
 pub fn run_test(args: &[String]) -> Result<ExitCode> {
     let o = Options::parse(args)?;
     let name = format!("cluster-test {}", o.transport);
-    run(
-        "building apus (release)",
-        cargo().args([
-            "build",
-            "--quiet",
-            "--release",
-            "--package",
-            "apus",
-            "--bin",
-            "apus",
-            "--features",
-            "quic",
-        ]),
-    )?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
+    let bin = crate::e2e::build_release()?.apus;
+    let target = crate::e2e::target_dir();
     let dir = target.join("cluster-test").join(format!(
         "{}-{}-{}",
         o.transport,
@@ -405,7 +388,6 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
     }
     let config = dir.join("cluster.toml");
     std::fs::write(&config, cfg)?;
-    let bin = target.join("release").join("apus");
     if quic {
         let out = Command::new(&bin)
             .args(["certs", "--config"])

@@ -3,11 +3,15 @@
 //! ```text
 //! cargo xtask test              everything CI runs
 //! cargo xtask sim ARGS          the deterministic simulator (see --help)
-//! cargo xtask demo [--seed S]   a simulated three-replica cluster with a leader crash
+//! cargo xtask demo              three replicated resp-kv servers, load, a leader kill
 //! cargo xtask cluster-test ...  three real node processes, a leader kill, checks
+//! cargo xtask e2e --server S    Redis, Memcached or resp-kv replicated end to end
 //! ```
 
+mod appclient;
 mod cluster;
+mod demo;
+mod e2e;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -21,17 +25,26 @@ usage: cargo xtask <command>
 commands:
   test              everything CI runs: formatting, clippy, docs, unit and
                     property tests, 5000 simulator seeds, the planted-bug
-                    checks, the cluster tests, the demo
+                    checks, the cluster tests, the end-to-end checks, the demos
+  demo [--seconds S]
+                    three resp-kv servers replicated by `apus run`: clients
+                    through the leader, the leader SIGKILLed after S seconds,
+                    failover, the killed replica rebuilt from the log, one
+                    digest per replica
   sim ARGS          run the deterministic simulator; ARGS as for apus-sim:
                       --seeds N [--first S] [--replicas R] [--bug NAME] [--threads T]
                       --seed S [--replicas R] [--bug NAME] [--trace]
-  demo [--seed S]   a simulated three-replica cluster: load, a leader crash,
-                    failover and catch-up, with a timeline and the figures
+                      --demo [--seed S]   the simulated demo: timeline of a leader crash
   cluster-test --transport tcp|quic [--durability memory|durable] [--fsync always|batch|never]
                [--proposals N] [--proposers P] [--poll spin|hybrid|park]
                     three `apus node` processes under load; the leader is
                     SIGKILLed and restarted; every acknowledged proposal must
-                    be on every replica (durable: also after a whole-cluster kill)";
+                    be on every replica (durable: also after a whole-cluster kill)
+  e2e --server redis|memcached|resp-kv [--requests N]
+                    the server (installed with apt-get when missing) under
+                    `apus run` on three replicas: baseline vs replicated load,
+                    state compared on every replica, bad input, BGSAVE
+                    (redis), leader SIGKILL under INCR load, restart";
 
 /// Simulator seeds `cargo xtask test` runs.
 const CI_SEEDS: u64 = 5000;
@@ -44,8 +57,9 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") if args.len() == 1 => test(),
         Some("sim") => sim(&args[1..]),
-        Some("demo") => demo(&args[1..]),
+        Some("demo") => demo::run_demo(&args[1..]),
         Some("cluster-test") => cluster::run_test(&args[1..]),
+        Some("e2e") => e2e::run_e2e(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -127,20 +141,6 @@ fn sim(args: &[String]) -> Result<ExitCode> {
     Ok(ExitCode::from(status.code().unwrap_or(1) as u8))
 }
 
-fn demo(args: &[String]) -> Result<ExitCode> {
-    let mut sim_args = vec!["--demo".to_string()];
-    match args {
-        [] => {}
-        [flag, seed] if flag == "--seed" => {
-            seed.parse::<u64>()
-                .with_context(|| format!("--seed expects a non-negative integer, got {seed:?}"))?;
-            sim_args.extend([flag.clone(), seed.clone()]);
-        }
-        _ => bail!("usage: cargo xtask demo [--seed S]"),
-    }
-    sim(&sim_args)
-}
-
 /// Makes sure rustfmt and clippy are installed (a fresh machine may have
 /// only the default rustup profile).
 fn ensure_components() -> Result<()> {
@@ -201,6 +201,31 @@ fn step(name: &str, f: impl FnOnce() -> Result<String>) -> Result<()> {
         println!("    ok ({secs:.1}s): {note}");
     }
     Ok(())
+}
+
+/// Runs `cargo xtask ARGS` and requires its last line to start with
+/// `pass`; returns that line. On failure, everything it printed is shown.
+fn xtask_expect(args: &[&str], pass: &str) -> Result<String> {
+    let out = cargo()
+        .arg("xtask")
+        .args(args)
+        .output()
+        .with_context(|| format!("running cargo xtask {}", args.join(" ")))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    if !out.status.success() || !last.starts_with(pass) {
+        bail!(
+            "cargo xtask {} failed ({}):\n{stdout}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(last
+        .trim_start_matches(pass)
+        .trim_start_matches(':')
+        .trim()
+        .to_string())
 }
 
 fn test() -> Result<ExitCode> {
@@ -323,7 +348,16 @@ fn test() -> Result<ExitCode> {
             Ok("two surviving replicas hold the same map".into())
         },
     )?;
-    step("demo (simulated cluster with a leader crash)", || {
+    for server in ["resp-kv", "memcached", "redis"] {
+        step(&format!("cargo xtask e2e --server {server}"), || {
+            xtask_expect(&["e2e", "--server", server], &format!("e2e {server}: PASS"))
+        })?;
+    }
+    step(
+        "cargo xtask demo (three replicated resp-kv servers)",
+        || xtask_expect(&["demo"], "demo: PASS"),
+    )?;
+    step("cargo xtask sim --demo (the simulated timeline)", || {
         let out = Command::new(&bin).arg("--demo").output()?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {

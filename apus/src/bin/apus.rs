@@ -315,7 +315,19 @@ fn run(args: &Args) -> Result<()> {
         _ => lib.display().to_string(),
     };
     let config_abs = std::fs::canonicalize(config_path)?;
-    let mut child = std::process::Command::new(program)
+    let mut command = std::process::Command::new(program);
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours. The
+    // server dies with `apus run` (even by SIGKILL), so a supervisor that
+    // kills one never leaves an unsupervised replica behind.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
         .args(rest)
         .env("LD_PRELOAD", preload)
         .env("APUS_CONFIG", &config_abs)

@@ -1,0 +1,264 @@
+//! Small clients for the servers the end-to-end checks and the demo drive:
+//! RESP (Redis, resp-kv) and the memcached text protocol. Only what the
+//! harness sends is implemented; anything unexpected is an error.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// How long a request may wait for its reply. Generous: a replicated
+/// server holds a request while a new leader is elected.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn invalid(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<(BufReader<TcpStream>, TcpStream)> {
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    s.set_write_timeout(Some(REPLY_TIMEOUT))?;
+    Ok((BufReader::new(s.try_clone()?), s))
+}
+
+/// Reads one line without its `\r\n`; end of stream is an error.
+fn line(r: &mut impl BufRead) -> io::Result<Vec<u8>> {
+    let mut l = Vec::new();
+    if r.read_until(b'\n', &mut l)? == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    match l.strip_suffix(b"\r\n") {
+        Some(body) => Ok(body.to_vec()),
+        None => Err(invalid(format!(
+            "line not terminated by CRLF: {:?}",
+            String::from_utf8_lossy(&l)
+        ))),
+    }
+}
+
+fn number<T: std::str::FromStr>(b: &[u8]) -> io::Result<T> {
+    std::str::from_utf8(b)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| invalid(format!("not a number: {:?}", String::from_utf8_lossy(b))))
+}
+
+/// A RESP reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Vec<Resp>),
+}
+
+/// One RESP connection.
+pub struct RespConn {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl RespConn {
+    pub fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<RespConn> {
+        let (r, w) = connect(addr, timeout)?;
+        Ok(RespConn { r, w })
+    }
+
+    /// Sends one command and reads its reply.
+    pub fn call(&mut self, args: &[&[u8]]) -> io::Result<Resp> {
+        let mut req = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            req.extend_from_slice(a);
+            req.extend_from_slice(b"\r\n");
+        }
+        self.w.write_all(&req)?;
+        self.read()
+    }
+
+    fn read(&mut self) -> io::Result<Resp> {
+        let l = line(&mut self.r)?;
+        let (kind, body) = l
+            .split_first()
+            .ok_or_else(|| invalid("empty reply line".into()))?;
+        Ok(match kind {
+            b'+' => Resp::Simple(String::from_utf8_lossy(body).into_owned()),
+            b'-' => Resp::Error(String::from_utf8_lossy(body).into_owned()),
+            b':' => Resp::Int(number(body)?),
+            b'$' => {
+                let n: i64 = number(body)?;
+                if n < 0 {
+                    Resp::Bulk(None)
+                } else {
+                    let mut b = vec![0u8; n as usize + 2];
+                    self.r.read_exact(&mut b)?;
+                    b.truncate(n as usize);
+                    Resp::Bulk(Some(b))
+                }
+            }
+            b'*' => {
+                let n: i64 = number(body)?;
+                let mut items = Vec::new();
+                for _ in 0..n.max(0) {
+                    items.push(self.read()?);
+                }
+                Resp::Array(items)
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "unexpected RESP reply {:?}",
+                    String::from_utf8_lossy(&l)
+                )));
+            }
+        })
+    }
+}
+
+/// One memcached text-protocol connection.
+pub struct McConn {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl McConn {
+    pub fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<McConn> {
+        let (r, w) = connect(addr, timeout)?;
+        Ok(McConn { r, w })
+    }
+
+    pub fn set(&mut self, key: &str, value: &[u8]) -> io::Result<()> {
+        let mut req = format!("set {key} 0 0 {}\r\n", value.len()).into_bytes();
+        req.extend_from_slice(value);
+        req.extend_from_slice(b"\r\n");
+        self.w.write_all(&req)?;
+        match line(&mut self.r)?.as_slice() {
+            b"STORED" => Ok(()),
+            other => Err(invalid(format!(
+                "set {key}: {}",
+                String::from_utf8_lossy(other)
+            ))),
+        }
+    }
+
+    /// `get k1 k2 ...`: the keys that exist, with their values.
+    pub fn get_many(&mut self, keys: &[String]) -> io::Result<Vec<(String, Vec<u8>)>> {
+        self.w
+            .write_all(format!("get {}\r\n", keys.join(" ")).as_bytes())?;
+        let mut out = Vec::new();
+        loop {
+            let l = line(&mut self.r)?;
+            if l == b"END" {
+                return Ok(out);
+            }
+            let text = String::from_utf8_lossy(&l).into_owned();
+            let mut f = text.split(' ');
+            match (f.next(), f.next(), f.next(), f.next()) {
+                (Some("VALUE"), Some(key), Some(_flags), Some(len)) => {
+                    let n: usize = number(len.as_bytes())?;
+                    let mut b = vec![0u8; n + 2];
+                    self.r.read_exact(&mut b)?;
+                    b.truncate(n);
+                    out.push((key.to_string(), b));
+                }
+                _ => return Err(invalid(format!("get: unexpected line {text:?}"))),
+            }
+        }
+    }
+
+    pub fn incr(&mut self, key: &str) -> io::Result<i64> {
+        self.w.write_all(format!("incr {key} 1\r\n").as_bytes())?;
+        let l = line(&mut self.r)?;
+        number(&l).map_err(|_| {
+            invalid(format!(
+                "incr {key}: {}",
+                String::from_utf8_lossy(&l).into_owned()
+            ))
+        })
+    }
+}
+
+/// Which protocol a server speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Resp,
+    Memcached,
+}
+
+/// A connection to any of the servers, with the operations the harness
+/// needs.
+pub enum AppConn {
+    Resp(RespConn),
+    Mc(McConn),
+}
+
+impl AppConn {
+    pub fn connect(p: Protocol, addr: SocketAddr, timeout: Duration) -> io::Result<AppConn> {
+        Ok(match p {
+            Protocol::Resp => AppConn::Resp(RespConn::connect(addr, timeout)?),
+            Protocol::Memcached => AppConn::Mc(McConn::connect(addr, timeout)?),
+        })
+    }
+
+    pub fn set(&mut self, key: &str, value: &[u8]) -> io::Result<()> {
+        match self {
+            AppConn::Resp(c) => match c.call(&[b"SET", key.as_bytes(), value])? {
+                Resp::Simple(s) if s == "OK" => Ok(()),
+                other => Err(invalid(format!("SET {key}: {other:?}"))),
+            },
+            AppConn::Mc(c) => c.set(key, value),
+        }
+    }
+
+    pub fn get(&mut self, key: &str) -> io::Result<Option<Vec<u8>>> {
+        match self {
+            AppConn::Resp(c) => match c.call(&[b"GET", key.as_bytes()])? {
+                Resp::Bulk(v) => Ok(v),
+                other => Err(invalid(format!("GET {key}: {other:?}"))),
+            },
+            AppConn::Mc(c) => Ok(c.get_many(&[key.to_string()])?.pop().map(|(_, v)| v)),
+        }
+    }
+
+    pub fn incr(&mut self, key: &str) -> io::Result<i64> {
+        match self {
+            AppConn::Resp(c) => match c.call(&[b"INCR", key.as_bytes()])? {
+                Resp::Int(v) => Ok(v),
+                other => Err(invalid(format!("INCR {key}: {other:?}"))),
+            },
+            AppConn::Mc(c) => c.incr(key),
+        }
+    }
+}
+
+/// FNV-1a, to fingerprint dumped key-value pairs.
+pub fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// A small deterministic generator for load keys and garbage bytes.
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> XorShift {
+        XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
