@@ -259,9 +259,10 @@ impl Replay {
         // The next entry goes in only once the server has read this one, so
         // it reads its input in log order, as the leader's did.
         if !self.registry.wait_consumed(id, target, CONSUME_WAIT) {
-            debug!(
+            warn!(
                 conn = id,
-                "the local server has not read its replayed input yet; going on"
+                "the local server has not read its replayed input within 2 s; going on \
+                 (log order is no longer guaranteed for it: watch for divergences)"
             );
         }
     }
