@@ -233,6 +233,20 @@ fn test() -> Result<ExitCode> {
     step("toolchain components", || {
         ensure_components().map(|()| String::new())
     })?;
+    step(
+        "system libraries (libfabric1 for apus-fabric's tests)",
+        || {
+            let have = Command::new("/sbin/ldconfig")
+                .arg("-p")
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("libfabric.so.1"));
+            if have {
+                return Ok("libfabric1 present".into());
+            }
+            e2e::ensure_apt(&["libfabric1"])?;
+            Ok("libfabric1 installed".into())
+        },
+    )?;
     step("cargo fmt --check", || {
         run("cargo fmt", cargo().args(["fmt", "--all", "--", "--check"]))?;
         Ok(String::new())

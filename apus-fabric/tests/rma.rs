@@ -1,0 +1,211 @@
+//! One-sided writes and reads between two endpoints, per provider, and the
+//! errors for what is missing. Needs libfabric (`cargo xtask test` installs
+//! it); without it each test prints SKIPPED with the reason.
+
+use std::time::{Duration, Instant};
+
+use apus_fabric::{Completion, Endpoint, FabricError, MemoryRegion, PeerAddr};
+
+/// Skips (loudly) when libfabric is not installed.
+fn open(provider: &str) -> Option<Endpoint> {
+    // Tests stay on loopback: the tcp provider's "lo" domain.
+    let domain = provider.starts_with("tcp").then_some("lo");
+    match Endpoint::open_in(provider, domain) {
+        Ok(e) => Some(e),
+        Err(FabricError::LibraryMissing(why)) => {
+            eprintln!("SKIPPED: {why}");
+            None
+        }
+        Err(e) => panic!("opening a {provider} endpoint: {e}"),
+    }
+}
+
+/// Polls both endpoints until `a` reports the completion of `context`.
+fn wait(a: &mut Endpoint, b: &mut Endpoint, context: u64) -> Completion {
+    wait_for(a, b, context, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no completion for {context}"))
+}
+
+fn wait_for(
+    a: &mut Endpoint,
+    b: &mut Endpoint,
+    context: u64,
+    within: Duration,
+) -> Option<Completion> {
+    let deadline = Instant::now() + within;
+    let mut done = Vec::new();
+    while Instant::now() < deadline {
+        a.poll(&mut done).expect("poll a");
+        b.poll(&mut Vec::new()).expect("poll b");
+        if let Some(at) = done.iter().position(|c| c.context == context) {
+            return Some(done.swap_remove(at));
+        }
+        std::thread::yield_now();
+    }
+    None
+}
+
+/// Posts with `post` until the provider takes it (the first operation to a
+/// peer may wait for a connection), polling both sides meanwhile.
+fn post(a: &mut Endpoint, b: &mut Endpoint, mut post: impl FnMut(&mut Endpoint) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !post(a) {
+        a.poll(&mut Vec::new()).expect("poll a");
+        b.poll(&mut Vec::new()).expect("poll b");
+        assert!(
+            Instant::now() < deadline,
+            "the provider never took the operation"
+        );
+        std::thread::yield_now();
+    }
+}
+
+struct Side {
+    ep: Endpoint,
+    mem: Box<[u8]>,
+    mr: MemoryRegion,
+}
+
+fn side(provider: &str) -> Option<Side> {
+    let mut ep = open(provider)?;
+    let mut mem = vec![0u8; 1 << 16].into_boxed_slice();
+    // SAFETY: `mem` lives in the same Side as the registration and is never
+    // reallocated; the endpoint (dropped with it) closes the registration.
+    let mr = unsafe { ep.register(mem.as_mut_ptr(), mem.len(), true) }.expect("register");
+    Some(Side { ep, mem, mr })
+}
+
+fn connect(a: &mut Side, b: &Side) -> PeerAddr {
+    a.ep.insert_peer(&b.ep.name().expect("name"))
+        .expect("insert")
+}
+
+fn write_then_read(provider: &str) {
+    let (Some(mut a), Some(mut b)) = (side(provider), side(provider)) else {
+        return;
+    };
+    let to_b = connect(&mut a, &b);
+    let _to_a = connect(&mut b, &a);
+    for (i, x) in a.mem[..4096].iter_mut().enumerate() {
+        *x = (i % 251) as u8;
+    }
+    // Write 4 KiB at offset 1000 of b's region.
+    let (src, (base, key)) = (a.mem.as_ptr(), (b.mr.base, b.mr.key));
+    let a_mr = &a.mr;
+    // SAFETY: the source lies in a's registered memory, alive until the end.
+    post(&mut a.ep, &mut b.ep, |ep| unsafe {
+        ep.write(src, 4096, a_mr, to_b, base + 1000, key, 7)
+            .expect("write")
+    });
+    let c = wait(&mut a.ep, &mut b.ep, 7);
+    assert_eq!(c.result, Ok(()));
+    assert_eq!(&b.mem[1000..1000 + 4096], &a.mem[..4096]);
+    // Read it back into a different place of a's region.
+    // SAFETY: the destination lies in a's registered memory.
+    let dst = unsafe { a.mem.as_mut_ptr().add(8192) };
+    // SAFETY: as above.
+    post(&mut a.ep, &mut b.ep, |ep| unsafe {
+        ep.read(dst, 4096, a_mr, to_b, base + 1000, key, 8)
+            .expect("read")
+    });
+    assert_eq!(wait(&mut a.ep, &mut b.ep, 8).result, Ok(()));
+    assert_eq!(&a.mem[8192..8192 + 4096], &a.mem[..4096]);
+}
+
+#[test]
+fn shm_write_and_read() {
+    write_then_read("shm");
+}
+
+#[test]
+fn tcp_rxm_write_and_read() {
+    write_then_read("tcp;ofi_rxm");
+}
+
+#[test]
+fn shm_revoked_registration_refuses_writes() {
+    revoked_registration_refuses_writes("shm");
+}
+
+#[test]
+fn tcp_rxm_revoked_registration_refuses_writes() {
+    revoked_registration_refuses_writes("tcp;ofi_rxm");
+}
+
+/// The fencing primitive: once the target closes a registration, a write
+/// naming its key fails and changes nothing.
+fn revoked_registration_refuses_writes(provider: &str) {
+    let (Some(mut a), Some(mut b)) = (side(provider), side(provider)) else {
+        return;
+    };
+    let to_b = connect(&mut a, &b);
+    let _ = connect(&mut b, &a);
+    let mut ring = vec![0u8; 4096].into_boxed_slice();
+    // SAFETY: `ring` outlives the registration, which is closed just below.
+    let ring_mr = unsafe { b.ep.register(ring.as_mut_ptr(), ring.len(), true) }.unwrap();
+    let (base, key) = (ring_mr.base, ring_mr.key);
+    b.ep.deregister(ring_mr).unwrap();
+    a.mem[0] = 0xAB;
+    let (src, a_mr) = (a.mem.as_ptr(), &a.mr);
+    let mut refused_at_post = None;
+    // SAFETY: the source lies in a's registered memory.
+    post(&mut a.ep, &mut b.ep, |ep| unsafe {
+        match ep.write(src, 64, a_mr, to_b, base, key, 9) {
+            Ok(posted) => posted,
+            Err(e) => {
+                refused_at_post = Some(e);
+                true
+            }
+        }
+    });
+    match refused_at_post {
+        Some(e) => eprintln!("{provider}: refused when posted: {e}"),
+        None => match wait_for(&mut a.ep, &mut b.ep, 9, Duration::from_secs(2)) {
+            Some(c) => {
+                eprintln!("{provider}: completion {:?}", c.result);
+                assert!(c.result.is_err(), "a write with a revoked key completed");
+            }
+            // shm drops such a write without completing it: it must not
+            // land; the transport turns the silence into a failure.
+            None => eprintln!("{provider}: no completion within 2 s"),
+        },
+    }
+    assert_eq!(ring[0], 0, "a write with a revoked key landed");
+    drop(b);
+}
+
+#[test]
+fn an_unknown_provider_is_named_with_the_alternatives() {
+    match Endpoint::open("no-such-provider") {
+        Err(FabricError::LibraryMissing(why)) => eprintln!("SKIPPED: {why}"),
+        Err(e @ FabricError::ProviderMissing { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("no-such-provider"), "{text}");
+            assert!(text.contains("shm"), "the alternatives are listed: {text}");
+        }
+        other => panic!("expected ProviderMissing, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_provider_without_rma_is_refused() {
+    // udp has no RMA: datagrams only.
+    match Endpoint::open("udp") {
+        Err(FabricError::LibraryMissing(why)) => eprintln!("SKIPPED: {why}"),
+        Err(e @ FabricError::NoRma { .. }) => {
+            assert!(e.to_string().contains("udp"), "{e}");
+        }
+        other => panic!("expected NoRma, got {other:?}"),
+    }
+}
+
+#[test]
+fn tcp_endpoints_stay_on_loopback() {
+    let Some(ep) = open("tcp;ofi_rxm") else {
+        return;
+    };
+    let name = ep.name().expect("name");
+    // FI_SOCKADDR_IN: family, port, then the IPv4 address.
+    assert!(name.len() >= 8, "{name:?}");
+    assert_eq!(&name[4..8], &[127, 0, 0, 1], "endpoint name {name:?}");
+}
