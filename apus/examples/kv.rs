@@ -41,17 +41,21 @@ impl StateMachine for Kv {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("apus-kv-{}", std::process::id()));
-    let port = || TcpListener::bind("127.0.0.1:0").map(|l| l.local_addr().unwrap().port());
+    // Three distinct free ports: all held until all are chosen.
+    let held = (0..3)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut text = String::from(
         "[cluster]\nsecret = \"example secret, not for production\"\npoll = \"park\"\n",
     );
-    for i in 0..3 {
+    for (i, l) in held.iter().enumerate() {
         text += &format!(
             "[[replica]]\nid = {i}\naddress = \"127.0.0.1:{}\"\ndata_dir = \"{}/n{i}\"\n",
-            port()?,
+            l.local_addr()?.port(),
             dir.display()
         );
     }
+    drop(held);
     let config = ClusterConfig::parse(&text, None)?;
 
     let stores: Vec<Kv> = (0..3).map(|_| Kv::default()).collect();

@@ -21,12 +21,15 @@ impl StateMachine for Log {
     }
 }
 
-fn port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `n` distinct free loopback ports: every listener stays bound until all
+/// are chosen, so the kernel cannot hand out one port twice.
+fn ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 fn config(dir: &Path, durability: &str) -> ClusterConfig {
@@ -35,10 +38,10 @@ fn config(dir: &Path, durability: &str) -> ClusterConfig {
          [engine]\nring_capacity = 1048576\ncatchup_chunk = 65536\nmax_payload = 4096\n\
          heartbeat_us = 2000\nelection_timeout_us = 40000\n"
     );
-    for i in 0..3 {
+    for (i, port) in ports(3).into_iter().enumerate() {
         text += &format!(
             "[[replica]]\nid = {i}\naddress = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n",
-            port(),
+            port,
             dir.join(format!("n{i}")).display()
         );
     }

@@ -83,14 +83,6 @@ impl Options {
     }
 }
 
-fn free_addr() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-fn free_udp_addr() -> Result<SocketAddr> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 struct Cluster {
     bin: PathBuf,
     dir: PathBuf,
@@ -375,10 +367,11 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
     }
     cfg += "[engine]\nheartbeat_us = 2000\nelection_timeout_us = 30000\n";
     let mut clients = Vec::new();
+    let mut pool = crate::e2e::PortPool::default();
     for i in 0..REPLICAS {
-        let client = free_addr()?;
+        let client = pool.tcp()?;
         clients.push(client);
-        let address = if quic { free_udp_addr()? } else { free_addr()? };
+        let address = if quic { pool.udp()? } else { pool.tcp()? };
         cfg += &format!(
             "[[replica]]\nid = {i}\naddress = \"{address}\"\nclient = \"{client}\"\ndata_dir = \"n{i}\"\n"
         );
@@ -388,6 +381,7 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
     }
     let config = dir.join("cluster.toml");
     std::fs::write(&config, cfg)?;
+    drop(pool);
     if quic {
         let out = Command::new(&bin)
             .args(["certs", "--config"])

@@ -83,6 +83,31 @@ pub fn free_addr() -> Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
+/// Free loopback ports for one configuration: each socket stays bound until
+/// the pool is dropped, so the kernel cannot hand out one port twice (it
+/// did: two replicas got the same address).
+#[derive(Default)]
+pub struct PortPool {
+    tcp: Vec<TcpListener>,
+    udp: Vec<std::net::UdpSocket>,
+}
+
+impl PortPool {
+    pub fn tcp(&mut self) -> Result<SocketAddr> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let a = l.local_addr()?;
+        self.tcp.push(l);
+        Ok(a)
+    }
+
+    pub fn udp(&mut self) -> Result<SocketAddr> {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let a = s.local_addr()?;
+        self.udp.push(s);
+        Ok(a)
+    }
+}
+
 /// The servers the checks know how to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ServerKind {
@@ -320,8 +345,9 @@ impl AppCluster {
             std::process::id()
         );
         let (mut apps, mut status) = (Vec::new(), Vec::new());
+        let mut pool = PortPool::default();
         for i in 0..REPLICAS {
-            let (address, client, app) = (free_addr()?, free_addr()?, free_addr()?);
+            let (address, client, app) = (pool.tcp()?, pool.tcp()?, pool.tcp()?);
             cfg += &format!(
                 "[[replica]]\nid = {i}\naddress = \"{address}\"\nclient = \"{client}\"\n\
                  app = \"{app}\"\ndata_dir = \"n{i}\"\n"
