@@ -26,6 +26,18 @@ use sys::*;
 /// A peer's address in this endpoint's address vector.
 pub type PeerAddr = u64;
 
+/// Where a one-sided operation goes: a peer, an address in its registered
+/// region (`MemoryRegion::base` + offset) and the region's key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Remote {
+    /// The peer, as `Endpoint::insert_peer` returned it.
+    pub peer: PeerAddr,
+    /// The address in the peer's region.
+    pub addr: u64,
+    /// The peer region's key.
+    pub key: u64,
+}
+
 /// Why a libfabric operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FabricError {
@@ -575,21 +587,17 @@ impl Endpoint {
     }
 
     /// Posts a one-sided write of `len` bytes at `src` (inside `local`) to
-    /// the peer's region. `Ok(false)`: the queue is full, try again after
-    /// polling.
+    /// `to`. `Ok(false)`: the queue is full, try again after polling.
     ///
     /// # Safety
     /// `src..src+len` lies in `local`'s memory and stays valid until the
     /// completion with `context` is returned by `poll`.
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn write(
         &mut self,
         src: *const u8,
         len: usize,
         local: &MemoryRegion,
-        peer: PeerAddr,
-        remote_addr: u64,
-        key: u64,
+        to: Remote,
         context: u64,
     ) -> Result<bool, FabricError> {
         // SAFETY: per the contract; the context is an opaque integer that
@@ -600,33 +608,26 @@ impl Endpoint {
                 src.cast(),
                 len,
                 local.desc,
-                peer,
-                remote_addr,
-                key,
+                to.peer,
+                to.addr,
+                to.key,
                 context as *mut c_void,
             )
         };
-        if r == -FI_EAGAIN {
-            return Ok(false);
-        }
-        check(self.lib, "fi_write", r)?;
-        Ok(true)
+        self.posted("fi_write", r)
     }
 
-    /// Posts a one-sided read of `len` bytes of the peer's region into
-    /// `dst` (inside `local`). `Ok(false)`: try again after polling.
+    /// Posts a one-sided read of `len` bytes at `from` into `dst` (inside
+    /// `local`). `Ok(false)`: try again after polling.
     ///
     /// # Safety
     /// As [`Endpoint::write`], for `dst`.
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn read(
         &mut self,
         dst: *mut u8,
         len: usize,
         local: &MemoryRegion,
-        peer: PeerAddr,
-        remote_addr: u64,
-        key: u64,
+        from: Remote,
         context: u64,
     ) -> Result<bool, FabricError> {
         // SAFETY: per the contract.
@@ -636,16 +637,21 @@ impl Endpoint {
                 dst.cast(),
                 len,
                 local.desc,
-                peer,
-                remote_addr,
-                key,
+                from.peer,
+                from.addr,
+                from.key,
                 context as *mut c_void,
             )
         };
+        self.posted("fi_read", r)
+    }
+
+    /// What a post returned: taken, queue full (`EAGAIN`), or an error.
+    fn posted(&self, call: &'static str, r: isize) -> Result<bool, FabricError> {
         if r == -FI_EAGAIN {
             return Ok(false);
         }
-        check(self.lib, "fi_read", r)?;
+        check(self.lib, call, r)?;
         Ok(true)
     }
 

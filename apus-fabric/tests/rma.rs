@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use apus_fabric::{Completion, Endpoint, FabricError, MemoryRegion, PeerAddr};
+use apus_fabric::{Completion, Endpoint, FabricError, MemoryRegion, PeerAddr, Remote};
 
 /// Skips (loudly) when libfabric is not installed.
 fn open(provider: &str) -> Option<Endpoint> {
@@ -94,8 +94,18 @@ fn write_then_read(provider: &str) {
     let a_mr = &a.mr;
     // SAFETY: the source lies in a's registered memory, alive until the end.
     post(&mut a.ep, &mut b.ep, |ep| unsafe {
-        ep.write(src, 4096, a_mr, to_b, base + 1000, key, 7)
-            .expect("write")
+        ep.write(
+            src,
+            4096,
+            a_mr,
+            Remote {
+                peer: to_b,
+                addr: base + 1000,
+                key,
+            },
+            7,
+        )
+        .expect("write")
     });
     let c = wait(&mut a.ep, &mut b.ep, 7);
     assert_eq!(c.result, Ok(()));
@@ -105,8 +115,18 @@ fn write_then_read(provider: &str) {
     let dst = unsafe { a.mem.as_mut_ptr().add(8192) };
     // SAFETY: as above.
     post(&mut a.ep, &mut b.ep, |ep| unsafe {
-        ep.read(dst, 4096, a_mr, to_b, base + 1000, key, 8)
-            .expect("read")
+        ep.read(
+            dst,
+            4096,
+            a_mr,
+            Remote {
+                peer: to_b,
+                addr: base + 1000,
+                key,
+            },
+            8,
+        )
+        .expect("read")
     });
     assert_eq!(wait(&mut a.ep, &mut b.ep, 8).result, Ok(()));
     assert_eq!(&a.mem[8192..8192 + 4096], &a.mem[..4096]);
@@ -150,7 +170,17 @@ fn revoked_registration_refuses_writes(provider: &str) {
     let mut refused_at_post = None;
     // SAFETY: the source lies in a's registered memory.
     post(&mut a.ep, &mut b.ep, |ep| unsafe {
-        match ep.write(src, 64, a_mr, to_b, base, key, 9) {
+        match ep.write(
+            src,
+            64,
+            a_mr,
+            Remote {
+                peer: to_b,
+                addr: base,
+                key,
+            },
+            9,
+        ) {
             Ok(posted) => posted,
             Err(e) => {
                 refused_at_post = Some(e);

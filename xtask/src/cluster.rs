@@ -20,6 +20,8 @@ use apus::client::{Client, RemoteStatus, Reply, Request};
 use apus_core::Role;
 use hdrhistogram::Histogram;
 
+use crate::e2e::{find_leader, latency_histogram, status_at};
+
 const REPLICAS: usize = 3;
 const PAYLOAD_FILLER: usize = 24;
 
@@ -120,15 +122,11 @@ impl Cluster {
     }
 
     fn status(&self, i: usize) -> Option<RemoteStatus> {
-        let mut c = Client::connect(self.clients[i], Duration::from_millis(500)).ok()?;
-        match c.call(&Request::Status).ok()? {
-            Reply::Status(s) => Some(s),
-            _ => None,
-        }
+        status_at(self.clients[i])
     }
 
     fn leader(&self) -> Option<usize> {
-        (0..REPLICAS).find(|&i| self.status(i).is_some_and(|s| s.role == Role::Leader))
+        find_leader(&self.clients)
     }
 
     fn wait_for_leader(&self, within: Duration) -> Result<(usize, Instant)> {
@@ -251,10 +249,6 @@ fn loopback_rtt() -> Result<(f64, f64)> {
     drop(c);
     let _ = server.join();
     Ok((us(h.value_at_quantile(0.5)), us(h.value_at_quantile(0.99))))
-}
-
-fn latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
 }
 
 fn us(ns: u64) -> f64 {

@@ -9,7 +9,6 @@
 //! `cargo xtask sim --demo`.
 
 use std::process::ExitCode;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -156,6 +155,5 @@ pub fn run_demo(args: &[String]) -> Result<ExitCode> {
     let dir = cluster.dir.clone();
     drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
-    thread::sleep(Duration::from_millis(10));
     Ok(ExitCode::SUCCESS)
 }

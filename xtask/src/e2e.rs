@@ -1191,8 +1191,6 @@ fn bad_input(cluster: &AppCluster) -> Result<String> {
         "the 200 KiB value did not read back intact from the leader"
     );
     drop(c);
-    // Every replica holds the big value (followers serve reads directly).
-    thread::sleep(Duration::from_millis(100));
     Ok("4 KiB of garbage, a SET cut off by a disconnect, QUIT (the server closes), a 200 KiB value".into())
 }
 
@@ -1419,6 +1417,19 @@ pub fn run_e2e(args: &[String]) -> Result<ExitCode> {
         "{name}: 3 replicas under `apus run` on 127.0.0.1, tcp transport, memory durability, {} CPUs",
         thread::available_parallelism().map_or(1, |n| n.get())
     );
+    // The same load for the bare server and the replicated leader.
+    let load = |addr: SocketAddr| -> Result<Vec<LoadFigures>> {
+        match kind {
+            ServerKind::Redis => redis_benchmark(addr, o.requests),
+            _ => Ok(vec![mixed_load(
+                "set/get",
+                kind.protocol(),
+                addr,
+                MIXED_CONNS,
+                o.requests / MIXED_CONNS as u64 / 5,
+            )?]),
+        }
+    };
     // The baseline: the same server alone.
     let bare_dir =
         target_dir()
@@ -1426,16 +1437,7 @@ pub fn run_e2e(args: &[String]) -> Result<ExitCode> {
             .join(format!("{}-bare-{}", kind.name(), std::process::id()));
     let bare_rows = {
         let bare = BareServer::start(kind, &bins, &bare_dir)?;
-        let rows = match kind {
-            ServerKind::Redis => redis_benchmark(bare.addr, o.requests)?,
-            _ => vec![mixed_load(
-                "set/get",
-                kind.protocol(),
-                bare.addr,
-                MIXED_CONNS,
-                o.requests / MIXED_CONNS as u64 / 5,
-            )?],
-        };
+        let rows = load(bare.addr)?;
         drop(bare);
         let _ = std::fs::remove_dir_all(&bare_dir);
         rows
@@ -1447,21 +1449,10 @@ pub fn run_e2e(args: &[String]) -> Result<ExitCode> {
     let all: Vec<usize> = (0..REPLICAS).collect();
     let leader = cluster.wait_ready(&all, Duration::from_secs(30))?;
     println!("  n{leader} leads; apps {:?}", cluster.apps);
-    let repl_rows = match kind {
-        ServerKind::Redis => redis_benchmark(cluster.apps[leader], o.requests)?,
-        _ => {
-            for k in 0..MIXED_KEYS {
-                cluster.remember_key(&format!("k{k}"));
-            }
-            vec![mixed_load(
-                "set/get",
-                kind.protocol(),
-                cluster.apps[leader],
-                MIXED_CONNS,
-                o.requests / MIXED_CONNS as u64 / 5,
-            )?]
-        }
-    };
+    for k in 0..MIXED_KEYS {
+        cluster.remember_key(&format!("k{k}"));
+    }
+    let repl_rows = load(cluster.apps[leader])?;
     let rows: Vec<(LoadFigures, LoadFigures)> = bare_rows
         .iter()
         .cloned()
