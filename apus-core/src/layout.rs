@@ -271,6 +271,25 @@ impl RegionLayout {
         RemoteAccess::Denied
     }
 
+    /// Every inbound slot `writer` may write, as one contiguous range:
+    /// what a transport with hardware access control (RDMA, libfabric)
+    /// registers for that writer alone.
+    pub fn inbound_slots(&self, writer: NodeId) -> std::ops::Range<usize> {
+        debug_assert!(writer.index() < self.replicas);
+        let start = self.inbound + writer.index() * SLOTS_PER_WRITER * SLOT_LEN;
+        start..start + SLOTS_PER_WRITER * SLOT_LEN
+    }
+
+    /// The ranges peers may read: the header and the status record.
+    pub fn remote_readable(&self) -> [std::ops::Range<usize>; 2] {
+        [0..HEADER_LEN, self.status..self.status + SLOT_LEN]
+    }
+
+    /// The log ring's range.
+    pub fn ring_range(&self) -> std::ops::Range<usize> {
+        self.ring..self.total
+    }
+
     /// Whether a peer may read `offset..offset + len` (the header and the
     /// status record only).
     pub fn remote_read_allowed(&self, offset: usize, len: usize) -> bool {
@@ -284,6 +303,42 @@ impl RegionLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registrable_ranges_match_the_access_rules() {
+        let l = RegionLayout::new(5, 4096, 1024).unwrap();
+        for w in 0..5u8 {
+            let r = l.inbound_slots(NodeId(w));
+            assert!(matches!(
+                l.remote_write_access(NodeId(w), r.start, SLOT_LEN),
+                RemoteAccess::Slot(SlotKind::Leader)
+            ));
+            assert!(matches!(
+                l.remote_write_access(NodeId(w), r.end - SLOT_LEN, SLOT_LEN),
+                RemoteAccess::Slot(SlotKind::VoteResponse)
+            ));
+            // Just outside: another writer's slot or the status record.
+            assert_eq!(
+                l.remote_write_access(NodeId(w), r.end, SLOT_LEN),
+                RemoteAccess::Denied
+            );
+            for kind in SlotKind::ALL {
+                for copy in 0..kind.copies() {
+                    assert!(r.contains(&l.inbound_copy(kind, NodeId(w), copy)));
+                }
+            }
+        }
+        for r in l.remote_readable() {
+            assert!(l.remote_read_allowed(r.start, r.len()));
+            assert!(!l.remote_read_allowed(r.start, r.len() + 1));
+        }
+        let ring = l.ring_range();
+        assert_eq!(
+            l.remote_write_access(NodeId(1), ring.start, ring.len()),
+            RemoteAccess::Ring
+        );
+        assert_eq!(ring.len(), l.ring_capacity());
+    }
 
     #[test]
     fn areas_do_not_overlap_and_are_aligned() {

@@ -54,6 +54,18 @@ pub const FI_CQ_FORMAT_CONTEXT: u32 = 1;
 pub const FI_WAIT_NONE: u32 = 0;
 pub const FI_ENABLE: c_int = 6;
 
+/// Per-target ordering of RMA and atomic operations (fi_endpoint(3)): read
+/// after read, read after write, write after read, write after write.
+pub const FI_ORDER_RAR: u64 = 1 << 0;
+pub const FI_ORDER_RAW: u64 = 1 << 1;
+pub const FI_ORDER_WAR: u64 = 1 << 3;
+pub const FI_ORDER_WAW: u64 = 1 << 4;
+
+/// `enum fi_datatype`: FI_UINT64.
+pub const FI_UINT64: u32 = 7;
+/// `enum fi_op`: FI_CSWAP.
+pub const FI_CSWAP: u32 = 12;
+
 pub const FI_EAGAIN: isize = libc::EAGAIN as isize;
 pub const FI_EAVAIL: isize = 259;
 
@@ -410,8 +422,41 @@ pub struct fid_ep {
     pub msg: *mut c_void,
     pub rma: *mut fi_ops_rma,
     pub tagged: *mut c_void,
-    pub atomic: *mut c_void,
+    pub atomic: *mut fi_ops_atomic,
     pub collective: *mut c_void,
+}
+
+#[repr(C)]
+pub struct fi_ops_atomic {
+    pub size: usize,
+    pub write: *const c_void,
+    pub writev: *const c_void,
+    pub writemsg: *const c_void,
+    pub inject: *const c_void,
+    pub readwrite: *const c_void,
+    pub readwritev: *const c_void,
+    pub readwritemsg: *const c_void,
+    pub compwrite: unsafe extern "C" fn(
+        *mut fid_ep,
+        *const c_void,
+        usize,
+        *mut c_void,
+        *const c_void,
+        *mut c_void,
+        *mut c_void,
+        *mut c_void,
+        fi_addr_t,
+        u64,
+        u64,
+        u32,
+        u32,
+        *mut c_void,
+    ) -> isize,
+    pub compwritev: *const c_void,
+    pub compwritemsg: *const c_void,
+    pub writevalid: *const c_void,
+    pub readwritevalid: *const c_void,
+    pub compwritevalid: unsafe extern "C" fn(*mut fid_ep, u32, u32, *mut usize) -> c_int,
 }
 
 type GetInfo = unsafe extern "C" fn(

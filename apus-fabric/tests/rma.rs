@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use apus_fabric::{Completion, Endpoint, FabricError, MemoryRegion, PeerAddr, Remote};
+use apus_fabric::{Access, Completion, Endpoint, FabricError, MemoryRegion, PeerAddr, Remote};
 
 /// Skips (loudly) when libfabric is not installed.
 fn open(provider: &str) -> Option<Endpoint> {
@@ -71,7 +71,8 @@ fn side(provider: &str) -> Option<Side> {
     let mut mem = vec![0u8; 1 << 16].into_boxed_slice();
     // SAFETY: `mem` lives in the same Side as the registration and is never
     // reallocated; the endpoint (dropped with it) closes the registration.
-    let mr = unsafe { ep.register(mem.as_mut_ptr(), mem.len(), true) }.expect("register");
+    let mr = unsafe { ep.register(mem.as_mut_ptr(), mem.len(), Access::REMOTE_WRITE) }
+        .expect("register");
     Some(Side { ep, mem, mr })
 }
 
@@ -162,7 +163,10 @@ fn revoked_registration_refuses_writes(provider: &str) {
     let _ = connect(&mut b, &a);
     let mut ring = vec![0u8; 4096].into_boxed_slice();
     // SAFETY: `ring` outlives the registration, which is closed just below.
-    let ring_mr = unsafe { b.ep.register(ring.as_mut_ptr(), ring.len(), true) }.unwrap();
+    let ring_mr = unsafe {
+        b.ep.register(ring.as_mut_ptr(), ring.len(), Access::REMOTE_WRITE)
+    }
+    .unwrap();
     let (base, key) = (ring_mr.base, ring_mr.key);
     b.ep.deregister(ring_mr).unwrap();
     a.mem[0] = 0xAB;

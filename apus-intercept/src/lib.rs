@@ -304,6 +304,8 @@ fn serve_status(listener: std::net::TcpListener) {
                                     entries: a.replay.replayed.load(Ordering::Relaxed),
                                     digest: 0,
                                     divergences: a.replay.divergences.load(Ordering::Relaxed),
+                                    fenced_writes: st.fencing.fenced_writes,
+                                    revocations: st.fencing.revocations,
                                 })
                             }
                             (Ok(_), _) => Reply::Failed("this port answers STATUS only".into()),

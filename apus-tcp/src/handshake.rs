@@ -53,6 +53,11 @@ pub struct LayoutInfo {
     /// Region size.
     #[prost(uint64, tag = "5")]
     pub region_len: u64,
+    /// The transport the connection will carry (`tcp`, `quic`,
+    /// `fabric/<provider>`): replicas configured differently refuse each
+    /// other with a reason instead of misreading each other's bytes.
+    #[prost(string, tag = "6")]
+    pub transport: String,
 }
 
 impl LayoutInfo {
@@ -64,7 +69,14 @@ impl LayoutInfo {
             ring_capacity: layout.ring_capacity() as u64,
             catchup_chunk: layout.catchup_chunk() as u64,
             region_len: layout.region_len() as u64,
+            transport: String::new(),
         }
+    }
+
+    /// The same, for connections that carry `transport`.
+    pub fn for_transport(mut self, transport: &str) -> LayoutInfo {
+        self.transport = transport.into();
+        self
     }
 }
 
@@ -154,7 +166,9 @@ pub enum HandshakeError {
     Refused(String),
 }
 
-fn write_msg(s: &mut TcpStream, m: &impl Message) -> io::Result<()> {
+/// Writes one length-prefixed prost message (also used after the handshake
+/// by transports that exchange set-up data over the stream).
+pub fn write_msg(s: &mut TcpStream, m: &impl Message) -> io::Result<()> {
     let body = m.encode_to_vec();
     let mut buf = Vec::with_capacity(4 + body.len());
     buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -162,7 +176,8 @@ fn write_msg(s: &mut TcpStream, m: &impl Message) -> io::Result<()> {
     s.write_all(&buf)
 }
 
-fn read_msg<M: Message + Default>(s: &mut TcpStream) -> Result<M, HandshakeError> {
+/// Reads one length-prefixed prost message of at most [`MAX_MESSAGE`] bytes.
+pub fn read_msg<M: Message + Default>(s: &mut TcpStream) -> Result<M, HandshakeError> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
@@ -298,7 +313,7 @@ pub fn accept(
         return Err(refuse(
             s,
             format!(
-                "region layout {:?} differs from ours {layout:?}",
+                "region layout or transport {:?} differs from ours {layout:?}",
                 hello.layout
             ),
         ));

@@ -18,11 +18,12 @@
 //! or block in [`Transport::wait`](apus_core::Transport::wait) (`ppoll` on
 //! the sockets and an eventfd) between polls.
 
+pub mod connect;
 pub mod handshake;
 mod link;
 #[cfg(feature = "quic")]
 pub mod quic;
-mod sys;
+pub mod sys;
 mod tcp;
 pub mod wire;
 

@@ -283,7 +283,7 @@ impl QuicTransport {
         let wake = Arc::new(EventFd::new()?);
         let ctx = Arc::new(Ctx {
             me: cfg.me,
-            layout: LayoutInfo::of(&cfg.layout),
+            layout: LayoutInfo::of(&cfg.layout).for_transport("quic"),
             certs: cfg.tls.certs,
             inbox: Mutex::new(tx),
             wake: wake.clone(),

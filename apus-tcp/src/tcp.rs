@@ -17,24 +17,23 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use apus_core::{
     Capabilities, Completion, NodeId, OpError, OpId, Region, RegionLayout, RemoteOp, Transport,
     TransportError, TransportEvent, Wake,
 };
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::TransportStats;
-use crate::handshake::{self, LayoutInfo};
+use crate::connect::{Connector, ConnectorConfig};
+use crate::handshake::LayoutInfo;
 use crate::link::{Link, Local};
-use crate::sys::{self, EventFd, Interest};
+use crate::sys::{self, Interest};
 
 /// Where every replica listens, and the shared secret.
 #[derive(Clone)]
@@ -65,8 +64,6 @@ const MAX_BACKLOG: usize = 256 << 20;
 /// Bytes read from one connection per `poll`, so one busy peer cannot
 /// starve the others.
 const READ_BUDGET: usize = 1 << 20;
-/// Concurrent handshakes an acceptor serves; more are dropped.
-const MAX_HANDSHAKES: usize = 16;
 
 #[derive(Debug)]
 struct Conn {
@@ -81,13 +78,8 @@ pub struct TcpTransport {
     region: Region,
     writer: Option<NodeId>,
     conns: Vec<Option<Conn>>,
-    established: Receiver<(NodeId, TcpStream)>,
-    redial: Vec<Option<Sender<()>>>,
+    connector: Connector,
     events: VecDeque<TransportEvent>,
-    wake: Arc<EventFd>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-    stats: Arc<TransportStats>,
     pollfds: Vec<libc::pollfd>,
     interests: Vec<Interest>,
 }
@@ -110,88 +102,27 @@ impl TcpTransport {
                 "peer list does not match the cluster size",
             ));
         }
-        if cfg.secret.len() < 16 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the cluster secret must be at least 16 bytes",
-            ));
-        }
         if region.len() < cfg.layout.region_len() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "region too small",
             ));
         }
-        let listener = TcpListener::bind(cfg.peers[cfg.me.index()])?;
-        listener.set_nonblocking(true)?;
-        let (tx, rx) = mpsc::channel();
-        let wake = Arc::new(EventFd::new()?);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(TransportStats::default());
-        let info = LayoutInfo::of(&cfg.layout);
         let n = cfg.peers.len();
-        let mut threads = Vec::new();
-        let mut redial = vec![None; n];
-        {
-            let (tx, wake, stop, stats, info) = (
-                tx.clone(),
-                wake.clone(),
-                stop.clone(),
-                stats.clone(),
-                info.clone(),
-            );
-            let (secret, me) = (cfg.secret.clone(), cfg.me);
-            threads.push(
-                thread::Builder::new()
-                    .name(format!("apus-accept-{me}"))
-                    .spawn(move || {
-                        accept_loop(listener, secret, me, info, tx, wake, stop, stats)
-                    })?,
-            );
-        }
-        for peer in 0..cfg.me.0 {
-            let (rtx, rrx) = mpsc::channel();
-            redial[usize::from(peer)] = Some(rtx);
-            let (tx, wake, stop, stats, info) = (
-                tx.clone(),
-                wake.clone(),
-                stop.clone(),
-                stats.clone(),
-                info.clone(),
-            );
-            let (secret, me, addr) = (cfg.secret.clone(), cfg.me, cfg.peers[usize::from(peer)]);
-            threads.push(
-                thread::Builder::new()
-                    .name(format!("apus-dial-{me}-n{peer}"))
-                    .spawn(move || {
-                        dial_loop(
-                            addr,
-                            NodeId(peer),
-                            secret,
-                            me,
-                            info,
-                            tx,
-                            rrx,
-                            wake,
-                            stop,
-                            stats,
-                        )
-                    })?,
-            );
-        }
+        let connector = Connector::start(ConnectorConfig {
+            me: cfg.me,
+            peers: cfg.peers,
+            secret: cfg.secret,
+            info: LayoutInfo::of(&cfg.layout).for_transport("tcp"),
+        })?;
         Ok(TcpTransport {
             me: cfg.me,
             layout: cfg.layout,
             region,
             writer: None,
             conns: (0..n).map(|_| None).collect(),
-            established: rx,
-            redial,
+            connector,
             events: VecDeque::new(),
-            wake,
-            stop,
-            threads,
-            stats,
             pollfds: Vec::with_capacity(n + 1),
             interests: Vec::with_capacity(n + 1),
         })
@@ -199,7 +130,7 @@ impl TcpTransport {
 
     /// The transport's counters.
     pub fn stats(&self) -> Arc<TransportStats> {
-        self.stats.clone()
+        self.connector.stats().clone()
     }
 
     /// Whether a connection to `peer` is established.
@@ -231,9 +162,7 @@ impl TcpTransport {
         info!(me = %self.me, %peer, why, "connection closed");
         conn.link.fail_pending(peer, &mut self.events);
         self.events.push_back(TransportEvent::PeerDown(peer));
-        if let Some(tx) = &self.redial[peer.index()] {
-            let _ = tx.send(());
-        }
+        self.connector.lost(peer);
     }
 
     fn fail_now(&mut self, op: OpId, peer: NodeId) {
@@ -270,7 +199,10 @@ impl TcpTransport {
                 }
             }
             if let Err(why) = self.process(peer) {
-                self.stats.violations.fetch_add(1, Ordering::Relaxed);
+                self.connector
+                    .stats()
+                    .violations
+                    .fetch_add(1, Ordering::Relaxed);
                 warn!(me = %self.me, %peer, %why, "protocol violation: closing");
                 self.close(peer, "protocol violation");
                 return;
@@ -280,7 +212,10 @@ impl TcpTransport {
             }
         }
         if let Err(why) = self.process(peer) {
-            self.stats.violations.fetch_add(1, Ordering::Relaxed);
+            self.connector
+                .stats()
+                .violations
+                .fetch_add(1, Ordering::Relaxed);
             warn!(me = %self.me, %peer, %why, "protocol violation: closing");
             self.close(peer, "protocol violation");
         }
@@ -351,7 +286,7 @@ impl Transport for TcpTransport {
     }
 
     fn poll(&mut self, events: &mut Vec<TransportEvent>) -> Result<(), TransportError> {
-        while let Ok((peer, stream)) = self.established.try_recv() {
+        while let Some((peer, stream)) = self.connector.established() {
             self.install(peer, stream);
         }
         for p in 0..self.conns.len() {
@@ -367,7 +302,7 @@ impl Transport for TcpTransport {
     fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
         self.interests.clear();
         self.interests.push(Interest {
-            fd: self.wake.as_raw_fd(),
+            fd: self.connector.wake().as_raw_fd(),
             writable: false,
         });
         for c in self.conns.iter().flatten() {
@@ -377,143 +312,11 @@ impl Transport for TcpTransport {
             });
         }
         sys::wait(&self.interests, &mut self.pollfds, timeout)?;
-        self.wake.drain();
+        self.connector.wake().drain();
         Ok(())
     }
 
     fn waker(&self) -> Arc<dyn Wake> {
-        self.wake.clone()
-    }
-}
-
-impl Drop for TcpTransport {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for tx in self.redial.iter().flatten() {
-            let _ = tx.send(());
-        }
-        self.redial.clear();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn accept_loop(
-    listener: TcpListener,
-    secret: Vec<u8>,
-    me: NodeId,
-    info: LayoutInfo,
-    tx: Sender<(NodeId, TcpStream)>,
-    wake: Arc<EventFd>,
-    stop: Arc<AtomicBool>,
-    stats: Arc<TransportStats>,
-) {
-    let busy = Arc::new(AtomicUsize::new(0));
-    let secret = Arc::new(secret);
-    let tx = Arc::new(Mutex::new(tx));
-    let mut buf = Vec::new();
-    while !stop.load(Ordering::SeqCst) {
-        let fd = [Interest {
-            fd: listener.as_raw_fd(),
-            writable: false,
-        }];
-        if sys::wait(&fd, &mut buf, Duration::from_millis(50)).is_err() {
-            continue;
-        }
-        let Ok((stream, addr)) = listener.accept() else {
-            continue;
-        };
-        if busy.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
-            warn!(%me, %addr, "too many concurrent handshakes: dropping connection");
-            continue;
-        }
-        busy.fetch_add(1, Ordering::SeqCst);
-        let (secret, info, tx, wake, stats, busy) = (
-            secret.clone(),
-            info.clone(),
-            tx.clone(),
-            wake.clone(),
-            stats.clone(),
-            busy.clone(),
-        );
-        let spawned = thread::Builder::new()
-            .name(format!("apus-hs-{me}"))
-            .spawn(move || {
-                let mut stream = stream;
-                let _ = stream.set_nonblocking(false);
-                match handshake::accept(&mut stream, &secret, me, &info) {
-                    Ok(peer) => {
-                        stats.established.fetch_add(1, Ordering::Relaxed);
-                        let _ = tx.lock().expect("sender").send((peer, stream));
-                        wake.wake();
-                    }
-                    Err(e) => {
-                        stats.refused.fetch_add(1, Ordering::Relaxed);
-                        warn!(%me, %addr, error = %e, "refused connection");
-                    }
-                }
-                busy.fetch_sub(1, Ordering::SeqCst);
-            });
-        if spawned.is_err() {
-            warn!(%me, "cannot spawn a handshake thread");
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn dial_loop(
-    addr: SocketAddr,
-    peer: NodeId,
-    secret: Vec<u8>,
-    me: NodeId,
-    info: LayoutInfo,
-    tx: Sender<(NodeId, TcpStream)>,
-    redial: Receiver<()>,
-    wake: Arc<EventFd>,
-    stop: Arc<AtomicBool>,
-    stats: Arc<TransportStats>,
-) {
-    let mut backoff = Duration::from_millis(5);
-    let mut warned = false;
-    while !stop.load(Ordering::SeqCst) {
-        let attempt = TcpStream::connect_timeout(&addr, handshake::TIMEOUT)
-            .map_err(handshake::HandshakeError::Io)
-            .and_then(|mut s| handshake::dial(&mut s, &secret, me, peer, &info).map(|()| s));
-        match attempt {
-            Ok(stream) => {
-                stats.established.fetch_add(1, Ordering::Relaxed);
-                backoff = Duration::from_millis(5);
-                warned = false;
-                if tx.send((peer, stream)).is_err() {
-                    return;
-                }
-                wake.wake();
-                // Wait until the engine loses the connection (or stops).
-                if redial.recv().is_err() {
-                    return;
-                }
-                // Drain duplicate signals.
-                while redial.try_recv().is_ok() {}
-            }
-            Err(e) => {
-                if matches!(
-                    e,
-                    handshake::HandshakeError::Authentication
-                        | handshake::HandshakeError::Refused(_)
-                ) {
-                    stats.refused.fetch_add(1, Ordering::Relaxed);
-                    warn!(%me, %peer, %addr, error = %e, "connection refused");
-                } else if !warned {
-                    debug!(%me, %peer, %addr, error = %e, "cannot connect yet");
-                    warned = true;
-                }
-                if let Err(mpsc::RecvTimeoutError::Disconnected) = redial.recv_timeout(backoff) {
-                    return;
-                }
-                backoff = (backoff * 2).min(Duration::from_millis(200));
-            }
-        }
+        self.connector.wake().clone()
     }
 }

@@ -11,7 +11,7 @@
 //! FAILED   13: reason (UTF-8)
 //! STATUS   14: role u8 | term u64 | leader u8 | commit u64 | last u64 |
 //!              applied u64 | recovering u8 | entries u64 | digest u64 |
-//!              divergences u64
+//!              divergences u64 | fenced_writes u64 | revocations u64
 //! IDS      15: count u64 | id u64 ...
 //! ```
 //!
@@ -72,6 +72,10 @@ pub struct RemoteStatus {
     /// Replayed connections whose output differed from the leader's
     /// (`apus run`).
     pub divergences: u64,
+    /// This replica's ring writes its peers refused (fabric transport).
+    pub fenced_writes: u64,
+    /// Ring grants this replica revoked (fabric transport).
+    pub revocations: u64,
 }
 
 /// A reply to a client.
@@ -192,7 +196,9 @@ impl Reply {
                 b.push(u8::from(s.recovering));
                 b.extend_from_slice(&s.entries.to_le_bytes());
                 b.extend_from_slice(&s.digest.to_le_bytes());
-                b.extend_from_slice(&s.divergences.to_le_bytes());
+                for v in [s.divergences, s.fenced_writes, s.revocations] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
                 frame(STATUS_REPLY, &b)
             }
             Reply::Ids(ids) => {
@@ -215,7 +221,7 @@ impl Reply {
             }),
             NOT_LEADER if b.len() == 1 => Ok(Reply::NotLeader(node(b[0]))),
             FAILED => Ok(Reply::Failed(String::from_utf8_lossy(&b).into_owned())),
-            STATUS_REPLY if b.len() == 1 + 8 + 1 + 24 + 1 + 24 => {
+            STATUS_REPLY if b.len() == 1 + 8 + 1 + 24 + 1 + 40 => {
                 let role = match b[0] {
                     0 => Role::Follower,
                     1 => Role::Candidate,
@@ -233,6 +239,8 @@ impl Reply {
                     entries: u64_at(&b, 35),
                     digest: u64_at(&b, 43),
                     divergences: u64_at(&b, 51),
+                    fenced_writes: u64_at(&b, 59),
+                    revocations: u64_at(&b, 67),
                 }))
             }
             IDS if b.len() >= 8 => {
@@ -297,6 +305,8 @@ mod tests {
                 entries: 7,
                 digest: 0xdead,
                 divergences: 2,
+                fenced_writes: 3,
+                revocations: 4,
             }),
             Reply::Ids(vec![1, 2, 3]),
         ];

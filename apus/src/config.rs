@@ -5,7 +5,10 @@
 //! secret = "at least sixteen bytes"   # or secret_file = "/etc/apus/secret"
 //! durability = "durable"              # memory | durable
 //! fsync = "batch"                     # always | batch | never (durable only)
-//! transport = "tcp"                   # tcp | quic
+//! transport = "tcp"                   # tcp | quic | fabric
+//! provider = "tcp;ofi_rxm"            # fabric: libfabric provider (shm, tcp;ofi_rxm, verbs;ofi_rxm)
+//! domain = "lo"                       # fabric: the provider's domain (optional)
+//! op_timeout_ms = 1000                # fabric: an operation this late ends the connection
 //! poll = "hybrid"                     # spin | hybrid | park
 //! tls_ca = "certs/ca.pem"             # quic: the cluster CA (`apus certs` makes one)
 //! follower_clients = "refuse"         # `apus run`: refuse | serve (unreplicated, to inspect)
@@ -97,6 +100,19 @@ pub enum TransportKind {
     Tcp,
     /// QUIC with mutual TLS (the `quic` feature).
     Quic,
+    /// libfabric RMA with the configured provider (the `fabric` feature).
+    Fabric,
+}
+
+/// Settings of the libfabric transport.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FabricSettings {
+    /// The provider (`shm`, `tcp;ofi_rxm`, `verbs;ofi_rxm`).
+    pub provider: String,
+    /// The provider's domain (for tcp, an interface such as `lo`).
+    pub domain: Option<String>,
+    /// An operation not complete after this long ends the connection.
+    pub op_timeout: Duration,
 }
 
 /// What a follower's server does with a real client (`apus run`).
@@ -154,6 +170,9 @@ struct RawCluster {
     tls_ca: Option<PathBuf>,
     #[serde(default)]
     follower_clients: FollowerClients,
+    provider: Option<String>,
+    domain: Option<String>,
+    op_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -211,6 +230,8 @@ pub struct ClusterConfig {
     pub replicas: Vec<ReplicaSpec>,
     /// Certificates (QUIC).
     pub tls: Option<TlsPaths>,
+    /// libfabric settings (`transport = "fabric"`).
+    pub fabric: Option<FabricSettings>,
     /// What a follower does with real clients (`apus run`).
     pub follower_clients: FollowerClients,
     /// Engine settings shared by every replica (its `id` is replica 0's;
@@ -389,8 +410,41 @@ impl ClusterConfig {
                 data_dir: rel(r.data_dir.clone()),
             });
         }
+        let fabric = if c.transport == TransportKind::Fabric {
+            let Some(provider) = c.provider.clone().filter(|p| !p.is_empty()) else {
+                return err(
+                    "cluster.provider",
+                    "transport = \"fabric\" needs a libfabric provider: \"shm\" (one host), \
+                     \"tcp;ofi_rxm\" (any network), \"verbs;ofi_rxm\" (RDMA NICs)",
+                );
+            };
+            let op_timeout = match c.op_timeout_ms {
+                None => Duration::from_secs(1),
+                Some(0) => return err("cluster.op_timeout_ms", "must be at least 1"),
+                Some(ms) => Duration::from_millis(ms),
+            };
+            Some(FabricSettings {
+                provider,
+                domain: c.domain.clone().filter(|d| !d.is_empty()),
+                op_timeout,
+            })
+        } else {
+            for (field, set) in [
+                ("provider", c.provider.is_some()),
+                ("domain", c.domain.is_some()),
+                ("op_timeout_ms", c.op_timeout_ms.is_some()),
+            ] {
+                if set {
+                    return err(
+                        format!("cluster.{field}"),
+                        "applies to transport = \"fabric\" only",
+                    );
+                }
+            }
+            None
+        };
         let tls = match c.transport {
-            TransportKind::Tcp => None,
+            TransportKind::Tcp | TransportKind::Fabric => None,
             TransportKind::Quic => {
                 let Some(ca) = c.tls_ca.clone() else {
                     return err(
@@ -465,6 +519,7 @@ impl ClusterConfig {
             poll: c.poll,
             replicas,
             tls,
+            fabric,
             follower_clients: c.follower_clients,
             engine,
         })
@@ -673,6 +728,30 @@ data_dir = "/abs/d1"
         assert_eq!(tls.ca, Path::new("/etc/apus/ca.pem"));
         assert_eq!(tls.ca_key(), Path::new("/etc/apus/ca.key"));
         assert_eq!(tls.keys[1], Path::new("/etc/apus/n1.key"));
+        let fabric = GOOD.replace("poll = \"spin\"", "poll = \"spin\"\ntransport = \"fabric\"");
+        assert_eq!(
+            ClusterConfig::parse(&fabric, None).unwrap_err().field,
+            "cluster.provider"
+        );
+        let ok = fabric.replace(
+            "transport = \"fabric\"",
+            "transport = \"fabric\"\nprovider = \"shm\"",
+        );
+        let c = ClusterConfig::parse(&ok, None).unwrap();
+        assert_eq!(c.fabric.unwrap().op_timeout, Duration::from_secs(1));
+        let stray = GOOD.replace("poll = \"spin\"", "poll = \"spin\"\nprovider = \"shm\"");
+        assert_eq!(
+            ClusterConfig::parse(&stray, None).unwrap_err().field,
+            "cluster.provider"
+        );
+        let zero = ok.replace(
+            "provider = \"shm\"",
+            "provider = \"shm\"\nop_timeout_ms = 0",
+        );
+        assert_eq!(
+            ClusterConfig::parse(&zero, None).unwrap_err().field,
+            "cluster.op_timeout_ms"
+        );
         let transport = GOOD.replace(
             "poll = \"spin\"",
             "poll = \"spin\"\ntransport = \"carrier-pigeon\"",

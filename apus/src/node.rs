@@ -140,6 +140,19 @@ pub struct NodeStatus {
     pub applied: Index,
     /// Whether it is recovering a lost log (memory mode restart).
     pub recovering: bool,
+    /// The transport's fencing counters (zero for transports that fence
+    /// inside the receiver instead: tcp, quic).
+    pub fencing: FencingCounts,
+}
+
+/// What a transport with hardware access control reports about fencing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FencingCounts {
+    /// This node's writes to a peer's log ring that the peer refused
+    /// (no grant, or a revoked key).
+    pub fenced_writes: u64,
+    /// Ring grants this node revoked.
+    pub revocations: u64,
 }
 
 #[derive(Debug)]
@@ -212,6 +225,7 @@ struct Shared {
     queue: ArrayQueue<Request>,
     apply_queue: ArrayQueue<ApplyItem>,
     waker: Arc<dyn Wake>,
+    fencing: Option<FencingProbe>,
     engine_parked: AtomicBool,
     stop: AtomicBool,
     stopped: Mutex<Option<String>>,
@@ -264,7 +278,7 @@ impl Node {
             ),
         };
         let region = Region::new(layout.region_len());
-        let transport = open_transport(config, id, layout, region.clone())?;
+        let (transport, fencing) = open_transport(config, id, layout, region.clone())?;
         let max_payload = engine_cfg.max_payload;
         let epoch = Instant::now();
         let replica = Replica::new(engine_cfg, region, store, Time(0))?;
@@ -279,6 +293,7 @@ impl Node {
             queue: ArrayQueue::new(PROPOSAL_QUEUE),
             apply_queue: ArrayQueue::new(APPLY_QUEUE),
             waker: transport.waker(),
+            fencing,
             engine_parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             stopped: Mutex::new(None),
@@ -291,6 +306,7 @@ impl Node {
                 last_index: replica.last_index(),
                 applied: 0,
                 recovering: replica.is_recovering(),
+                fencing: FencingCounts::default(),
             }),
             applied: AtomicU64::new(0),
             metrics: Metrics::default(),
@@ -427,6 +443,9 @@ impl Node {
             .map(|s| s.clone())
             .unwrap_or_else(|p| p.into_inner().clone());
         s.applied = self.shared.applied.load(Ordering::Acquire);
+        if let Some(f) = &self.shared.fencing {
+            s.fencing = f();
+        }
         s
     }
 
@@ -464,16 +483,50 @@ impl Drop for Node {
     }
 }
 
+/// Reads a transport's fencing counters.
+type FencingProbe = Box<dyn Fn() -> FencingCounts + Send + Sync>;
+
 /// The transport the configuration names, if this build has it.
 fn open_transport(
     config: &ClusterConfig,
     id: NodeId,
     layout: apus_core::RegionLayout,
     region: Region,
-) -> Result<Box<dyn Transport + Send>, NodeError> {
-    match config.transport {
+) -> Result<(Box<dyn Transport + Send>, Option<FencingProbe>), NodeError> {
+    let transport: Box<dyn Transport + Send> = match config.transport {
+        #[cfg(feature = "fabric")]
+        TransportKind::Fabric => {
+            let f = config
+                .fabric
+                .as_ref()
+                .expect("validated: fabric has its settings");
+            let t = apus_fabric::FabricTransport::start(
+                apus_fabric::FabricConfig {
+                    me: id,
+                    peers: config.replicas.iter().map(|r| r.address).collect(),
+                    secret: config.secret.clone(),
+                    layout,
+                    provider: f.provider.clone(),
+                    domain: f.domain.clone(),
+                    op_timeout: f.op_timeout,
+                },
+                region,
+            )
+            .map_err(|e| {
+                NodeError::Config(ConfigError {
+                    field: "cluster.provider".into(),
+                    reason: e.to_string(),
+                })
+            })?;
+            let stats = t.stats();
+            let probe: FencingProbe = Box::new(move || FencingCounts {
+                fenced_writes: stats.fenced_writes.load(Ordering::Relaxed),
+                revocations: stats.revocations.load(Ordering::Relaxed),
+            });
+            return Ok((Box::new(t), Some(probe)));
+        }
         #[cfg(feature = "tcp")]
-        TransportKind::Tcp => Ok(Box::new(apus_tcp::TcpTransport::start(
+        TransportKind::Tcp => Box::new(apus_tcp::TcpTransport::start(
             apus_tcp::TcpConfig {
                 me: id,
                 peers: config.replicas.iter().map(|r| r.address).collect(),
@@ -481,7 +534,7 @@ fn open_transport(
                 layout,
             },
             region,
-        )?)),
+        )?),
         #[cfg(feature = "quic")]
         TransportKind::Quic => {
             let paths = config
@@ -490,7 +543,7 @@ fn open_transport(
                 .expect("validated: quic has certificates");
             let certs: Vec<&std::path::Path> = paths.certs.iter().map(|p| p.as_path()).collect();
             let tls = apus_tcp::quic::TlsConfig::load(&paths.ca, &certs, &paths.keys[id.index()])?;
-            Ok(Box::new(apus_tcp::quic::QuicTransport::start(
+            Box::new(apus_tcp::quic::QuicTransport::start(
                 apus_tcp::quic::QuicConfig {
                     me: id,
                     peers: config.replicas.iter().map(|r| r.address).collect(),
@@ -498,20 +551,21 @@ fn open_transport(
                     tls,
                 },
                 region,
-            )?))
+            )?)
         }
         #[allow(unreachable_patterns)]
         other => {
             let _ = (id, layout, region);
-            Err(NodeError::Config(ConfigError {
+            return Err(NodeError::Config(ConfigError {
                 field: "cluster.transport".into(),
                 reason: format!(
                     "{other:?} is not compiled into this build: enable the apus feature `{}`",
                     format!("{other:?}").to_lowercase()
                 ),
-            }))
+            }));
         }
-    }
+    };
+    Ok((transport, None))
 }
 
 struct Engine {
@@ -736,6 +790,7 @@ impl Engine {
             last_index: r.last_index(),
             applied: 0,
             recovering: r.is_recovering(),
+            fencing: FencingCounts::default(),
         };
         if self.last_status.as_ref() != Some(&now) {
             if let Ok(mut s) = self.shared.status.lock() {

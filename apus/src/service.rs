@@ -140,6 +140,8 @@ fn serve_one(mut s: TcpStream, node: &Node, register: &Register) -> io::Result<(
                     entries: r.entries,
                     digest: r.digest,
                     divergences: 0,
+                    fenced_writes: st.fencing.fenced_writes,
+                    revocations: st.fencing.revocations,
                 })
             }
             Request::Dump => {

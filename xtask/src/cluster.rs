@@ -4,6 +4,12 @@
 //! acknowledged proposal must be applied on every replica, in the same order.
 //! With `--durability durable` the whole cluster is also SIGKILLed and
 //! restarted, and nothing acknowledged may be missing afterwards.
+//!
+//! With `--transport fabric --provider P` (libfabric: `shm`, `tcp;ofi_rxm`)
+//! the same checks run over RMA, and a deposed leader comes back: the leader
+//! is paused (SIGSTOP) under load until the others elect a new one, then
+//! resumed; the followers must have revoked its ring registration, and
+//! every acknowledged proposal must still be applied identically.
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
@@ -29,6 +35,7 @@ const PAYLOAD_FILLER: usize = 24;
 #[derive(Clone, Debug)]
 pub struct Options {
     transport: String,
+    provider: Option<String>,
     durability: String,
     fsync: Option<String>,
     proposals: u64,
@@ -40,6 +47,7 @@ impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
         let mut o = Options {
             transport: String::new(),
+            provider: None,
             durability: "memory".into(),
             fsync: None,
             proposals: 100_000,
@@ -55,6 +63,7 @@ impl Options {
             };
             match flag.as_str() {
                 "--transport" => o.transport = value()?,
+                "--provider" => o.provider = Some(value()?),
                 "--durability" => o.durability = value()?,
                 "--fsync" => o.fsync = Some(value()?),
                 "--poll" => o.poll = value()?,
@@ -68,9 +77,18 @@ impl Options {
             }
         }
         match o.transport.as_str() {
-            "tcp" | "quic" => {}
-            "" => bail!("--transport is required (tcp or quic)"),
-            t => bail!("--transport {t:?}: cluster-test knows tcp and quic"),
+            "tcp" | "quic" => {
+                if o.provider.is_some() {
+                    bail!("--provider applies to --transport fabric only");
+                }
+            }
+            "fabric" => {
+                if o.provider.is_none() {
+                    bail!("--transport fabric needs --provider (shm, tcp;ofi_rxm)");
+                }
+            }
+            "" => bail!("--transport is required (tcp, quic or fabric)"),
+            t => bail!("--transport {t:?}: cluster-test knows tcp, quic and fabric"),
         }
         if !matches!(o.durability.as_str(), "memory" | "durable") {
             bail!("--durability must be memory or durable");
@@ -111,6 +129,10 @@ impl Cluster {
             .with_context(|| format!("starting {}", self.bin.display()))?;
         self.children[i] = Some(child);
         Ok(())
+    }
+
+    fn pid(&self, i: usize) -> Option<i32> {
+        self.children[i].as_ref().map(|c| c.id() as i32)
     }
 
     fn kill(&mut self, i: usize) -> Result<()> {
@@ -332,14 +354,117 @@ fn proposer(load: Arc<Load>, clients: Vec<SocketAddr>) {
     }
 }
 
+/// Pauses the leader under load until the others elect a new one, resumes
+/// it, and checks that the followers revoked its ring grant and that every
+/// acknowledged proposal (of both phases) is applied identically.
+fn deposed_leader_returns(
+    cluster: &mut Cluster,
+    clients: &[SocketAddr],
+    first: &Load,
+    first_acked: &[u64],
+    proposers: usize,
+) -> Result<()> {
+    let before: Vec<RemoteStatus> = (0..REPLICAS)
+        .map(|i| cluster.status(i).context("a replica does not answer"))
+        .collect::<Result<_>>()?;
+    let old = cluster.leader().context("no leader")?;
+    let old_term = before[old].term;
+    let load = Arc::new(Load {
+        next_id: AtomicU64::new(first.next_id.load(Ordering::SeqCst)),
+        acked: Mutex::new(Vec::new()),
+        acked_count: AtomicU64::new(0),
+        target: 20_000,
+        before_kill: Mutex::new(latency_histogram()),
+        killed_at: Mutex::new(None),
+        first_ack_after_kill: Mutex::new(None),
+        leader_hint: AtomicUsize::new(old),
+        stop: AtomicBool::new(false),
+        failed: AtomicU64::new(0),
+    });
+    let workers: Vec<_> = (0..proposers)
+        .map(|_| {
+            let (load, clients) = (load.clone(), clients.to_vec());
+            thread::spawn(move || proposer(load, clients))
+        })
+        .collect();
+    while load.acked_count.load(Ordering::SeqCst) < 2_000 {
+        thread::sleep(Duration::from_millis(2));
+    }
+    let pid = cluster.pid(old).context("the leader is not running")?;
+    crate::e2e::signal(pid, "STOP")?;
+    let paused = Instant::now();
+    let others: Vec<usize> = (0..REPLICAS).filter(|&i| i != old).collect();
+    let new = loop {
+        if let Some(&l) = others.iter().find(|&&i| {
+            cluster
+                .status(i)
+                .is_some_and(|s| s.role == Role::Leader && s.term > old_term)
+        }) {
+            break l;
+        }
+        if paused.elapsed() > Duration::from_secs(30) {
+            crate::e2e::signal(pid, "CONT")?;
+            bail!("no new leader while n{old} was paused");
+        }
+        thread::sleep(Duration::from_millis(1));
+    };
+    let elected = paused.elapsed();
+    // Let the new leader commit on its own for a while, then wake the old.
+    thread::sleep(Duration::from_millis(200));
+    crate::e2e::signal(pid, "CONT")?;
+    for w in workers {
+        let _ = w.join();
+    }
+    let mut acked = first_acked.to_vec();
+    acked.extend(load.acked.lock().expect("lock").iter());
+    let (commits, _) = cluster.verify(&acked)?;
+    let after: Vec<RemoteStatus> = (0..REPLICAS)
+        .map(|i| cluster.status(i).context("a replica does not answer"))
+        .collect::<Result<_>>()?;
+    let revoked: Vec<u64> = (0..REPLICAS)
+        .map(|i| after[i].revocations - before[i].revocations)
+        .collect();
+    let fenced = after[old].fenced_writes - before[old].fenced_writes;
+    println!(
+        "  n{old} (leader) paused under load; n{new} elected {:.1} ms later; n{old} resumed 200 ms after that",
+        elected.as_secs_f64() * 1e3
+    );
+    println!(
+        "  fencing: ring grants revoked from the deposed leader: {}; its ring writes refused after it resumed: {fenced}",
+        others
+            .iter()
+            .map(|&i| format!("n{i} {}", revoked[i]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if others.iter().any(|&i| revoked[i] == 0) {
+        bail!(
+            "a follower never revoked the deposed leader's ring registration ({revoked:?}); logs in {}",
+            cluster.dir.display()
+        );
+    }
+    println!(
+        "  {} more proposals acknowledged across the pause; {commits} entries identical on every replica",
+        load.acked.lock().expect("lock").len()
+    );
+    Ok(())
+}
+
 pub fn run_test(args: &[String]) -> Result<ExitCode> {
     let o = Options::parse(args)?;
-    let name = format!("cluster-test {}", o.transport);
+    let label = match &o.provider {
+        Some(p) => format!("{}/{p}", o.transport),
+        None => o.transport.clone(),
+    };
+    let name = format!("cluster-test {label}");
+    if o.transport == "fabric" {
+        crate::e2e::ensure_libfabric()?;
+    }
     let bin = crate::e2e::build_release()?.apus;
     let target = crate::e2e::target_dir();
     let dir = target.join("cluster-test").join(format!(
         "{}-{}-{}",
-        o.transport,
+        label.replace(';', "+").replace('/', "-"),
         o.durability,
         std::process::id()
     ));
@@ -354,6 +479,13 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
     );
     if let Some(f) = &o.fsync {
         cfg += &format!("fsync = \"{f}\"\n");
+    }
+    if let Some(p) = &o.provider {
+        cfg += &format!("provider = \"{p}\"\n");
+        if p.starts_with("tcp") {
+            // The tcp provider's loopback domain: this test stays on lo.
+            cfg += "domain = \"lo\"\n";
+        }
     }
     let quic = o.transport == "quic";
     if quic {
@@ -492,6 +624,9 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
         acked.len() as f64 / load_secs,
         load.failed.load(Ordering::SeqCst)
     );
+    if o.transport == "fabric" {
+        deposed_leader_returns(&mut cluster, &clients, &load, &acked, o.proposers)?;
+    }
     if o.durability == "durable" {
         for i in 0..REPLICAS {
             cluster.kill(i)?;

@@ -61,7 +61,7 @@ pub fn build_release() -> Result<Binaries> {
             "--package",
             "apus",
             "--features",
-            "apus/quic",
+            "apus/quic,apus/fabric",
             "--package",
             "apus-intercept",
             "--package",
@@ -232,6 +232,20 @@ fn running_as_root() -> bool {
 
 /// Installs Debian packages with apt-get (updating the index if the first
 /// attempt fails).
+/// Installs libfabric1 if the dynamic linker does not know libfabric.so.1;
+/// returns whether it installed it.
+pub fn ensure_libfabric() -> Result<bool> {
+    let have = Command::new("/sbin/ldconfig")
+        .arg("-p")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("libfabric.so.1"));
+    if have {
+        return Ok(false);
+    }
+    ensure_apt(&["libfabric1"])?;
+    Ok(true)
+}
+
 pub fn ensure_apt(packages: &[&str]) -> Result<()> {
     println!("    installing {} with apt-get", packages.join(" "));
     ensure!(
@@ -301,9 +315,14 @@ fn children_of(parent: u32) -> Vec<i32> {
 }
 
 fn sigkill(pid: i32) -> Result<()> {
+    signal(pid, "KILL")
+}
+
+/// Sends `SIG<name>` to `pid` (KILL, STOP, CONT).
+pub fn signal(pid: i32, name: &str) -> Result<()> {
     run(
-        "kill -KILL",
-        Command::new("kill").args(["-KILL", &pid.to_string()]),
+        &format!("kill -{name}"),
+        Command::new("kill").args([&format!("-{name}"), &pid.to_string()]),
     )
 }
 

@@ -236,15 +236,12 @@ fn test() -> Result<ExitCode> {
     step(
         "system libraries (libfabric1 for apus-fabric's tests)",
         || {
-            let have = Command::new("/sbin/ldconfig")
-                .arg("-p")
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("libfabric.so.1"));
-            if have {
-                return Ok("libfabric1 present".into());
+            Ok(if e2e::ensure_libfabric()? {
+                "libfabric1 installed"
+            } else {
+                "libfabric1 present"
             }
-            e2e::ensure_apt(&["libfabric1"])?;
-            Ok("libfabric1 installed".into())
+            .into())
         },
     )?;
     step("cargo fmt --check", || {
