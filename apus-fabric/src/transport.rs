@@ -157,6 +157,8 @@ pub struct FabricStats {
     pub timeouts: AtomicU64,
     /// Operations that completed with a provider error.
     pub errors: AtomicU64,
+    /// Times the endpoint was reopened because its inbound path was stuck.
+    pub resets: AtomicU64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -261,9 +263,13 @@ pub struct FabricTransport {
     endpoint: Endpoint,
     local: Option<MemoryRegion>,
     cas_mr: Option<MemoryRegion>,
+    probe: SelfProbe,
     cas_operands: Box<[u64]>,
+    probe_words: Box<[u64]>,
     cas_free: Vec<usize>,
     region: Region,
+    provider: String,
+    domain: Option<String>,
     me: NodeId,
     layout: RegionLayout,
     writer: Option<NodeId>,
@@ -299,6 +305,90 @@ pub enum StartError {
     Io(#[from] io::Error),
 }
 
+/// A write from this endpoint to itself: it completes only if this
+/// endpoint's own inbound path makes progress. The shm provider's receive
+/// queue can be left wedged by a peer killed in the middle of enqueueing
+/// into it (libfabric 1.17): every later operation to this node then waits
+/// forever. A probe that does not complete in time reopens the endpoint.
+#[derive(Debug)]
+struct SelfProbe {
+    addr: PeerAddr,
+    mr: MemoryRegion,
+    /// A probe is due (a peer was lost).
+    wanted: bool,
+    /// The probe in flight: its context and when it was posted.
+    pending: Option<(u64, Instant)>,
+}
+
+/// Context of the self probe (peer index 0xff, never a replica's).
+const PROBE_PEER: u64 = 0xff;
+
+/// An endpoint with the registrations every connection uses.
+struct Opened {
+    endpoint: Endpoint,
+    local: MemoryRegion,
+    cas_mr: Option<MemoryRegion>,
+    probe: SelfProbe,
+}
+
+/// Opens the provider's endpoint and registers the region (local use), the
+/// compare-and-swap operands and the self probe's words.
+fn open_endpoint(
+    provider: &str,
+    domain: Option<&str>,
+    layout: &RegionLayout,
+    region: &Region,
+    cas_operands: &mut [u64],
+    probe_words: &mut [u64],
+) -> Result<Opened, FabricError> {
+    let mut endpoint = Endpoint::open_in(provider, domain)?;
+    if endpoint.max_msg_size() < layout.region_len() {
+        return Err(FabricError::Invalid(format!(
+            "provider {provider} moves at most {} bytes per operation; the region is {} bytes",
+            endpoint.max_msg_size(),
+            layout.region_len()
+        )));
+    }
+    // SAFETY: the region's memory is shared by every clone and outlives the
+    // endpoint: the transport holds `region` in a field dropped after it.
+    let local =
+        unsafe { endpoint.register(region.as_ptr().cast_mut(), region.len(), Access::LOCAL)? };
+    let cas_mr = if endpoint.atomics() {
+        // SAFETY: the transport's boxed slice is never reallocated and is
+        // dropped after the endpoint (field order).
+        Some(unsafe {
+            endpoint.register(
+                cas_operands.as_mut_ptr().cast(),
+                cas_operands.len() * 8,
+                Access::LOCAL,
+            )?
+        })
+    } else {
+        None
+    };
+    // SAFETY: as for the operands.
+    let probe_mr = unsafe {
+        endpoint.register(
+            probe_words.as_mut_ptr().cast(),
+            probe_words.len() * 8,
+            Access::REMOTE_WRITE,
+        )?
+    };
+    let own = endpoint.name()?;
+    let addr = endpoint.insert_peer(&own)?;
+    Ok(Opened {
+        endpoint,
+        local,
+        cas_mr,
+        probe: SelfProbe {
+            addr,
+            mr: probe_mr,
+            wanted: false,
+            pending: None,
+        },
+    })
+}
+
 impl FabricTransport {
     /// Opens the provider's endpoint, registers `region`, binds this
     /// replica's set-up address and starts connecting to the others.
@@ -313,34 +403,17 @@ impl FabricTransport {
         if region.len() < cfg.layout.region_len() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "region too small").into());
         }
-        let mut endpoint = Endpoint::open_in(&cfg.provider, cfg.domain.as_deref())?;
-        if endpoint.max_msg_size() < cfg.layout.region_len() {
-            return Err(FabricError::Invalid(format!(
-                "provider {} moves at most {} bytes per operation; the region is {} bytes",
-                cfg.provider,
-                endpoint.max_msg_size(),
-                cfg.layout.region_len()
-            ))
-            .into());
-        }
-        // SAFETY: the region's memory is shared by every clone and outlives
-        // the endpoint: `region` is a field dropped after `endpoint`.
-        let local =
-            unsafe { endpoint.register(region.as_ptr().cast_mut(), region.len(), Access::LOCAL)? };
         let mut cas_operands = vec![0u64; 2 * CAS_SLOTS].into_boxed_slice();
-        let cas_mr = if endpoint.atomics() {
-            // SAFETY: the boxed slice is never reallocated and is dropped
-            // after the endpoint (field order).
-            Some(unsafe {
-                endpoint.register(
-                    cas_operands.as_mut_ptr().cast(),
-                    cas_operands.len() * 8,
-                    Access::LOCAL,
-                )?
-            })
-        } else {
-            None
-        };
+        let mut probe_words = vec![0u64; 2].into_boxed_slice();
+        let opened = open_endpoint(
+            &cfg.provider,
+            cfg.domain.as_deref(),
+            &cfg.layout,
+            &region,
+            &mut cas_operands,
+            &mut probe_words,
+        )?;
+        let endpoint = opened.endpoint;
         let ordering = endpoint.ordering();
         info!(
             me = %cfg.me,
@@ -358,11 +431,15 @@ impl FabricTransport {
         })?;
         Ok(FabricTransport {
             endpoint,
-            local: Some(local),
-            cas_mr,
+            local: Some(opened.local),
+            cas_mr: opened.cas_mr,
+            probe: opened.probe,
             cas_operands,
+            probe_words,
             cas_free: (0..CAS_SLOTS).rev().collect(),
             region,
+            provider: cfg.provider.clone(),
+            domain: cfg.domain.clone(),
             me: cfg.me,
             layout: cfg.layout,
             writer: None,
@@ -530,6 +607,78 @@ impl FabricTransport {
             self.events.push_back(TransportEvent::PeerDown(peer));
         }
         self.connector.lost(peer);
+        // A peer that died may have left our inbound queue wedged.
+        self.probe.wanted = true;
+    }
+
+    /// Posts the self probe when one is due, and reopens the endpoint if
+    /// the one in flight is overdue.
+    fn check_inbound(&mut self) -> Result<(), TransportError> {
+        if let Some((_, posted)) = self.probe.pending {
+            if posted.elapsed() > self.op_timeout {
+                self.stats.resets.fetch_add(1, AtomicOrdering::Relaxed);
+                warn!(
+                    me = %self.me,
+                    provider = %self.provider,
+                    "this endpoint's inbound path is stuck (a write to itself did not complete): reopening it"
+                );
+                self.reset()?;
+            }
+            return Ok(());
+        }
+        if !self.probe.wanted {
+            return Ok(());
+        }
+        let ctx = (self.next_ctx << 8) | PROBE_PEER;
+        let to = Remote {
+            peer: self.probe.addr,
+            addr: self.probe.mr.base + 8,
+            key: self.probe.mr.key,
+        };
+        // SAFETY: 8 bytes from word 0 of the registered probe words to word
+        // 1 of the same registration; both live as long as the endpoint.
+        let r = unsafe {
+            self.endpoint
+                .write(self.probe_words.as_ptr().cast(), 8, &self.probe.mr, to, ctx)
+        };
+        match r {
+            Ok(true) => {
+                self.next_ctx += 1;
+                self.probe.wanted = false;
+                self.probe.pending = Some((ctx, Instant::now()));
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(me = %self.me, error = %e, "cannot post the self probe");
+                self.probe.wanted = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops every connection and the endpoint, and opens a fresh one; the
+    /// peers reconnect and learn its new name.
+    fn reset(&mut self) -> Result<(), TransportError> {
+        for p in 0..self.peers.len() {
+            self.close(NodeId(p as u8), "reopening this endpoint");
+        }
+        let opened = open_endpoint(
+            &self.provider,
+            self.domain.as_deref(),
+            &self.layout,
+            &self.region,
+            &mut self.cas_operands,
+            &mut self.probe_words,
+        )
+        .map_err(|e| TransportError::Other(format!("reopening the endpoint: {e}")))?;
+        // The old endpoint closes here, with every registration and
+        // operation of it.
+        self.endpoint = opened.endpoint;
+        self.local = Some(opened.local);
+        self.cas_mr = opened.cas_mr;
+        self.probe = opened.probe;
+        self.cas_free = (0..CAS_SLOTS).rev().collect();
+        Ok(())
     }
 
     fn violation(&mut self, peer: NodeId, why: &str) {
@@ -904,6 +1053,13 @@ impl FabricTransport {
             .map_err(|e| TransportError::Other(e.to_string()))?;
         let mut broken = Vec::new();
         for c in self.completions.drain(..) {
+            if c.context & 0xff == PROBE_PEER {
+                if self.probe.pending.is_some_and(|(ctx, _)| ctx == c.context) {
+                    self.probe.pending = None;
+                    debug!(me = %self.me, result = ?c.result, "self probe completed");
+                }
+                continue;
+            }
             let peer = (c.context & 0xff) as usize;
             let Some(p) = self.peers.get_mut(peer).and_then(Option::as_mut) else {
                 continue;
@@ -1017,6 +1173,7 @@ impl Transport for FabricTransport {
             self.install(peer, stream)?;
         }
         self.progress()?;
+        self.check_inbound()?;
         let now = Instant::now();
         for i in 0..self.peers.len() {
             let peer = NodeId(i as u8);

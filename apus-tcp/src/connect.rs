@@ -1,7 +1,7 @@
 //! Authenticated connection set-up between replicas, on background threads.
 //!
 //! One TCP connection per pair of replicas: the higher id dials, the lower
-//! accepts. Each connection runs the [`handshake`](crate::handshake) (the
+//! accepts. Each connection runs the [`handshake`] (the
 //! cluster secret, the layout and the transport must match) on its own
 //! thread; an authenticated stream is handed to the engine thread through
 //! [`Connector::established`], and the engine's [`Wake`] handle fires so a

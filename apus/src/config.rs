@@ -8,7 +8,7 @@
 //! transport = "tcp"                   # tcp | quic | fabric
 //! provider = "tcp;ofi_rxm"            # fabric: libfabric provider (shm, tcp;ofi_rxm, verbs;ofi_rxm)
 //! domain = "lo"                       # fabric: the provider's domain (optional)
-//! op_timeout_ms = 1000                # fabric: an operation this late ends the connection
+//! op_timeout_ms = 250                 # fabric: an operation this late ends the connection
 //! poll = "hybrid"                     # spin | hybrid | park
 //! tls_ca = "certs/ca.pem"             # quic: the cluster CA (`apus certs` makes one)
 //! follower_clients = "refuse"         # `apus run`: refuse | serve (unreplicated, to inspect)
@@ -419,7 +419,7 @@ impl ClusterConfig {
                 );
             };
             let op_timeout = match c.op_timeout_ms {
-                None => Duration::from_secs(1),
+                None => Duration::from_millis(250),
                 Some(0) => return err("cluster.op_timeout_ms", "must be at least 1"),
                 Some(ms) => Duration::from_millis(ms),
             };
@@ -738,7 +738,7 @@ data_dir = "/abs/d1"
             "transport = \"fabric\"\nprovider = \"shm\"",
         );
         let c = ClusterConfig::parse(&ok, None).unwrap();
-        assert_eq!(c.fabric.unwrap().op_timeout, Duration::from_secs(1));
+        assert_eq!(c.fabric.unwrap().op_timeout, Duration::from_millis(250));
         let stray = GOOD.replace("poll = \"spin\"", "poll = \"spin\"\nprovider = \"shm\"");
         assert_eq!(
             ClusterConfig::parse(&stray, None).unwrap_err().field,

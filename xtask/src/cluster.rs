@@ -542,6 +542,16 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
     println!(
         "  plain loopback round trip (64 B, blocking TCP): p50 {rtt50:.1} us, p99 {rtt99:.1} us"
     );
+    let raw = match &o.provider {
+        Some(p) => {
+            let (p50, p99) = crate::fabric_rtt::fabric_rtt(p)?;
+            println!(
+                "  raw fi_write round trip ({p}, 64 B, no consensus): p50 {p50:.1} us, p99 {p99:.1} us"
+            );
+            Some((p50, p99))
+        }
+        None => None,
+    };
     for i in 0..REPLICAS {
         cluster.start(i)?;
     }
@@ -652,5 +662,12 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
         us(h.value_at_quantile(0.5)),
         us(h.value_at_quantile(0.99)),
     );
+    if let Some((p50, p99)) = raw {
+        println!(
+            "  raw fi_write round trip p50 {p50:.1} us, p99 {p99:.1} us: commit latency p50 is {:.1}x the raw round trip, p99 {:.1}x",
+            us(h.value_at_quantile(0.5)) / p50,
+            us(h.value_at_quantile(0.99)) / p99
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -340,8 +340,19 @@ pub struct AppCluster {
 }
 
 impl AppCluster {
-    /// Writes the cluster's config under `target/<purpose>/`.
+    /// Writes the cluster's config under `target/<purpose>/`, over tcp.
     pub fn new(kind: ServerKind, bins: Binaries, purpose: &str) -> Result<AppCluster> {
+        AppCluster::with_transport(kind, bins, purpose, "transport = \"tcp\"\n")
+    }
+
+    /// The same, with `transport` holding the `[cluster]` lines that choose
+    /// the transport.
+    pub fn with_transport(
+        kind: ServerKind,
+        bins: Binaries,
+        purpose: &str,
+        transport: &str,
+    ) -> Result<AppCluster> {
         let dir =
             target_dir()
                 .join(purpose)
@@ -353,7 +364,7 @@ impl AppCluster {
              [cluster]\n\
              secret = \"{purpose} cluster secret {} {}\"\n\
              durability = \"memory\"\n\
-             transport = \"tcp\"\n\
+             {transport}\
              poll = \"park\"\n\
              # followers answer the harness directly, to compare their state\n\
              follower_clients = \"serve\"\n\
@@ -1234,8 +1245,16 @@ fn misconfiguration(cluster: &mut AppCluster, leader: usize) -> Result<Vec<Strin
     done.push(format!("--id 7: {}", err.trim()));
     // A config with an invalid field.
     let bad = cluster.dir.join("bad-transport.toml");
-    let text = std::fs::read_to_string(&cluster.config)?
-        .replace("transport = \"tcp\"", "transport = \"carrier-pigeon\"");
+    let text: String = std::fs::read_to_string(&cluster.config)?
+        .lines()
+        .map(|l| {
+            if l.starts_with("transport = ") {
+                "transport = \"carrier-pigeon\"\n".to_string()
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
     std::fs::write(&bad, text)?;
     let out = cluster.run_command(0, &bad, spare).output()?;
     let err = String::from_utf8_lossy(&out.stderr);
@@ -1353,26 +1372,49 @@ fn misconfiguration(cluster: &mut AppCluster, leader: usize) -> Result<Vec<Strin
 struct Options {
     server: ServerKind,
     requests: u64,
+    /// `tcp`, or `fabric/<provider>`.
+    transport: String,
+}
+
+impl Options {
+    /// The `[cluster]` lines that choose the transport.
+    fn transport_config(&self) -> String {
+        match self.transport.strip_prefix("fabric/") {
+            None => "transport = \"tcp\"\n".into(),
+            Some(p) => {
+                let domain = if p.starts_with("tcp") {
+                    "domain = \"lo\"\n"
+                } else {
+                    ""
+                };
+                format!("transport = \"fabric\"\nprovider = \"{p}\"\n{domain}")
+            }
+        }
+    }
 }
 
 fn parse(args: &[String]) -> Result<Options> {
     let mut o = Options {
         server: ServerKind::RespKv,
         requests: 100_000,
+        transport: "tcp".into(),
     };
     let mut server = None;
+    let mut transport = "tcp".to_string();
+    let mut provider = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--server" => server = Some(ServerKind::parse(value()?)?),
             "--transport" => {
-                let t = value()?;
+                transport = value()?.clone();
                 ensure!(
-                    t == "tcp",
-                    "--transport {t:?}: the end-to-end check runs over tcp for now"
+                    transport == "tcp" || transport == "fabric",
+                    "--transport {transport:?}: the end-to-end check runs over tcp or fabric"
                 );
             }
+            "--provider" => provider = Some(value()?.clone()),
             "--requests" => {
                 o.requests = value()?.parse().context("--requests expects a number")?;
                 ensure!(o.requests >= 1000, "--requests must be at least 1000");
@@ -1381,6 +1423,11 @@ fn parse(args: &[String]) -> Result<Options> {
         }
     }
     o.server = server.context("--server redis|memcached|resp-kv is required")?;
+    o.transport = match (transport.as_str(), provider) {
+        ("fabric", p) => format!("fabric/{}", p.unwrap_or_else(|| "tcp;ofi_rxm".into())),
+        (_, Some(_)) => bail!("--provider applies to --transport fabric only"),
+        (t, None) => t.to_string(),
+    };
     Ok(o)
 }
 
@@ -1430,10 +1477,14 @@ pub fn run_e2e(args: &[String]) -> Result<ExitCode> {
     let kind = o.server;
     let name = format!("e2e {}", kind.name());
     kind.ensure_installed()?;
+    if o.transport.starts_with("fabric") {
+        ensure_libfabric()?;
+    }
     let bins = build_release()?;
     let started = Instant::now();
     println!(
-        "{name}: 3 replicas under `apus run` on 127.0.0.1, tcp transport, memory durability, {} CPUs",
+        "{name}: 3 replicas under `apus run` on 127.0.0.1, {} transport, memory durability, {} CPUs",
+        o.transport,
         thread::available_parallelism().map_or(1, |n| n.get())
     );
     // The same load for the bare server and the replicated leader.
@@ -1461,7 +1512,7 @@ pub fn run_e2e(args: &[String]) -> Result<ExitCode> {
         let _ = std::fs::remove_dir_all(&bare_dir);
         rows
     };
-    let mut cluster = AppCluster::new(kind, bins, "e2e")?;
+    let mut cluster = AppCluster::with_transport(kind, bins, "e2e", &o.transport_config())?;
     for i in 0..REPLICAS {
         cluster.start(i)?;
     }

@@ -12,6 +12,7 @@ mod appclient;
 mod cluster;
 mod demo;
 mod e2e;
+mod fabric_rtt;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -35,12 +36,15 @@ commands:
                       --seeds N [--first S] [--replicas R] [--bug NAME] [--threads T]
                       --seed S [--replicas R] [--bug NAME] [--trace]
                       --demo [--seed S]   the simulated demo: timeline of a leader crash
-  cluster-test --transport tcp|quic [--durability memory|durable] [--fsync always|batch|never]
+  cluster-test --transport tcp|quic|fabric [--provider shm|tcp;ofi_rxm]
+               [--durability memory|durable] [--fsync always|batch|never]
                [--proposals N] [--proposers P] [--poll spin|hybrid|park]
                     three `apus node` processes under load; the leader is
                     SIGKILLed and restarted; every acknowledged proposal must
-                    be on every replica (durable: also after a whole-cluster kill)
-  e2e --server redis|memcached|resp-kv [--requests N]
+                    be on every replica (durable: also after a whole-cluster kill;
+                    fabric: also a paused, deposed leader, and the raw fi_write
+                    round trip)
+  e2e --server redis|memcached|resp-kv [--requests N] [--transport tcp|fabric [--provider P]]
                     the server (installed with apt-get when missing) under
                     `apus run` on three replicas: baseline vs replicated load,
                     state compared on every replica, bad input, BGSAVE
@@ -317,6 +321,8 @@ fn test() -> Result<ExitCode> {
             "always",
         ][..],
         &["--transport", "quic"][..],
+        &["--transport", "fabric", "--provider", "shm"][..],
+        &["--transport", "fabric", "--provider", "tcp;ofi_rxm"][..],
     ] {
         step(
             &format!("cargo xtask cluster-test {}", args.join(" ")),
@@ -332,8 +338,13 @@ fn test() -> Result<ExitCode> {
                 if !out.status.success() || !stdout.lines().any(|l| l.ends_with(": PASS")) {
                     bail!("cluster-test failed:\n{stdout}{stderr}");
                 }
-                let figures = stdout.lines().skip_while(|l| !l.ends_with(": PASS")).nth(1);
-                Ok(figures.unwrap_or_default().trim().to_string())
+                let figures: Vec<&str> = stdout
+                    .lines()
+                    .skip_while(|l| !l.ends_with(": PASS"))
+                    .skip(1)
+                    .map(str::trim)
+                    .collect();
+                Ok(figures.join("\n      "))
             },
         )?;
     }
@@ -364,6 +375,12 @@ fn test() -> Result<ExitCode> {
             xtask_expect(&["e2e", "--server", server], &format!("e2e {server}: PASS"))
         })?;
     }
+    step("cargo xtask e2e --server redis --transport fabric", || {
+        xtask_expect(
+            &["e2e", "--server", "redis", "--transport", "fabric"],
+            "e2e redis: PASS",
+        )
+    })?;
     step(
         "cargo xtask demo (three replicated resp-kv servers)",
         || xtask_expect(&["demo"], "demo: PASS"),
