@@ -166,7 +166,7 @@ impl Connector {
     }
 
     /// The eventfd that fires when a connection is established; transports
-    /// also use it as their [`Wake`](apus_core::Wake) handle.
+    /// also use it as their [`Wake`] handle.
     pub fn wake(&self) -> &Arc<EventFd> {
         &self.wake
     }
