@@ -438,6 +438,14 @@ impl Endpoint {
                 let exists = getinfo(lib, Some(provider), None)
                     .map(|i| provider_names(lib, i).iter().any(|n| n == provider))
                     .unwrap_or(false);
+                if exists && provider == "tcp" {
+                    return Err(FabricError::Invalid(format!(
+                        "libfabric provider \"tcp\" offers RMA only on connected (FI_EP_MSG) \
+                         endpoints, which this transport does not use yet; use provider = \
+                         \"tcp;ofi_rxm\" (the same tcp provider under the rxm utility layer); \
+                         providers with RMA here: {available}"
+                    )));
+                }
                 return Err(if exists {
                     FabricError::NoRma {
                         provider: provider.into(),

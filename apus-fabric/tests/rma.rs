@@ -243,3 +243,17 @@ fn tcp_endpoints_stay_on_loopback() {
     assert!(name.len() >= 8, "{name:?}");
     assert_eq!(&name[4..8], &[127, 0, 0, 1], "endpoint name {name:?}");
 }
+
+#[test]
+fn the_plain_tcp_provider_points_to_rxm() {
+    // tcp alone has RMA only on connected (MSG) endpoints.
+    match Endpoint::open_in("tcp", Some("lo")) {
+        Err(FabricError::LibraryMissing(why)) => eprintln!("SKIPPED: {why}"),
+        Err(e @ FabricError::Invalid(_)) => {
+            let text = e.to_string();
+            assert!(text.contains("FI_EP_MSG"), "{text}");
+            assert!(text.contains("tcp;ofi_rxm"), "{text}");
+        }
+        other => panic!("expected a pointer to tcp;ofi_rxm, got {other:?}"),
+    }
+}
