@@ -261,7 +261,7 @@ pub struct FabricTransport {
     // Field order matters for drop: the endpoint (and with it every
     // registration) closes before the memory it covers is released.
     endpoint: Endpoint,
-    local: Option<MemoryRegion>,
+    local: MemoryRegion,
     cas_mr: Option<MemoryRegion>,
     probe: SelfProbe,
     cas_operands: Box<[u64]>,
@@ -431,7 +431,7 @@ impl FabricTransport {
         })?;
         Ok(FabricTransport {
             endpoint,
-            local: Some(opened.local),
+            local: opened.local,
             cas_mr: opened.cas_mr,
             probe: opened.probe,
             cas_operands,
@@ -674,7 +674,7 @@ impl FabricTransport {
         // The old endpoint closes here, with every registration and
         // operation of it.
         self.endpoint = opened.endpoint;
-        self.local = Some(opened.local);
+        self.local = opened.local;
         self.cas_mr = opened.cas_mr;
         self.probe = opened.probe;
         self.cas_free = (0..CAS_SLOTS).rev().collect();
@@ -889,7 +889,7 @@ impl FabricTransport {
                     addr,
                     key,
                 };
-                let local = self.local.as_ref().expect("registered");
+                let local = &self.local;
                 // SAFETY: the source lies in the registered region (checked
                 // above), which outlives every operation on the endpoint.
                 let r = unsafe {
@@ -919,7 +919,7 @@ impl FabricTransport {
                     addr,
                     key,
                 };
-                let local = self.local.as_ref().expect("registered");
+                let local = &self.local;
                 // SAFETY: the destination lies in the registered region.
                 let r = unsafe {
                     self.endpoint
@@ -964,7 +964,7 @@ impl FabricTransport {
                     key,
                 };
                 let operands = self.cas_operands.as_ptr();
-                let local = self.local.as_ref().expect("registered");
+                let local = &self.local;
                 // SAFETY: the operands live in the registered array until the
                 // slot is freed at completion; the result word lies in the
                 // registered region and is 8-aligned (checked above).
