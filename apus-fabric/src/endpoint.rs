@@ -1,8 +1,17 @@
-//! The libfabric layer: an [`Endpoint`] (fabric, domain, completion queue,
-//! address vector and a reliable-datagram endpoint of one provider), memory
-//! registration ([`MemoryRegion`]) with per-registration access and a fresh
-//! key, one-sided writes, reads and compare-and-swaps addressed by a peer's
-//! endpoint, region address and key, and completion polling.
+//! The libfabric layer: an [`Endpoint`] of one provider (fabric, domain,
+//! completion queue, and either a reliable-datagram endpoint with an address
+//! vector or, for connection-oriented providers, a listening endpoint with
+//! one connected endpoint per peer), memory registration ([`MemoryRegion`])
+//! with per-registration access and a fresh key, one-sided writes, reads and
+//! compare-and-swaps addressed by a peer, region address and key, and
+//! completion polling.
+//!
+//! Reliable-datagram (`FI_EP_RDM`) providers reach a peer as soon as its
+//! name is inserted ([`Endpoint::insert_peer`]). Connection-oriented
+//! (`FI_EP_MSG`) providers, such as `tcp` and `verbs`, need a connection per
+//! peer: one side dials the other's listening endpoint presenting a token
+//! ([`Endpoint::dial_peer`]), the other accepts only a token it expects
+//! ([`Endpoint::await_peer`]), and [`Endpoint::link`] says when it is up.
 //!
 //! The library is loaded at run time (`dlopen`): without it, or without the
 //! provider, or with a provider that has no RMA, opening an endpoint fails
@@ -12,7 +21,7 @@
 //! endpoints are polled: both the writer and the target must call
 //! [`Endpoint::poll`] for a write to land and complete.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, c_void};
 use std::ptr;
 
@@ -31,6 +40,18 @@ pub struct Remote {
     pub addr: u64,
     /// The peer region's key.
     pub key: u64,
+}
+
+/// Where a peer's connection stands (always `Up` on reliable-datagram
+/// endpoints once inserted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// Dialed, or waiting for the peer to dial; nothing may be posted yet.
+    Connecting,
+    /// Operations may be posted.
+    Up,
+    /// Refused, failed or shut down; remove it and start again.
+    Down(String),
 }
 
 /// Which pairs of operations to one target the provider keeps in order
@@ -108,6 +129,8 @@ const RMA_CAPS: u64 = FI_RMA | FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_W
 /// What an endpoint asks of its provider beyond RMA.
 #[derive(Clone, Copy, Debug)]
 struct Wanted {
+    /// `FI_EP_RDM` or `FI_EP_MSG`.
+    ep_type: u32,
     /// Remote compare-and-swap (`FI_ATOMIC`).
     atomics: bool,
     /// Per-target ordering (`FI_ORDER_*` bits).
@@ -116,36 +139,39 @@ struct Wanted {
 
 /// What is asked for, best first: atomics and full ordering, then less.
 /// The transport restores whatever ordering the provider does not give.
-const WANTED: [Wanted; 6] = {
+/// Reliable datagrams come before connections: a provider that has both
+/// (`verbs` under rxm) is configured by name (`verbs;ofi_rxm` or `verbs`).
+const WANTED: [Wanted; 12] = {
     const FULL: u64 = FI_ORDER_RAR | FI_ORDER_RAW | FI_ORDER_WAR | FI_ORDER_WAW;
     const NO_WAR: u64 = FI_ORDER_RAR | FI_ORDER_RAW | FI_ORDER_WAW;
-    [
-        Wanted {
-            atomics: true,
-            order: FULL,
-        },
-        Wanted {
-            atomics: true,
-            order: NO_WAR,
-        },
-        Wanted {
-            atomics: false,
-            order: FULL,
-        },
-        Wanted {
-            atomics: false,
-            order: NO_WAR,
-        },
-        Wanted {
-            atomics: true,
-            order: 0,
-        },
-        Wanted {
-            atomics: false,
-            order: 0,
-        },
-    ]
+    const LEVELS: [(bool, u64); 6] = [
+        (true, FULL),
+        (true, NO_WAR),
+        (false, FULL),
+        (false, NO_WAR),
+        (true, 0),
+        (false, 0),
+    ];
+    let mut out = [Wanted {
+        ep_type: FI_EP_RDM,
+        atomics: false,
+        order: 0,
+    }; 12];
+    let mut i = 0;
+    while i < 12 {
+        let (atomics, order) = LEVELS[i % 6];
+        out[i] = Wanted {
+            ep_type: if i < 6 { FI_EP_RDM } else { FI_EP_MSG },
+            atomics,
+            order,
+        };
+        i += 1;
+    }
+    out
 };
+
+/// The least that is asked of each endpoint type.
+const LEAST: [Wanted; 2] = [WANTED[5], WANTED[11]];
 
 /// Calls `fi_getinfo` for `provider` (any provider if `None`), with RMA
 /// (and what `wanted` adds) required or not; the caller frees the list.
@@ -167,7 +193,12 @@ fn getinfo(
         (*h.domain_attr).mr_mode = MR_MODES_SUPPORTED;
         (*h.domain_attr).threading = FI_THREAD_DOMAIN;
         if let Some(w) = rma {
-            (*h.ep_attr).type_ = FI_EP_RDM;
+            (*h.ep_attr).type_ = w.ep_type;
+            if w.ep_type == FI_EP_MSG {
+                // Registrations are shared by every peer's endpoint: one
+                // bound to a single endpoint would not do.
+                (*h.domain_attr).mr_mode &= !FI_MR_ENDPOINT;
+            }
             h.caps = RMA_CAPS | if w.atomics { FI_ATOMIC } else { 0 };
             // A write completes once it is visible in the target's memory:
             // the engine counts a completed write as landed (memory mode).
@@ -273,12 +304,22 @@ fn take_exact(
     found
 }
 
-/// The providers on this host that offer RMA on reliable endpoints.
+/// The providers on this host that offer RMA on reliable endpoints
+/// (datagram or connected).
 pub fn rma_providers() -> Result<Vec<String>, FabricError> {
     let lib = sys::lib().map_err(FabricError::LibraryMissing)?;
-    Ok(getinfo(lib, None, Some(WANTED[WANTED.len() - 1]))
-        .map(|info| provider_names(lib, info))
-        .unwrap_or_default())
+    let mut names = Vec::new();
+    for w in LEAST {
+        for n in getinfo(lib, None, Some(w))
+            .map(|info| provider_names(lib, info))
+            .unwrap_or_default()
+        {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+    }
+    Ok(names)
 }
 
 /// What peers may do with a registered region.
@@ -358,17 +399,34 @@ pub struct Completion {
     pub result: Result<(), String>,
 }
 
-/// A reliable-datagram endpoint of one provider, with its fabric, domain,
-/// completion queue and address vector. Not thread-safe: one thread (the
-/// engine's) owns it.
+/// A connection to one peer of a connection-oriented endpoint.
+#[derive(Debug)]
+struct Link {
+    /// Null while waiting for the peer to dial.
+    ep: *mut fid_ep,
+    state: LinkState,
+}
+
+/// The endpoint of one provider, with its fabric, domain and completion
+/// queue, and either a reliable-datagram endpoint with an address vector or
+/// a listening endpoint, an event queue and one endpoint per peer. Not
+/// thread-safe: one thread (the engine's) owns it.
 pub struct Endpoint {
     lib: &'static Lib,
     info: *mut fi_info,
     fabric: *mut fid_fabric,
     domain: *mut fid_domain,
     cq: *mut fid_cq,
+    /// Reliable datagrams: the address vector and the one endpoint.
     av: *mut fid_av,
     ep: *mut fid_ep,
+    /// Connections: the event queue, the listening endpoint, the peers'
+    /// connections by address, and the tokens of the ones awaited.
+    eq: *mut fid_eq,
+    pep: *mut fid_pep,
+    links: HashMap<PeerAddr, Link>,
+    awaited: HashMap<u64, PeerAddr>,
+    next_link: PeerAddr,
     mr_mode: i32,
     provider: String,
     /// Live memory registrations, closed before the domain.
@@ -438,14 +496,6 @@ impl Endpoint {
                 let exists = getinfo(lib, Some(provider), None)
                     .map(|i| provider_names(lib, i).iter().any(|n| n == provider))
                     .unwrap_or(false);
-                if exists && provider == "tcp" {
-                    return Err(FabricError::Invalid(format!(
-                        "libfabric provider \"tcp\" offers RMA only on connected (FI_EP_MSG) \
-                         endpoints, which this transport does not use yet; use provider = \
-                         \"tcp;ofi_rxm\" (the same tcp provider under the rxm utility layer); \
-                         providers with RMA here: {available}"
-                    )));
-                }
                 return Err(if exists {
                     FabricError::NoRma {
                         provider: provider.into(),
@@ -467,6 +517,11 @@ impl Endpoint {
             cq: ptr::null_mut(),
             av: ptr::null_mut(),
             ep: ptr::null_mut(),
+            eq: ptr::null_mut(),
+            pep: ptr::null_mut(),
+            links: HashMap::new(),
+            awaited: HashMap::new(),
+            next_link: 1,
             // SAFETY: the first node of a fi_getinfo list, with attributes.
             mr_mode: unsafe { (*(*info).domain_attr).mr_mode },
             provider: provider.into(),
@@ -524,6 +579,9 @@ impl Endpoint {
                     ptr::null_mut(),
                 ) as isize,
             )?;
+            if self.wanted.ep_type == FI_EP_MSG {
+                return self.listen();
+            }
             let mut av_attr = fi_av_attr {
                 type_: FI_AV_TABLE,
                 rx_ctx_bits: 0,
@@ -574,6 +632,62 @@ impl Endpoint {
         Ok(())
     }
 
+    /// Opens the event queue and the listening endpoint of a
+    /// connection-oriented provider.
+    fn listen(&mut self) -> Result<(), FabricError> {
+        let lib = self.lib;
+        // SAFETY: as in `build`: libfabric objects used through their ops
+        // tables, out-pointers checked by the return codes.
+        unsafe {
+            let mut eq_attr = fi_eq_attr {
+                size: 64,
+                flags: 0,
+                wait_obj: FI_WAIT_NONE,
+                signaling_vector: 0,
+                wait_set: ptr::null_mut(),
+            };
+            check(
+                lib,
+                "fi_eq_open",
+                ((*(*self.fabric).ops).eq_open)(
+                    self.fabric,
+                    &mut eq_attr,
+                    &mut self.eq,
+                    ptr::null_mut(),
+                ) as isize,
+            )?;
+            check(
+                lib,
+                "fi_passive_ep",
+                ((*(*self.fabric).ops).passive_ep)(
+                    self.fabric,
+                    self.info,
+                    &mut self.pep,
+                    ptr::null_mut(),
+                ) as isize,
+            )?;
+            let pep_fid = &mut (*self.pep).fid as *mut fid;
+            check(
+                lib,
+                "fi_pep_bind(eq)",
+                ((*(*pep_fid).ops).bind)(pep_fid, &mut (*self.eq).fid, 0) as isize,
+            )?;
+            check(
+                lib,
+                "fi_listen",
+                ((*(*self.pep).cm).listen)(self.pep) as isize,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Whether peers are reached over connections (`FI_EP_MSG`: use
+    /// [`Endpoint::dial_peer`] and [`Endpoint::await_peer`]) rather than by
+    /// address ([`Endpoint::insert_peer`]).
+    pub fn connection_oriented(&self) -> bool {
+        self.wanted.ep_type == FI_EP_MSG
+    }
+
     /// The provider this endpoint uses.
     pub fn provider(&self) -> &str {
         &self.provider
@@ -606,25 +720,157 @@ impl Endpoint {
         self.mr_mode
     }
 
-    /// This endpoint's address, for peers to insert.
+    /// This endpoint's address, for peers to insert (or, on a
+    /// connection-oriented endpoint, to dial).
     pub fn name(&self) -> Result<Vec<u8>, FabricError> {
-        let mut buf = vec![0u8; 256];
+        let mut buf = vec![0u8; MAX_NAME];
         let mut len = buf.len();
-        // SAFETY: `buf` has room for `len` bytes; getname writes at most that.
+        // SAFETY: `buf` has room for `len` bytes; getname writes at most
+        // that. The listening endpoint and the endpoint share the cm layout.
         let r = unsafe {
-            ((*(*self.ep).cm).getname)(&mut (*self.ep).fid, buf.as_mut_ptr().cast(), &mut len)
+            if self.pep.is_null() {
+                ((*(*self.ep).cm).getname)(&mut (*self.ep).fid, buf.as_mut_ptr().cast(), &mut len)
+            } else {
+                ((*(*self.pep).cm).getname)(&mut (*self.pep).fid, buf.as_mut_ptr().cast(), &mut len)
+            }
         };
         check(self.lib, "fi_getname", r as isize)?;
         buf.truncate(len);
         Ok(buf)
     }
 
+    /// The state of the connection to `peer` (`Up` for every inserted peer
+    /// of a reliable-datagram endpoint).
+    pub fn link(&self, peer: PeerAddr) -> LinkState {
+        if !self.connection_oriented() {
+            return LinkState::Up;
+        }
+        match self.links.get(&peer) {
+            Some(l) => l.state.clone(),
+            None => LinkState::Down("no such peer".into()),
+        }
+    }
+
+    fn refuse_unless_connected(&self, call: &str) -> Result<(), FabricError> {
+        if self.connection_oriented() {
+            Ok(())
+        } else {
+            Err(FabricError::Invalid(format!(
+                "{call}: provider {} is not connection-oriented (use insert_peer)",
+                self.provider
+            )))
+        }
+    }
+
+    /// Opens an endpoint for a new connection, bound to the completion and
+    /// event queues, with `addr` as its context.
+    ///
+    /// # Safety
+    /// `info` is this endpoint's info or one from a connection request.
+    unsafe fn open_link(
+        &mut self,
+        info: *mut fi_info,
+        addr: PeerAddr,
+    ) -> Result<*mut fid_ep, FabricError> {
+        let lib = self.lib;
+        let mut ep: *mut fid_ep = ptr::null_mut();
+        // SAFETY: per the contract; the domain, CQ and EQ are live.
+        unsafe {
+            check(
+                lib,
+                "fi_endpoint",
+                ((*(*self.domain).ops).endpoint)(self.domain, info, &mut ep, addr as *mut c_void)
+                    as isize,
+            )?;
+            let f = &mut (*ep).fid as *mut fid;
+            let r = ((*(*f).ops).bind)(f, &mut (*self.cq).fid, FI_TRANSMIT | FI_RECV);
+            let r = if r == 0 {
+                ((*(*f).ops).bind)(f, &mut (*self.eq).fid, 0)
+            } else {
+                r
+            };
+            let r = if r == 0 {
+                ((*(*f).ops).control)(f, FI_ENABLE, ptr::null_mut())
+            } else {
+                r
+            };
+            if r != 0 {
+                close_fid(f);
+                check(lib, "fi_ep_bind/fi_enable", r as isize)?;
+            }
+        }
+        Ok(ep)
+    }
+
+    /// Connection-oriented endpoints: starts connecting to the peer
+    /// listening at `name`, presenting `token` (which the peer must expect,
+    /// see [`Endpoint::await_peer`]). Operations may be posted once
+    /// [`Endpoint::link`] says `Up`.
+    pub fn dial_peer(&mut self, name: &[u8], token: u64) -> Result<PeerAddr, FabricError> {
+        self.refuse_unless_connected("dial_peer")?;
+        check_name(name)?;
+        let addr = self.next_link;
+        // SAFETY: this endpoint's own info.
+        let ep = unsafe { self.open_link(self.info, addr)? };
+        let token_bytes = token.to_le_bytes();
+        // SAFETY: `ep` is live and enabled; `name` is an address of the
+        // provider's format (as the peer's getname gave it) and the
+        // connection data is 8 bytes, both copied by the call.
+        let r = unsafe {
+            ((*(*ep).cm).connect)(
+                ep,
+                name.as_ptr().cast(),
+                token_bytes.as_ptr().cast(),
+                token_bytes.len(),
+            )
+        };
+        if r != 0 {
+            // SAFETY: `ep` is live and not shared.
+            unsafe { close_fid(&mut (*ep).fid) };
+            check(self.lib, "fi_connect", r as isize)?;
+        }
+        self.next_link += 1;
+        self.links.insert(
+            addr,
+            Link {
+                ep,
+                state: LinkState::Connecting,
+            },
+        );
+        Ok(addr)
+    }
+
+    /// Connection-oriented endpoints: the address the peer that dials with
+    /// `token` will have. A connection request with any other token is
+    /// rejected; each token is accepted once.
+    pub fn await_peer(&mut self, token: u64) -> Result<PeerAddr, FabricError> {
+        self.refuse_unless_connected("await_peer")?;
+        if self.awaited.contains_key(&token) {
+            return Err(FabricError::Invalid(
+                "that connection token is already awaited".into(),
+            ));
+        }
+        let addr = self.next_link;
+        self.next_link += 1;
+        self.links.insert(
+            addr,
+            Link {
+                ep: ptr::null_mut(),
+                state: LinkState::Connecting,
+            },
+        );
+        self.awaited.insert(token, addr);
+        Ok(addr)
+    }
+
     /// Adds a peer's endpoint name; returns the address to post to.
+    /// Reliable-datagram endpoints only.
     pub fn insert_peer(&mut self, name: &[u8]) -> Result<PeerAddr, FabricError> {
-        if name.is_empty() || name.len() > 256 {
+        check_name(name)?;
+        if self.connection_oriented() {
             return Err(FabricError::Invalid(format!(
-                "a peer endpoint name of {} bytes",
-                name.len()
+                "provider {} is connection-oriented: peers are dialed or awaited, not inserted",
+                self.provider
             )));
         }
         let mut addr: fi_addr_t = 0;
@@ -653,9 +899,21 @@ impl Endpoint {
         Ok(addr)
     }
 
-    /// Removes a peer inserted with [`Endpoint::insert_peer`]; operations
-    /// to it fail from then on.
+    /// Removes a peer (inserted, dialed or awaited); operations to it fail
+    /// from then on, and a connection is closed.
     pub fn remove_peer(&mut self, peer: PeerAddr) -> Result<(), FabricError> {
+        if self.connection_oriented() {
+            self.awaited.retain(|_, &mut a| a != peer);
+            if let Some(l) = self.links.remove(&peer)
+                && !l.ep.is_null()
+            {
+                // SAFETY: the link's endpoint is live and closed once; its
+                // pending operations are flushed or dropped by the provider
+                // (the transport discards completions of earlier links).
+                unsafe { close_fid(&mut (*l.ep).fid) };
+            }
+            return Ok(());
+        }
         let mut addr = peer;
         // SAFETY: one address this AV handed out.
         let r = unsafe { ((*(*self.av).ops).remove)(self.av, &mut addr, 1, 0) };
@@ -731,7 +989,7 @@ impl Endpoint {
             )
         };
         check(self.lib, "fi_mr_reg", r as isize)?;
-        if self.mr_mode & FI_MR_ENDPOINT != 0 {
+        if self.mr_mode & FI_MR_ENDPOINT != 0 && !self.ep.is_null() {
             // SAFETY: bind the new MR to our endpoint and enable it, as
             // FI_MR_ENDPOINT requires.
             let r = unsafe {
@@ -792,20 +1050,35 @@ impl Endpoint {
         to: Remote,
         context: u64,
     ) -> Result<bool, FabricError> {
-        // SAFETY: per the contract; the context is an opaque integer that
-        // comes back in the completion.
-        let r = unsafe {
-            ((*(*self.ep).rma).write)(
-                self.ep,
-                src.cast(),
-                len,
-                local.desc,
-                to.peer,
-                to.addr,
-                to.key,
-                context as *mut c_void,
-            )
+        let (ep, peer) = self.route(to.peer)?;
+        let iov = iovec {
+            iov_base: src.cast_mut().cast(),
+            iov_len: len,
         };
+        let rma = fi_rma_iov {
+            addr: to.addr,
+            len,
+            key: to.key,
+        };
+        let mut desc = local.desc;
+        let msg = fi_msg_rma {
+            msg_iov: &iov,
+            desc: &mut desc,
+            iov_count: 1,
+            addr: peer,
+            rma_iov: &rma,
+            rma_iov_count: 1,
+            context: context as *mut c_void,
+            data: 0,
+        };
+        // The completion semantics are asked for on every write, not left to
+        // the endpoint's defaults: the tcp provider's fi_write ignores them
+        // and completes a write once sent, before the target has checked
+        // the key (a fenced write would look landed).
+        // SAFETY: per the contract; the message and what it points to live
+        // through the call (the provider copies them); the context is an
+        // opaque integer that comes back in the completion.
+        let r = unsafe { ((*(*ep).rma).writemsg)(ep, &msg, FI_COMPLETION | FI_DELIVERY_COMPLETE) };
         self.posted("fi_write", r)
     }
 
@@ -822,14 +1095,15 @@ impl Endpoint {
         from: Remote,
         context: u64,
     ) -> Result<bool, FabricError> {
+        let (ep, peer) = self.route(from.peer)?;
         // SAFETY: per the contract.
         let r = unsafe {
-            ((*(*self.ep).rma).read)(
-                self.ep,
+            ((*(*ep).rma).read)(
+                ep,
                 dst.cast(),
                 len,
                 local.desc,
-                from.peer,
+                peer,
                 from.addr,
                 from.key,
                 context as *mut c_void,
@@ -863,11 +1137,12 @@ impl Endpoint {
                 self.provider
             )));
         }
+        let (ep, peer) = self.route(at.peer)?;
         // SAFETY: per the contract; the atomic ops table exists because the
         // endpoint was opened with FI_ATOMIC.
         let r = unsafe {
-            ((*(*self.ep).atomic).compwrite)(
-                self.ep,
+            ((*(*ep).atomic).compwrite)(
+                ep,
                 new.cast(),
                 1,
                 operands.desc,
@@ -875,7 +1150,7 @@ impl Endpoint {
                 operands.desc,
                 result.cast(),
                 local.desc,
-                at.peer,
+                peer,
                 at.addr,
                 at.key,
                 FI_UINT64,
@@ -884,6 +1159,24 @@ impl Endpoint {
             )
         };
         self.posted("fi_compare_atomic", r)
+    }
+
+    /// The endpoint and address an operation to `peer` is posted with.
+    fn route(&self, peer: PeerAddr) -> Result<(*mut fid_ep, fi_addr_t), FabricError> {
+        if !self.connection_oriented() {
+            return Ok((self.ep, peer));
+        }
+        match self.links.get(&peer) {
+            Some(Link {
+                ep,
+                state: LinkState::Up,
+            }) => Ok((*ep, FI_ADDR_UNSPEC)),
+            Some(l) => Err(FabricError::Invalid(format!(
+                "the connection to that peer is not up ({:?})",
+                l.state
+            ))),
+            None => Err(FabricError::Invalid("no such peer".into())),
+        }
     }
 
     /// What a post returned: taken, queue full (`EAGAIN`), or an error.
@@ -895,9 +1188,12 @@ impl Endpoint {
         Ok(true)
     }
 
-    /// Drives progress and collects finished operations into `out`;
-    /// returns how many were added.
+    /// Drives progress, handles connection events, and collects finished
+    /// operations into `out`; returns how many were added.
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<usize, FabricError> {
+        if !self.eq.is_null() {
+            self.connection_events()?;
+        }
         let mut entries = [const {
             fi_cq_entry {
                 op_context: ptr::null_mut(),
@@ -946,11 +1242,175 @@ impl Endpoint {
     }
 }
 
+/// The largest endpoint name accepted from a peer.
+const MAX_NAME: usize = 256;
+
+fn check_name(name: &[u8]) -> Result<(), FabricError> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(FabricError::Invalid(format!(
+            "a peer endpoint name of {} bytes",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The buffer `fi_eq_read` fills: an entry and its connection data.
+#[repr(C)]
+struct CmEvent {
+    entry: fi_eq_cm_entry,
+    data: [u8; 256],
+}
+
+impl Endpoint {
+    /// The live link whose endpoint is `f`. Events are matched by pointer
+    /// against live links, never by reading a possibly closed fid.
+    fn link_of(&self, f: *mut fid) -> Option<PeerAddr> {
+        self.links
+            .iter()
+            // SAFETY: only the address of a live endpoint's fid is taken.
+            .find(|(_, l)| !l.ep.is_null() && unsafe { &raw mut (*l.ep).fid } == f)
+            .map(|(&a, _)| a)
+    }
+
+    /// Reads the event queue: accepts expected connection requests, rejects
+    /// the rest, and records links coming up or going down.
+    fn connection_events(&mut self) -> Result<(), FabricError> {
+        loop {
+            // SAFETY: a zeroed CmEvent is plain data (null pointers, zeros).
+            let mut ev: CmEvent = unsafe { std::mem::zeroed() };
+            let mut event: u32 = 0;
+            // SAFETY: `ev` has room for `size_of::<CmEvent>()` bytes.
+            let n = unsafe {
+                ((*(*self.eq).ops).read)(
+                    self.eq,
+                    &mut event,
+                    (&raw mut ev).cast(),
+                    std::mem::size_of::<CmEvent>(),
+                    0,
+                )
+            };
+            if n == -FI_EAGAIN || n == 0 {
+                return Ok(());
+            }
+            if n == -FI_EAVAIL {
+                // SAFETY: a zeroed error entry is valid input for readerr.
+                let mut err: fi_eq_err_entry = unsafe { std::mem::zeroed() };
+                // SAFETY: `err` is a valid error entry to fill.
+                let r = unsafe { ((*(*self.eq).ops).readerr)(self.eq, &mut err, 0) };
+                if r <= 0 {
+                    return Ok(());
+                }
+                let text = format!(
+                    "{} (provider error {})",
+                    self.lib.error_text(err.err as isize),
+                    err.prov_errno
+                );
+                match self.link_of(err.fid) {
+                    Some(a) => {
+                        tracing::debug!(peer = a, error = %text, "connection failed");
+                        self.links.get_mut(&a).expect("live").state = LinkState::Down(text);
+                    }
+                    None => tracing::debug!(error = %text, "connection event error"),
+                }
+                continue;
+            }
+            check(self.lib, "fi_eq_read", n)?;
+            let data_len = (n as usize).saturating_sub(std::mem::size_of::<fi_eq_cm_entry>());
+            match event {
+                FI_CONNREQ => self.on_connect_request(&ev, data_len.min(ev.data.len())),
+                FI_CONNECTED => {
+                    if let Some(a) = self.link_of(ev.entry.fid) {
+                        self.links.get_mut(&a).expect("live").state = LinkState::Up;
+                    }
+                }
+                FI_SHUTDOWN => {
+                    if let Some(a) = self.link_of(ev.entry.fid) {
+                        self.links.get_mut(&a).expect("live").state =
+                            LinkState::Down("the peer closed the connection".into());
+                    }
+                }
+                other => tracing::debug!(event = other, "connection event ignored"),
+            }
+        }
+    }
+
+    /// A peer dialed: accept it if it presented an awaited token.
+    fn on_connect_request(&mut self, ev: &CmEvent, data_len: usize) {
+        let info = ev.entry.info;
+        let token = (data_len >= 8)
+            .then(|| u64::from_le_bytes(ev.data[..8].try_into().expect("8 bytes")))
+            .and_then(|t| self.awaited.remove(&t));
+        let accepted = match token {
+            Some(addr) => {
+                // SAFETY: `info` describes the requested connection.
+                match unsafe { self.open_link(info, addr) } {
+                    Ok(ep) => {
+                        // SAFETY: `ep` is live and enabled, opened from the
+                        // request's info.
+                        let r = unsafe { ((*(*ep).cm).accept)(ep, ptr::null(), 0) };
+                        let link = self.links.get_mut(&addr);
+                        match (r, link) {
+                            (0, Some(l)) => {
+                                l.ep = ep;
+                                true
+                            }
+                            (r, l) => {
+                                // SAFETY: `ep` is live and not shared.
+                                unsafe { close_fid(&mut (*ep).fid) };
+                                if let Some(l) = l {
+                                    l.state = LinkState::Down(format!(
+                                        "fi_accept: {}",
+                                        self.lib.error_text(r as isize)
+                                    ));
+                                }
+                                false
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(l) = self.links.get_mut(&addr) {
+                            l.state = LinkState::Down(e.to_string());
+                        }
+                        false
+                    }
+                }
+            }
+            None => false,
+        };
+        if !accepted {
+            tracing::debug!("connection request without an awaited token: rejected");
+            // SAFETY: the request's handle is live until accepted or
+            // rejected; the listening endpoint is live.
+            unsafe {
+                let handle = if info.is_null() {
+                    ptr::null_mut()
+                } else {
+                    (*info).handle
+                };
+                ((*(*self.pep).cm).reject)(self.pep, handle, ptr::null(), 0);
+            }
+        }
+        if !info.is_null() {
+            // SAFETY: the application owns a connection request's info.
+            unsafe { (self.lib.freeinfo)(info) };
+        }
+    }
+}
+
 impl Drop for Endpoint {
     fn drop(&mut self) {
         // SAFETY: each fid is null or live; closed in reverse order of
-        // opening, endpoint before what it is bound to.
+        // opening, endpoints before what they are bound to.
         unsafe {
+            for (_, l) in self.links.drain() {
+                if !l.ep.is_null() {
+                    close_fid(&mut (*l.ep).fid);
+                }
+            }
+            if !self.pep.is_null() {
+                close_fid(&mut (*self.pep).fid);
+            }
             if !self.ep.is_null() {
                 close_fid(&mut (*self.ep).fid);
             }
@@ -962,6 +1422,9 @@ impl Drop for Endpoint {
             }
             if !self.cq.is_null() {
                 close_fid(&mut (*self.cq).fid);
+            }
+            if !self.eq.is_null() {
+                close_fid(&mut (*self.eq).fid);
             }
             if !self.domain.is_null() {
                 close_fid(&mut (*self.domain).fid);

@@ -1,6 +1,8 @@
 //! The remote-memory transport over libfabric: `fi_write`, `fi_read` and
-//! `fi_compare_atomic` on one registered region per node, for the `shm` and
-//! `tcp;ofi_rxm` providers here and `verbs;ofi_rxm` on RDMA hosts.
+//! `fi_compare_atomic` on one registered region per node, over
+//! reliable-datagram providers (`shm` and `tcp;ofi_rxm` here,
+//! `verbs;ofi_rxm` on RDMA hosts) and connection-oriented ones (`tcp` here,
+//! `verbs` on RDMA hosts).
 //!
 //! * [`endpoint`]: the libfabric layer (loaded at run time with `dlopen`,
 //!   declared by hand in a private `sys` module): endpoints, registration,
@@ -14,7 +16,7 @@ mod sys;
 pub mod transport;
 
 pub use endpoint::{
-    Access, Completion, Endpoint, FabricError, MemoryRegion, Ordering, PeerAddr, Remote,
+    Access, Completion, Endpoint, FabricError, LinkState, MemoryRegion, Ordering, PeerAddr, Remote,
     rma_providers,
 };
 pub use transport::{FabricConfig, FabricTransport};

@@ -198,8 +198,18 @@ pub struct fi_ops_fabric {
         *mut *mut fid_domain,
         *mut c_void,
     ) -> c_int,
-    pub passive_ep: *const c_void,
-    pub eq_open: *const c_void,
+    pub passive_ep: unsafe extern "C" fn(
+        *mut fid_fabric,
+        *mut fi_info,
+        *mut *mut fid_pep,
+        *mut c_void,
+    ) -> c_int,
+    pub eq_open: unsafe extern "C" fn(
+        *mut fid_fabric,
+        *mut fi_eq_attr,
+        *mut *mut fid_eq,
+        *mut c_void,
+    ) -> c_int,
     pub wait_open: *const c_void,
     pub trywait: *const c_void,
     pub domain2: *const c_void,
@@ -374,13 +384,74 @@ pub struct fi_ops_cm {
     pub setname: *const c_void,
     pub getname: unsafe extern "C" fn(*mut fid, *mut c_void, *mut usize) -> c_int,
     pub getpeer: *const c_void,
-    pub connect: *const c_void,
-    pub listen: *const c_void,
-    pub accept: *const c_void,
-    pub reject: *const c_void,
-    pub shutdown: *const c_void,
+    pub connect: unsafe extern "C" fn(*mut fid_ep, *const c_void, *const c_void, usize) -> c_int,
+    pub listen: unsafe extern "C" fn(*mut fid_pep) -> c_int,
+    pub accept: unsafe extern "C" fn(*mut fid_ep, *const c_void, usize) -> c_int,
+    pub reject: unsafe extern "C" fn(*mut fid_pep, *mut fid, *const c_void, usize) -> c_int,
+    pub shutdown: unsafe extern "C" fn(*mut fid_ep, u64) -> c_int,
     pub join: *const c_void,
 }
+
+/// A passive (listening) endpoint of a connection-oriented provider.
+#[repr(C)]
+pub struct fid_pep {
+    pub fid: fid,
+    pub ops: *mut fi_ops_ep,
+    pub cm: *mut fi_ops_cm,
+}
+
+#[repr(C)]
+pub struct fi_eq_attr {
+    pub size: usize,
+    pub flags: u64,
+    pub wait_obj: u32,
+    pub signaling_vector: c_int,
+    pub wait_set: *mut c_void,
+}
+
+#[repr(C)]
+pub struct fi_ops_eq {
+    pub size: usize,
+    pub read: unsafe extern "C" fn(*mut fid_eq, *mut u32, *mut c_void, usize, u64) -> isize,
+    pub readerr: unsafe extern "C" fn(*mut fid_eq, *mut fi_eq_err_entry, u64) -> isize,
+    pub write: *const c_void,
+    pub sread: *const c_void,
+    pub strerror: *const c_void,
+}
+
+/// An event queue: connection management events of MSG endpoints.
+#[repr(C)]
+pub struct fid_eq {
+    pub fid: fid,
+    pub ops: *mut fi_ops_eq,
+}
+
+/// `struct fi_eq_cm_entry` without its trailing connection data, which
+/// follows it in the buffer given to `fi_eq_read`.
+#[repr(C)]
+pub struct fi_eq_cm_entry {
+    pub fid: *mut fid,
+    pub info: *mut fi_info,
+}
+
+#[repr(C)]
+pub struct fi_eq_err_entry {
+    pub fid: *mut fid,
+    pub context: *mut c_void,
+    pub data: u64,
+    pub err: c_int,
+    pub prov_errno: c_int,
+    pub err_data: *mut c_void,
+    pub err_data_size: usize,
+}
+
+/// Connection management events (`enum` in fi_eq.h).
+pub const FI_CONNREQ: u32 = 1;
+pub const FI_CONNECTED: u32 = 2;
+pub const FI_SHUTDOWN: u32 = 3;
+/// `FI_ADDR_UNSPEC`: the address argument of operations on connected
+/// endpoints.
+pub const FI_ADDR_UNSPEC: fi_addr_t = u64::MAX;
 
 #[repr(C)]
 pub struct fi_ops_rma {
@@ -408,10 +479,35 @@ pub struct fi_ops_rma {
         *mut c_void,
     ) -> isize,
     pub writev: *const c_void,
-    pub writemsg: *const c_void,
+    pub writemsg: unsafe extern "C" fn(*mut fid_ep, *const fi_msg_rma, u64) -> isize,
     pub inject: *const c_void,
     pub writedata: *const c_void,
     pub injectdata: *const c_void,
+}
+
+#[repr(C)]
+pub struct iovec {
+    pub iov_base: *mut c_void,
+    pub iov_len: usize,
+}
+
+#[repr(C)]
+pub struct fi_rma_iov {
+    pub addr: u64,
+    pub len: usize,
+    pub key: u64,
+}
+
+#[repr(C)]
+pub struct fi_msg_rma {
+    pub msg_iov: *const iovec,
+    pub desc: *mut *mut c_void,
+    pub iov_count: usize,
+    pub addr: fi_addr_t,
+    pub rma_iov: *const fi_rma_iov,
+    pub rma_iov_count: usize,
+    pub context: *mut c_void,
+    pub data: u64,
 }
 
 #[repr(C)]

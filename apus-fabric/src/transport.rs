@@ -13,7 +13,11 @@
 //! layout and the transport (`fabric/<provider>`) must match. Each side then
 //! registers the peer's windows and sends a [`Hello`] with its endpoint name
 //! and the windows' addresses and keys; the peer is up once both hellos have
-//! crossed. The TCP stream stays open: grants and revocations of the ring
+//! crossed. Connection-oriented providers (`tcp`, `verbs`) also need a
+//! provider connection: the lower-numbered replica listens and puts a fresh
+//! random token in its hello, the higher one dials presenting it, and a
+//! connection request without an awaited token is rejected; the peer is up
+//! once that connection is. The TCP stream stays open: grants and revocations of the ring
 //! travel on it ([`RingGrant`]), and its loss is the peer's loss.
 //!
 //! **Fencing.** [`Transport::set_log_writer`] closes the old writer's ring
@@ -55,7 +59,9 @@ use apus_tcp::sys::{self as poll_sys, Interest};
 use prost::Message;
 use tracing::{debug, info, warn};
 
-use crate::endpoint::{Access, Endpoint, FabricError, MemoryRegion, Ordering, PeerAddr, Remote};
+use crate::endpoint::{
+    Access, Endpoint, FabricError, LinkState, MemoryRegion, Ordering, PeerAddr, Remote,
+};
 
 /// Operations queued per peer (posted and not yet completed, or held for
 /// ordering or a full provider queue). The engine keeps far fewer in flight;
@@ -63,6 +69,30 @@ use crate::endpoint::{Access, Endpoint, FabricError, MemoryRegion, Ordering, Pee
 pub const MAX_QUEUED: usize = 8192;
 /// The longest `wait` blocks without polling the provider.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_micros(50);
+/// How long a provider connection may take to come up after the hellos
+/// crossed (the peer answered on the set-up stream, so it is alive).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A fresh random connection token, never 0 (which means none).
+fn connect_token() -> u64 {
+    let mut b = [0u8; 8];
+    loop {
+        if getrandom::fill(&mut b).is_err() {
+            // No entropy source: the clock still binds the connection to
+            // this hello (the set-up stream is authenticated; the token only
+            // has to be unguessable for the time it is awaited).
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64);
+            b = t.to_le_bytes();
+        }
+        let t = u64::from_le_bytes(b);
+        if t != 0 {
+            return t;
+        }
+    }
+}
+
 /// Compare-and-swaps in flight at once (their operands live in a small
 /// registered array).
 const CAS_SLOTS: usize = 64;
@@ -135,6 +165,12 @@ pub struct Hello {
     /// The sender's log ring, if the receiver holds the write grant.
     #[prost(message, optional, tag = "5")]
     pub ring: Option<Window>,
+    /// Connection-oriented providers, from the lower-numbered replica (which
+    /// listens): the token the higher one must present when it connects to
+    /// `endpoint`, binding that connection to this authenticated stream.
+    /// 0: none.
+    #[prost(uint64, tag = "6")]
+    pub connect_token: u64,
 }
 
 /// Every later message: the receiver's current access to the sender's log
@@ -252,6 +288,14 @@ struct Peer {
     /// Our ring registration for it, while it holds the grant.
     ring: Option<MemoryRegion>,
     remote: Option<RemoteSide>,
+    /// Connection-oriented providers: the connection this node awaits
+    /// (it listens), until the peer's hello arrives.
+    awaited: Option<PeerAddr>,
+    /// The engine was told PeerUp: both hellos exchanged and the provider's
+    /// connection (if it has them) is up.
+    up: bool,
+    /// When the connection was installed (bounds the wait for it to come up).
+    since: Instant,
     inflight: VecDeque<Inflight>,
     held: VecDeque<RemoteOp>,
 }
@@ -263,7 +307,7 @@ pub struct FabricTransport {
     endpoint: Endpoint,
     local: MemoryRegion,
     cas_mr: Option<MemoryRegion>,
-    probe: SelfProbe,
+    probe: Option<SelfProbe>,
     cas_operands: Box<[u64]>,
     probe_words: Box<[u64]>,
     cas_free: Vec<usize>,
@@ -328,7 +372,7 @@ struct Opened {
     endpoint: Endpoint,
     local: MemoryRegion,
     cas_mr: Option<MemoryRegion>,
-    probe: SelfProbe,
+    probe: Option<SelfProbe>,
 }
 
 /// Opens the provider's endpoint and registers the region (local use), the
@@ -366,26 +410,33 @@ fn open_endpoint(
     } else {
         None
     };
-    // SAFETY: as for the operands.
-    let probe_mr = unsafe {
-        endpoint.register(
-            probe_words.as_mut_ptr().cast(),
-            probe_words.len() * 8,
-            Access::REMOTE_WRITE,
-        )?
+    // A connection-oriented endpoint has a queue per peer: a dead peer
+    // cannot wedge what the others use, so it needs no probe.
+    let probe = if endpoint.connection_oriented() {
+        None
+    } else {
+        // SAFETY: as for the operands.
+        let mr = unsafe {
+            endpoint.register(
+                probe_words.as_mut_ptr().cast(),
+                probe_words.len() * 8,
+                Access::REMOTE_WRITE,
+            )?
+        };
+        let own = endpoint.name()?;
+        let addr = endpoint.insert_peer(&own)?;
+        Some(SelfProbe {
+            addr,
+            mr,
+            wanted: false,
+            pending: None,
+        })
     };
-    let own = endpoint.name()?;
-    let addr = endpoint.insert_peer(&own)?;
     Ok(Opened {
         endpoint,
         local,
         cas_mr,
-        probe: SelfProbe {
-            addr,
-            mr: probe_mr,
-            wanted: false,
-            pending: None,
-        },
+        probe,
     })
 }
 
@@ -471,12 +522,13 @@ impl FabricTransport {
         self.endpoint.provider()
     }
 
-    /// Whether `peer` is up (both hellos exchanged).
+    /// Whether `peer` is up (both hellos exchanged, and the provider's
+    /// connection up where it has connections).
     pub fn connected(&self, peer: NodeId) -> bool {
         self.peers
             .get(peer.index())
             .and_then(Option::as_ref)
-            .is_some_and(|p| p.remote.is_some())
+            .is_some_and(|p| p.up)
     }
 
     fn window(
@@ -523,12 +575,24 @@ impl FabricTransport {
         } else {
             (None, None)
         };
+        // Connection-oriented providers: the lower-numbered replica listens
+        // and accepts only the token it sends here; the higher one dials.
+        let (connect_token, awaited) = if self.endpoint.connection_oriented() && self.me < peer {
+            let token = connect_token();
+            (
+                token,
+                Some(self.endpoint.await_peer(token).map_err(fabric)?),
+            )
+        } else {
+            (0, None)
+        };
         let hello = Hello {
             endpoint: self.endpoint.name().map_err(fabric)?,
             slots: Some(slots),
             header: Some(header),
             status: Some(status),
             ring,
+            connect_token,
         };
         // Small and the first bytes on a fresh stream: a blocking write.
         let sent = apus_tcp::handshake::write_msg(&mut stream, &hello)
@@ -540,12 +604,20 @@ impl FabricTransport {
             granted: vec![slots_mr, header_mr, status_mr],
             ring: ring_mr,
             remote: None,
+            awaited,
+            up: false,
+            since: Instant::now(),
             inflight: VecDeque::new(),
             held: VecDeque::new(),
         };
         if let Err(e) = sent {
             debug!(me = %self.me, %peer, error = %e, "cannot send hello");
             self.release_registrations(&mut p);
+            if let Some(a) = p.awaited
+                && let Err(e) = self.endpoint.remove_peer(a)
+            {
+                warn!(me = %self.me, %peer, error = %e, "cannot drop the awaited connection");
+            }
             self.connector.lost(peer);
             return Ok(());
         }
@@ -575,13 +647,14 @@ impl FabricTransport {
         // to it may still be pending in its progress engine, and crashes on
         // them (libfabric 1.17): its entries stay (a reconnecting peer gets
         // a new one; a dead peer's stale operations fail on their own).
-        if let Some(r) = &p.remote
+        let addr = p.remote.as_ref().map(|r| r.addr).or(p.awaited);
+        if let Some(addr) = addr
             && self.endpoint.provider() != "shm"
-            && let Err(e) = self.endpoint.remove_peer(r.addr)
+            && let Err(e) = self.endpoint.remove_peer(addr)
         {
             warn!(me = %self.me, %peer, error = %e, "cannot remove the peer's address");
         }
-        let was_up = p.remote.is_some();
+        let was_up = p.up;
         for f in p.inflight.drain(..) {
             if let Some(slot) = f.cas_slot {
                 // The operands may still be read by the provider if the
@@ -608,13 +681,18 @@ impl FabricTransport {
         }
         self.connector.lost(peer);
         // A peer that died may have left our inbound queue wedged.
-        self.probe.wanted = true;
+        if let Some(probe) = self.probe.as_mut() {
+            probe.wanted = true;
+        }
     }
 
     /// Posts the self probe when one is due, and reopens the endpoint if
     /// the one in flight is overdue.
     fn check_inbound(&mut self) -> Result<(), TransportError> {
-        if let Some((_, posted)) = self.probe.pending {
+        let Some(probe) = self.probe.as_mut() else {
+            return Ok(());
+        };
+        if let Some((_, posted)) = probe.pending {
             if posted.elapsed() > self.op_timeout {
                 self.stats.resets.fetch_add(1, AtomicOrdering::Relaxed);
                 warn!(
@@ -626,31 +704,31 @@ impl FabricTransport {
             }
             return Ok(());
         }
-        if !self.probe.wanted {
+        if !probe.wanted {
             return Ok(());
         }
         let ctx = (self.next_ctx << 8) | PROBE_PEER;
         let to = Remote {
-            peer: self.probe.addr,
-            addr: self.probe.mr.base + 8,
-            key: self.probe.mr.key,
+            peer: probe.addr,
+            addr: probe.mr.base + 8,
+            key: probe.mr.key,
         };
         // SAFETY: 8 bytes from word 0 of the registered probe words to word
         // 1 of the same registration; both live as long as the endpoint.
         let r = unsafe {
             self.endpoint
-                .write(self.probe_words.as_ptr().cast(), 8, &self.probe.mr, to, ctx)
+                .write(self.probe_words.as_ptr().cast(), 8, &probe.mr, to, ctx)
         };
         match r {
             Ok(true) => {
                 self.next_ctx += 1;
-                self.probe.wanted = false;
-                self.probe.pending = Some((ctx, Instant::now()));
+                probe.wanted = false;
+                probe.pending = Some((ctx, Instant::now()));
             }
             Ok(false) => {}
             Err(e) => {
                 warn!(me = %self.me, error = %e, "cannot post the self probe");
-                self.probe.wanted = false;
+                probe.wanted = false;
             }
         }
         Ok(())
@@ -784,10 +862,24 @@ impl FabricTransport {
             )?),
             None => None,
         };
-        let addr = self
-            .endpoint
-            .insert_peer(&h.endpoint)
-            .map_err(|e| format!("its endpoint name: {e}"))?;
+        let addr = if !self.endpoint.connection_oriented() {
+            self.endpoint
+                .insert_peer(&h.endpoint)
+                .map_err(|e| format!("its endpoint name: {e}"))?
+        } else if self.me > peer {
+            if h.connect_token == 0 {
+                return Err("hello without a connection token".into());
+            }
+            self.endpoint
+                .dial_peer(&h.endpoint, h.connect_token)
+                .map_err(|e| format!("connecting to its endpoint: {e}"))?
+        } else {
+            if h.connect_token != 0 {
+                return Err("a connection token from the replica that dials".into());
+            }
+            let p = self.peers[peer.index()].as_mut().expect("connected");
+            p.awaited.take().expect("awaited since the hello was sent")
+        };
         let p = self.peers[peer.index()].as_mut().expect("connected");
         p.remote = Some(RemoteSide {
             addr,
@@ -795,9 +887,34 @@ impl FabricTransport {
             readable: [header, status],
             ring,
         });
-        info!(me = %self.me, %peer, provider = %self.endpoint.provider(), "connection established");
-        self.events.push_back(TransportEvent::PeerUp(peer));
+        self.check_link(peer);
         Ok(())
+    }
+
+    /// Tells the engine `peer` is up once the provider's connection to it
+    /// is (at once for reliable-datagram providers); closes it if the
+    /// connection failed or does not come up in time.
+    fn check_link(&mut self, peer: NodeId) {
+        let Some(p) = self.peers[peer.index()].as_mut() else {
+            return;
+        };
+        let Some(addr) = p.remote.as_ref().map(|r| r.addr) else {
+            return;
+        };
+        match self.endpoint.link(addr) {
+            LinkState::Up if !p.up => {
+                p.up = true;
+                info!(me = %self.me, %peer, provider = %self.endpoint.provider(), "connection established");
+                self.events.push_back(TransportEvent::PeerUp(peer));
+            }
+            LinkState::Up => {}
+            LinkState::Down(why) => self.close(peer, &format!("provider connection: {why}")),
+            LinkState::Connecting if p.since.elapsed() > CONNECT_TIMEOUT => {
+                self.stats.timeouts.fetch_add(1, AtomicOrdering::Relaxed);
+                self.close(peer, "the provider connection did not come up in time");
+            }
+            LinkState::Connecting => {}
+        }
     }
 
     fn on_grant(&mut self, peer: NodeId, g: RingGrant) -> Result<(), String> {
@@ -1054,8 +1171,10 @@ impl FabricTransport {
         let mut broken = Vec::new();
         for c in self.completions.drain(..) {
             if c.context & 0xff == PROBE_PEER {
-                if self.probe.pending.is_some_and(|(ctx, _)| ctx == c.context) {
-                    self.probe.pending = None;
+                if let Some(probe) = self.probe.as_mut()
+                    && probe.pending.is_some_and(|(ctx, _)| ctx == c.context)
+                {
+                    probe.pending = None;
                     debug!(me = %self.me, result = ?c.result, "self probe completed");
                 }
                 continue;
@@ -1181,6 +1300,9 @@ impl Transport for FabricTransport {
                 continue;
             }
             self.receive(peer);
+            if self.endpoint.connection_oriented() {
+                self.check_link(peer);
+            }
             if self.connected(peer) {
                 self.release(peer);
                 self.post_held(peer)?;

@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use apus_fabric::{Access, Completion, Endpoint, FabricError, MemoryRegion, PeerAddr, Remote};
+use apus_fabric::{
+    Access, Completion, Endpoint, FabricError, LinkState, MemoryRegion, PeerAddr, Remote,
+};
 
 /// Skips (loudly) when libfabric is not installed.
 fn open(provider: &str) -> Option<Endpoint> {
@@ -76,17 +78,44 @@ fn side(provider: &str) -> Option<Side> {
     Some(Side { ep, mem, mr })
 }
 
-fn connect(a: &mut Side, b: &Side) -> PeerAddr {
-    a.ep.insert_peer(&b.ep.name().expect("name"))
-        .expect("insert")
+/// Makes `a` and `b` peers: inserted (datagram providers), or `a` dials
+/// `b` with the token `b` awaits (connection-oriented ones) and both wait
+/// for the connection. Returns (b as a names it, a as b names it).
+fn connect(a: &mut Side, b: &mut Side) -> (PeerAddr, PeerAddr) {
+    if !a.ep.connection_oriented() {
+        let to_b =
+            a.ep.insert_peer(&b.ep.name().expect("name"))
+                .expect("insert");
+        let to_a =
+            b.ep.insert_peer(&a.ep.name().expect("name"))
+                .expect("insert");
+        return (to_b, to_a);
+    }
+    let token = 0x5eed_0000_0000_0001;
+    let to_a = b.ep.await_peer(token).expect("await");
+    let to_b =
+        a.ep.dial_peer(&b.ep.name().expect("name"), token)
+            .expect("dial");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.ep.link(to_b) != LinkState::Up || b.ep.link(to_a) != LinkState::Up {
+        a.ep.poll(&mut Vec::new()).expect("poll a");
+        b.ep.poll(&mut Vec::new()).expect("poll b");
+        assert!(
+            Instant::now() < deadline,
+            "no connection: {:?} / {:?}",
+            a.ep.link(to_b),
+            b.ep.link(to_a)
+        );
+        std::thread::yield_now();
+    }
+    (to_b, to_a)
 }
 
 fn write_then_read(provider: &str) {
     let (Some(mut a), Some(mut b)) = (side(provider), side(provider)) else {
         return;
     };
-    let to_b = connect(&mut a, &b);
-    let _to_a = connect(&mut b, &a);
+    let (to_b, _to_a) = connect(&mut a, &mut b);
     for (i, x) in a.mem[..4096].iter_mut().enumerate() {
         *x = (i % 251) as u8;
     }
@@ -144,6 +173,16 @@ fn tcp_rxm_write_and_read() {
 }
 
 #[test]
+fn tcp_connected_write_and_read() {
+    write_then_read("tcp");
+}
+
+#[test]
+fn tcp_connected_revoked_registration_refuses_writes() {
+    revoked_registration_refuses_writes("tcp");
+}
+
+#[test]
 fn shm_revoked_registration_refuses_writes() {
     revoked_registration_refuses_writes("shm");
 }
@@ -159,8 +198,7 @@ fn revoked_registration_refuses_writes(provider: &str) {
     let (Some(mut a), Some(mut b)) = (side(provider), side(provider)) else {
         return;
     };
-    let to_b = connect(&mut a, &b);
-    let _ = connect(&mut b, &a);
+    let (to_b, _) = connect(&mut a, &mut b);
     let mut ring = vec![0u8; 4096].into_boxed_slice();
     // SAFETY: `ring` outlives the registration, which is closed just below.
     let ring_mr = unsafe {
@@ -245,15 +283,90 @@ fn tcp_endpoints_stay_on_loopback() {
 }
 
 #[test]
-fn the_plain_tcp_provider_points_to_rxm() {
-    // tcp alone has RMA only on connected (MSG) endpoints.
-    match Endpoint::open_in("tcp", Some("lo")) {
-        Err(FabricError::LibraryMissing(why)) => eprintln!("SKIPPED: {why}"),
-        Err(e @ FabricError::Invalid(_)) => {
-            let text = e.to_string();
-            assert!(text.contains("FI_EP_MSG"), "{text}");
-            assert!(text.contains("tcp;ofi_rxm"), "{text}");
+fn the_plain_tcp_provider_is_connection_oriented() {
+    // tcp alone has RMA only on connected (FI_EP_MSG) endpoints.
+    let (Some(mut a), Some(mut b)) = (side("tcp"), side("tcp")) else {
+        return;
+    };
+    assert!(a.ep.connection_oriented());
+    let name = a.ep.name().expect("name");
+    assert_eq!(&name[4..8], &[127, 0, 0, 1], "listening on {name:?}");
+    let err = a.ep.insert_peer(&b.ep.name().unwrap()).unwrap_err();
+    assert!(err.to_string().contains("connection-oriented"), "{err}");
+    // Posting before the connection is up is an error, not a hang.
+    let to_b = a.ep.dial_peer(&b.ep.name().unwrap(), 1).expect("dial");
+    let (src, a_mr, key) = (a.mem.as_ptr(), &a.mr, b.mr.key);
+    // SAFETY: the source lies in a's registered memory.
+    let early = unsafe {
+        a.ep.write(
+            src,
+            8,
+            a_mr,
+            Remote {
+                peer: to_b,
+                addr: b.mr.base,
+                key,
+            },
+            1,
+        )
+    };
+    assert!(early.is_err(), "posted before the connection was up");
+    let _ = &mut b;
+}
+
+#[test]
+fn a_connection_without_the_awaited_token_is_rejected() {
+    let (Some(mut a), Some(mut b)) = (side("tcp"), side("tcp")) else {
+        return;
+    };
+    let awaited = b.ep.await_peer(42).expect("await");
+    let to_b = a.ep.dial_peer(&b.ep.name().unwrap(), 43).expect("dial");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let why = loop {
+        a.ep.poll(&mut Vec::new()).expect("poll a");
+        b.ep.poll(&mut Vec::new()).expect("poll b");
+        match a.ep.link(to_b) {
+            LinkState::Down(why) => break why,
+            LinkState::Up => panic!("a connection with the wrong token came up"),
+            LinkState::Connecting => {}
         }
-        other => panic!("expected a pointer to tcp;ofi_rxm, got {other:?}"),
+        assert!(
+            Instant::now() < deadline,
+            "the wrong token was not rejected"
+        );
+        std::thread::yield_now();
+    };
+    eprintln!("rejected: {why}");
+    assert_eq!(b.ep.link(awaited), LinkState::Connecting);
+    // The right token still gets in.
+    let to_b = a.ep.dial_peer(&b.ep.name().unwrap(), 42).expect("dial");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.ep.link(to_b) != LinkState::Up || b.ep.link(awaited) != LinkState::Up {
+        a.ep.poll(&mut Vec::new()).expect("poll a");
+        b.ep.poll(&mut Vec::new()).expect("poll b");
+        assert!(
+            Instant::now() < deadline,
+            "the right token was not accepted"
+        );
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_closed_connection_goes_down() {
+    let (Some(mut a), Some(mut b)) = (side("tcp"), side("tcp")) else {
+        return;
+    };
+    let (to_b, to_a) = connect(&mut a, &mut b);
+    b.ep.remove_peer(to_a).expect("remove");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(a.ep.link(to_b), LinkState::Down(_)) {
+        a.ep.poll(&mut Vec::new()).expect("poll a");
+        b.ep.poll(&mut Vec::new()).expect("poll b");
+        assert!(
+            Instant::now() < deadline,
+            "the peer's close was not noticed"
+        );
+        std::thread::yield_now();
     }
 }

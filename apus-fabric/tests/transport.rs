@@ -309,6 +309,9 @@ per_provider! {
     rxm_slots_reads_and_rules: "tcp;ofi_rxm", slots_reads_and_rules;
     rxm_ring_grant_and_fencing: "tcp;ofi_rxm", ring_grant_and_fencing;
     rxm_peer_loss: "tcp;ofi_rxm", peer_loss_and_return;
+    tcp_connected_slots_reads_and_rules: "tcp", slots_reads_and_rules;
+    tcp_connected_ring_grant_and_fencing: "tcp", ring_grant_and_fencing;
+    tcp_connected_peer_loss: "tcp", peer_loss_and_return;
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! durability = "durable"              # memory | durable
 //! fsync = "batch"                     # always | batch | never (durable only)
 //! transport = "tcp"                   # tcp | quic | fabric
-//! provider = "tcp;ofi_rxm"            # fabric: libfabric provider (shm, tcp;ofi_rxm, verbs;ofi_rxm)
+//! provider = "tcp;ofi_rxm"            # fabric: libfabric provider (shm, tcp;ofi_rxm, tcp, verbs;ofi_rxm, verbs)
 //! domain = "lo"                       # fabric: the provider's domain (optional)
 //! op_timeout_ms = 250                 # fabric: an operation this late ends the connection
 //! poll = "hybrid"                     # spin | hybrid | park
@@ -107,7 +107,7 @@ pub enum TransportKind {
 /// Settings of the libfabric transport.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FabricSettings {
-    /// The provider (`shm`, `tcp;ofi_rxm`, `verbs;ofi_rxm`).
+    /// The provider (`shm`, `tcp;ofi_rxm`, `tcp`, `verbs;ofi_rxm`, `verbs`).
     pub provider: String,
     /// The provider's domain (for tcp, an interface such as `lo`).
     pub domain: Option<String>,
@@ -415,7 +415,8 @@ impl ClusterConfig {
                 return err(
                     "cluster.provider",
                     "transport = \"fabric\" needs a libfabric provider: \"shm\" (one host), \
-                     \"tcp;ofi_rxm\" (any network), \"verbs;ofi_rxm\" (RDMA NICs)",
+                     \"tcp;ofi_rxm\" or \"tcp\" (any network), \"verbs;ofi_rxm\" or \"verbs\" \
+                     (RDMA NICs)",
                 );
             };
             let op_timeout = match c.op_timeout_ms {

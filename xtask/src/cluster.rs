@@ -5,7 +5,7 @@
 //! With `--durability durable` the whole cluster is also SIGKILLed and
 //! restarted, and nothing acknowledged may be missing afterwards.
 //!
-//! With `--transport fabric --provider P` (libfabric: `shm`, `tcp;ofi_rxm`)
+//! With `--transport fabric --provider P` (libfabric: `shm`, `tcp;ofi_rxm`, `tcp`)
 //! the same checks run over RMA, and a deposed leader comes back: the leader
 //! is paused (SIGSTOP) under load until the others elect a new one, then
 //! resumed; the followers must have revoked its ring registration, and
@@ -84,7 +84,7 @@ impl Options {
             }
             "fabric" => {
                 if o.provider.is_none() {
-                    bail!("--transport fabric needs --provider (shm, tcp;ofi_rxm)");
+                    bail!("--transport fabric needs --provider (shm, tcp;ofi_rxm, tcp)");
                 }
             }
             "" => bail!("--transport is required (tcp, quic or fabric)"),

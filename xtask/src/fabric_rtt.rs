@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use apus_fabric::{Access, Endpoint, Remote};
+use apus_fabric::{Access, Endpoint, LinkState, Remote};
 
 use crate::e2e::latency_histogram;
 
@@ -26,10 +26,30 @@ pub fn fabric_rtt(provider: &str) -> Result<(f64, f64)> {
     // before this function returns.
     let src_mr = unsafe { writer.register(src.as_mut_ptr(), src.len(), Access::LOCAL)? };
     // SAFETY: as above, for `dst` and the target.
-    // SAFETY: as above, for `dst` and the target.
     let dst_mr = unsafe { target.register(dst.as_mut_ptr(), dst.len(), Access::REMOTE_WRITE)? };
-    let peer = writer.insert_peer(&target.name()?)?;
-    target.insert_peer(&writer.name()?)?;
+    let peer = if writer.connection_oriented() {
+        // As the transport does: the target awaits a token, the writer
+        // dials with it, both poll until the connection is up.
+        let token = 0x7274_7400_0000_0001;
+        let accepted = target.await_peer(token)?;
+        let peer = writer.dial_peer(&target.name()?, token)?;
+        let t = Instant::now();
+        while writer.link(peer) != LinkState::Up || target.link(accepted) != LinkState::Up {
+            writer.poll(&mut Vec::new())?;
+            target.poll(&mut Vec::new())?;
+            if let LinkState::Down(why) = writer.link(peer) {
+                bail!("{provider}: connecting: {why}");
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("{provider}: no connection within 10 s");
+            }
+        }
+        peer
+    } else {
+        let peer = writer.insert_peer(&target.name()?)?;
+        target.insert_peer(&writer.name()?)?;
+        peer
+    };
     let to = Remote {
         peer,
         addr: dst_mr.base,

@@ -36,7 +36,7 @@ commands:
                       --seeds N [--first S] [--replicas R] [--bug NAME] [--threads T]
                       --seed S [--replicas R] [--bug NAME] [--trace]
                       --demo [--seed S]   the simulated demo: timeline of a leader crash
-  cluster-test --transport tcp|quic|fabric [--provider shm|tcp;ofi_rxm]
+  cluster-test --transport tcp|quic|fabric [--provider shm|tcp;ofi_rxm|tcp]
                [--durability memory|durable] [--fsync always|batch|never]
                [--proposals N] [--proposers P] [--poll spin|hybrid|park]
                     three `apus node` processes under load; the leader is
@@ -323,6 +323,7 @@ fn test() -> Result<ExitCode> {
         &["--transport", "quic"][..],
         &["--transport", "fabric", "--provider", "shm"][..],
         &["--transport", "fabric", "--provider", "tcp;ofi_rxm"][..],
+        &["--transport", "fabric", "--provider", "tcp"][..],
     ] {
         step(
             &format!("cargo xtask cluster-test {}", args.join(" ")),
