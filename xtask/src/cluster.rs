@@ -122,6 +122,9 @@ impl Cluster {
             .arg(&self.config)
             .args(["--id", &i.to_string()])
             .env("RUST_LOG", "info")
+            // Anything a node leaves in its working directory (libfabric
+            // writes crash backtraces there) stays with the test's logs.
+            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -505,7 +508,7 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
             cfg += &format!("tls_cert = \"certs/n{i}.pem\"\ntls_key = \"certs/n{i}.key\"\n");
         }
     }
-    let config = dir.join("cluster.toml");
+    let config = std::path::absolute(dir.join("cluster.toml"))?;
     std::fs::write(&config, cfg)?;
     drop(pool);
     if quic {
