@@ -230,8 +230,6 @@ fn running_as_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Installs Debian packages with apt-get (updating the index if the first
-/// attempt fails).
 /// Installs libfabric1 if the dynamic linker does not know libfabric.so.1;
 /// returns whether it installed it.
 pub fn ensure_libfabric() -> Result<bool> {
@@ -246,6 +244,30 @@ pub fn ensure_libfabric() -> Result<bool> {
     Ok(true)
 }
 
+/// Installs whichever of `packages` dpkg does not list as installed;
+/// returns whether it installed any.
+pub fn ensure_packages(packages: &[&str]) -> Result<bool> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg")
+                .args(["-s", p])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(false);
+    }
+    ensure_apt(&missing)?;
+    Ok(true)
+}
+
+/// Installs Debian packages with apt-get (updating the index if the first
+/// attempt fails).
 pub fn ensure_apt(packages: &[&str]) -> Result<()> {
     println!("    installing {} with apt-get", packages.join(" "));
     ensure!(

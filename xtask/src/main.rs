@@ -6,6 +6,7 @@
 //! cargo xtask demo              three replicated resp-kv servers, load, a leader kill
 //! cargo xtask cluster-test ...  three real node processes, a leader kill, checks
 //! cargo xtask e2e --server S    Redis, Memcached or resp-kv replicated end to end
+//! cargo xtask softroce          the verbs tests inside a Soft-RoCE qemu guest
 //! ```
 
 mod appclient;
@@ -13,6 +14,7 @@ mod cluster;
 mod demo;
 mod e2e;
 mod fabric_rtt;
+mod softroce;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -48,7 +50,10 @@ commands:
                     the server (installed with apt-get when missing) under
                     `apus run` on three replicas: baseline vs replicated load,
                     state compared on every replica, bad input, BGSAVE
-                    (redis), leader SIGKILL under INCR load, restart";
+                    (redis), leader SIGKILL under INCR load, restart
+  softroce          boots Debian's kernel under qemu with a Soft-RoCE device
+                    (rxe0) and runs the apus-rdma verbs tests inside it;
+                    last line softroce: PASS or softroce: FAIL <reason>";
 
 /// Simulator seeds `cargo xtask test` runs.
 const CI_SEEDS: u64 = 5000;
@@ -64,6 +69,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::run_demo(&args[1..]),
         Some("cluster-test") => cluster::run_test(&args[1..]),
         Some("e2e") => e2e::run_e2e(&args[1..]),
+        Some("softroce") => softroce::run_softroce(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -238,14 +244,19 @@ fn test() -> Result<ExitCode> {
         ensure_components().map(|()| String::new())
     })?;
     step(
-        "system libraries (libfabric1 for apus-fabric's tests)",
+        "system libraries (libfabric1 for apus-fabric; cmake and libclang to build sideway for apus-rdma)",
         || {
-            Ok(if e2e::ensure_libfabric()? {
+            let fabric = if e2e::ensure_libfabric()? {
                 "libfabric1 installed"
             } else {
                 "libfabric1 present"
-            }
-            .into())
+            };
+            let tools = if e2e::ensure_packages(&["cmake", "libclang-dev"])? {
+                "cmake, libclang-dev installed"
+            } else {
+                "cmake, libclang-dev present"
+            };
+            Ok(format!("{fabric}; {tools}"))
         },
     )?;
     step("cargo fmt --check", || {
@@ -382,6 +393,10 @@ fn test() -> Result<ExitCode> {
             "e2e redis: PASS",
         )
     })?;
+    step(
+        "cargo xtask softroce (apus-rdma's verbs tests on Soft-RoCE in a qemu guest)",
+        || xtask_expect(&["softroce"], "softroce: PASS"),
+    )?;
     step(
         "cargo xtask demo (three replicated resp-kv servers)",
         || xtask_expect(&["demo"], "demo: PASS"),
