@@ -6,7 +6,7 @@
 //!   time): device, port and GID selection, registration, queue pairs,
 //!   completions, and a clear error on hosts without an RDMA device.
 //!
-//! The [`apus_core::Transport`] on top of it (issue 6) is not built yet.
+//! The `apus_core::Transport` on top of it (issue 6) is not built yet.
 
 pub mod verbs;
 
