@@ -96,19 +96,21 @@ fn connect(a: &mut Side, b: &mut Side) -> (PeerAddr, PeerAddr) {
     let to_b =
         a.ep.dial_peer(&b.ep.name().expect("name"), token)
             .expect("dial");
+    poll_until(a, b, "the connection to come up", |a, b| {
+        a.ep.link(to_b) == LinkState::Up && b.ep.link(to_a) == LinkState::Up
+    });
+    (to_b, to_a)
+}
+
+/// Polls both sides until `done` holds (10 s at most).
+fn poll_until(a: &mut Side, b: &mut Side, what: &str, done: impl Fn(&Side, &Side) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while a.ep.link(to_b) != LinkState::Up || b.ep.link(to_a) != LinkState::Up {
+    while !done(a, b) {
         a.ep.poll(&mut Vec::new()).expect("poll a");
         b.ep.poll(&mut Vec::new()).expect("poll b");
-        assert!(
-            Instant::now() < deadline,
-            "no connection: {:?} / {:?}",
-            a.ep.link(to_b),
-            b.ep.link(to_a)
-        );
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::yield_now();
     }
-    (to_b, to_a)
 }
 
 fn write_then_read(provider: &str) {
@@ -340,16 +342,9 @@ fn a_connection_without_the_awaited_token_is_rejected() {
     assert_eq!(b.ep.link(awaited), LinkState::Connecting);
     // The right token still gets in.
     let to_b = a.ep.dial_peer(&b.ep.name().unwrap(), 42).expect("dial");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while a.ep.link(to_b) != LinkState::Up || b.ep.link(awaited) != LinkState::Up {
-        a.ep.poll(&mut Vec::new()).expect("poll a");
-        b.ep.poll(&mut Vec::new()).expect("poll b");
-        assert!(
-            Instant::now() < deadline,
-            "the right token was not accepted"
-        );
-        std::thread::yield_now();
-    }
+    poll_until(&mut a, &mut b, "the right token to be accepted", |a, b| {
+        a.ep.link(to_b) == LinkState::Up && b.ep.link(awaited) == LinkState::Up
+    });
 }
 
 #[test]
@@ -359,14 +354,7 @@ fn a_closed_connection_goes_down() {
     };
     let (to_b, to_a) = connect(&mut a, &mut b);
     b.ep.remove_peer(to_a).expect("remove");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !matches!(a.ep.link(to_b), LinkState::Down(_)) {
-        a.ep.poll(&mut Vec::new()).expect("poll a");
-        b.ep.poll(&mut Vec::new()).expect("poll b");
-        assert!(
-            Instant::now() < deadline,
-            "the peer's close was not noticed"
-        );
-        std::thread::yield_now();
-    }
+    poll_until(&mut a, &mut b, "the peer's close to be noticed", |a, _| {
+        matches!(a.ep.link(to_b), LinkState::Down(_))
+    });
 }

@@ -266,6 +266,17 @@ pub fn ensure_packages(packages: &[&str]) -> Result<bool> {
     Ok(true)
 }
 
+/// Refreshes apt's package index (when a package is not found: the index
+/// of a fresh machine may be stale or empty).
+pub fn apt_update() -> Result<()> {
+    run(
+        "apt-get update",
+        Command::new("apt-get")
+            .args(["update", "-q"])
+            .stdout(Stdio::null()),
+    )
+}
+
 /// Installs Debian packages with apt-get (updating the index if the first
 /// attempt fails).
 pub fn ensure_apt(packages: &[&str]) -> Result<()> {
@@ -287,12 +298,7 @@ pub fn ensure_apt(packages: &[&str]) -> Result<()> {
     if install().is_ok_and(|s| s.success()) {
         return Ok(());
     }
-    run(
-        "apt-get update",
-        Command::new("apt-get")
-            .args(["update", "-q"])
-            .stdout(Stdio::null()),
-    )?;
+    apt_update()?;
     let status = install().context("running apt-get")?;
     ensure!(
         status.success(),

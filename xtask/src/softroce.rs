@@ -141,12 +141,7 @@ fn kernel(cache: &Path, t0: Instant) -> Result<(PathBuf, String)> {
                     .is_ok_and(|s| s.success())
             };
             if !download() {
-                crate::run(
-                    "apt-get update",
-                    Command::new("apt-get")
-                        .args(["update", "-q"])
-                        .stdout(Stdio::null()),
-                )?;
+                crate::e2e::apt_update()?;
                 ensure!(download(), "apt-get download {pkg} failed");
             }
             find_deb().context("the downloaded kernel package is not in the cache")?
@@ -196,12 +191,7 @@ fn kernel_package() -> Result<String> {
     if let Some(p) = query() {
         return Ok(p);
     }
-    crate::run(
-        "apt-get update",
-        Command::new("apt-get")
-            .args(["update", "-q"])
-            .stdout(Stdio::null()),
-    )?;
+    crate::e2e::apt_update()?;
     query().context("apt-cache knows no linux-image-amd64 kernel package")
 }
 
