@@ -164,53 +164,26 @@ fn write_read_and_compare_and_swap() {
         return;
     }
     p.mem_b[4096..4104].copy_from_slice(&7u64.to_le_bytes());
-    // SAFETY: the 8-aligned result word lies in reg_a.
-    let result = unsafe { p.mem_a.as_mut_ptr().add(30_000) }.cast::<u64>();
-    // SAFETY: as above.
-    unsafe {
-        p.a.post_compare_and_swap(
-            4,
-            result,
-            &p.reg_a,
-            p.reg_b.addr() + 4096,
-            p.reg_b.rkey(),
-            7,
-            9,
-        )
-    }
-    .unwrap();
-    assert_eq!(wait(&p.dev, 4).status, Ok(()));
-    assert_eq!(
-        u64::from_le_bytes(p.mem_b[4096..4104].try_into().unwrap()),
-        9
-    );
-    assert_eq!(
-        u64::from_le_bytes(p.mem_a[30_000..30_008].try_into().unwrap()),
-        7
-    );
+    // (word at the target, value found) after each compare-and-swap.
+    assert_eq!(compare_and_swap(&mut p, 4, 7, 9), (9, 7));
     // A failing compare leaves the word and reports what it found.
+    assert_eq!(compare_and_swap(&mut p, 5, 7, 11), (9, 9));
+}
+
+/// Compare-and-swap on b's word at 4096, the result in a's word at 30,000;
+/// returns (b's word, the value found) once it completed.
+fn compare_and_swap(p: &mut Pair, wr_id: u64, expected: u64, new: u64) -> (u64, u64) {
+    // SAFETY: the 8-aligned result word lies in reg_a, alive with `p`.
+    let result = unsafe { p.mem_a.as_mut_ptr().add(30_000) }.cast::<u64>();
+    let (addr, rkey) = (p.reg_b.addr() + 4096, p.reg_b.rkey());
     // SAFETY: as above.
     unsafe {
-        p.a.post_compare_and_swap(
-            5,
-            result,
-            &p.reg_a,
-            p.reg_b.addr() + 4096,
-            p.reg_b.rkey(),
-            7,
-            11,
-        )
+        p.a.post_compare_and_swap(wr_id, result, &p.reg_a, addr, rkey, expected, new)
     }
     .unwrap();
-    assert_eq!(wait(&p.dev, 5).status, Ok(()));
-    assert_eq!(
-        u64::from_le_bytes(p.mem_b[4096..4104].try_into().unwrap()),
-        9
-    );
-    assert_eq!(
-        u64::from_le_bytes(p.mem_a[30_000..30_008].try_into().unwrap()),
-        9
-    );
+    assert_eq!(wait(&p.dev, wr_id).status, Ok(()));
+    let word = |m: &[u8], at: usize| u64::from_le_bytes(m[at..at + 8].try_into().unwrap());
+    (word(&p.mem_b, 4096), word(&p.mem_a, 30_000))
 }
 
 #[test]
