@@ -42,7 +42,7 @@
 //! node polls, and providers without wait objects give nothing to block on.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -54,7 +54,8 @@ use apus_core::{
     TransportError, TransportEvent, Wake,
 };
 use apus_tcp::connect::{Connector, ConnectorConfig};
-use apus_tcp::handshake::{LayoutInfo, MAX_MESSAGE};
+use apus_tcp::handshake::LayoutInfo;
+use apus_tcp::setup::{MessageReader, RemoteWindow, StreamState, Window};
 use apus_tcp::sys::{self as poll_sys, Interest};
 use prost::Message;
 use tracing::{debug, info, warn};
@@ -128,23 +129,6 @@ impl std::fmt::Debug for FabricConfig {
             .field("op_timeout", &self.op_timeout)
             .finish()
     }
-}
-
-/// A registered window of a region, as a peer names it.
-#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
-pub struct Window {
-    /// Region offset of its first byte.
-    #[prost(uint64, tag = "1")]
-    pub offset: u64,
-    /// Length in bytes.
-    #[prost(uint64, tag = "2")]
-    pub len: u64,
-    /// The address a peer names for its first byte.
-    #[prost(uint64, tag = "3")]
-    pub addr: u64,
-    /// The registration's key.
-    #[prost(uint64, tag = "4")]
-    pub key: u64,
 }
 
 /// The first message each side sends after authentication.
@@ -240,31 +224,13 @@ fn check_local(region: &Region, offset: usize, len: usize) -> Result<(), Transpo
     }
 }
 
-/// A window of a peer's region this node may use.
-#[derive(Clone, Copy, Debug)]
-struct Win {
-    offset: usize,
-    len: usize,
-    addr: u64,
-    key: u64,
-}
-
-impl Win {
-    /// The remote address of `offset..offset + len`, if inside.
-    fn at(&self, offset: usize, len: usize) -> Option<(u64, u64)> {
-        let end = offset.checked_add(len)?;
-        (offset >= self.offset && end <= self.offset + self.len)
-            .then(|| (self.addr + (offset - self.offset) as u64, self.key))
-    }
-}
-
 /// What this node knows of a peer's region, once its hello arrived.
 #[derive(Clone, Copy, Debug)]
 struct RemoteSide {
     addr: PeerAddr,
-    slots: Win,
-    readable: [Win; 2],
-    ring: Option<Win>,
+    slots: RemoteWindow,
+    readable: [RemoteWindow; 2],
+    ring: Option<RemoteWindow>,
 }
 
 #[derive(Debug)]
@@ -282,7 +248,7 @@ struct Inflight {
 #[derive(Debug)]
 struct Peer {
     stream: TcpStream,
-    rbuf: Vec<u8>,
+    reader: MessageReader,
     /// Our registrations for this peer: its slots, header, status.
     granted: Vec<MemoryRegion>,
     /// Our ring registration for it, while it holds the grant.
@@ -600,7 +566,7 @@ impl FabricTransport {
             .and_then(|()| stream.set_nodelay(true));
         let mut p = Peer {
             stream,
-            rbuf: Vec::new(),
+            reader: MessageReader::default(),
             granted: vec![slots_mr, header_mr, status_mr],
             ring: ring_mr,
             remote: None,
@@ -770,41 +736,23 @@ impl FabricTransport {
 
     /// Reads `peer`'s set-up stream and acts on every whole message.
     fn receive(&mut self, peer: NodeId) {
-        let mut buf = [0u8; 1024];
-        loop {
-            let Some(p) = self.peers[peer.index()].as_mut() else {
-                return;
-            };
-            match p.stream.read(&mut buf) {
-                Ok(0) => {
-                    self.close(peer, "peer closed the connection");
-                    return;
-                }
-                Ok(n) => p.rbuf.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.close(peer, "read error");
-                    return;
-                }
-            }
+        let Some(p) = self.peers[peer.index()].as_mut() else {
+            return;
+        };
+        match p.reader.read_from(&mut p.stream) {
+            Ok(StreamState::Open) => {}
+            Ok(StreamState::Closed) => return self.close(peer, "peer closed the connection"),
+            Err(_) => return self.close(peer, "read error"),
         }
         loop {
             let Some(p) = self.peers[peer.index()].as_mut() else {
                 return;
             };
-            if p.rbuf.len() < 4 {
-                return;
-            }
-            let len = u32::from_le_bytes(p.rbuf[..4].try_into().expect("4 bytes")) as usize;
-            if len > MAX_MESSAGE {
-                self.violation(peer, "oversized set-up message");
-                return;
-            }
-            if p.rbuf.len() < 4 + len {
-                return;
-            }
-            let body: Vec<u8> = p.rbuf.drain(..4 + len).skip(4).collect();
+            let body = match p.reader.next_message() {
+                Ok(Some(body)) => body,
+                Ok(None) => return,
+                Err(why) => return self.violation(peer, &why),
+            };
             let first = p.remote.is_none();
             let handled = if first {
                 Hello::decode(body.as_slice())
@@ -822,40 +770,13 @@ impl FabricTransport {
         }
     }
 
-    /// Checks a window the peer sent against what the layout says it must be.
-    fn check_window(
-        w: Option<Window>,
-        want: std::ops::Range<usize>,
-        what: &str,
-    ) -> Result<Win, String> {
-        let w = w.ok_or_else(|| format!("hello without the {what} window"))?;
-        if w.offset != want.start as u64 || w.len != want.len() as u64 {
-            return Err(format!(
-                "{what} window {}+{} where the layout has {}+{}",
-                w.offset,
-                w.len,
-                want.start,
-                want.len()
-            ));
-        }
-        if w.addr.checked_add(w.len).is_none() {
-            return Err(format!("{what} window address overflows"));
-        }
-        Ok(Win {
-            offset: want.start,
-            len: want.len(),
-            addr: w.addr,
-            key: w.key,
-        })
-    }
-
     fn on_hello(&mut self, peer: NodeId, h: Hello) -> Result<(), String> {
-        let slots = Self::check_window(h.slots, self.layout.inbound_slots(self.me), "slots")?;
+        let slots = RemoteWindow::check(h.slots, self.layout.inbound_slots(self.me), "slots")?;
         let [hr, sr] = self.layout.remote_readable();
-        let header = Self::check_window(h.header, hr, "header")?;
-        let status = Self::check_window(h.status, sr, "status")?;
+        let header = RemoteWindow::check(h.header, hr, "header")?;
+        let status = RemoteWindow::check(h.status, sr, "status")?;
         let ring = match h.ring {
-            Some(w) => Some(Self::check_window(
+            Some(w) => Some(RemoteWindow::check(
                 Some(w),
                 self.layout.ring_range(),
                 "ring",
@@ -919,7 +840,7 @@ impl FabricTransport {
 
     fn on_grant(&mut self, peer: NodeId, g: RingGrant) -> Result<(), String> {
         let ring = match g.ring {
-            Some(w) => Some(Self::check_window(
+            Some(w) => Some(RemoteWindow::check(
                 Some(w),
                 self.layout.ring_range(),
                 "ring",

@@ -143,27 +143,44 @@ impl Access {
     }
 }
 
-/// An opened device port with its protection domain and completion queue.
+/// An opened device port with a default protection domain and one
+/// completion queue.
 pub struct Device {
     name: String,
-    port: u8,
-    gid_index: u8,
     gid: Gid,
-    mtu: Mtu,
-    read_atomic: u8,
     atomics: bool,
+    default: Domain,
+    // Dropped last: everything above belongs to it.
+    ctx: Arc<DeviceContext>,
+}
+
+/// A protection domain: registrations and queue pairs that can use each
+/// other. A peer's key works only through a queue pair of the domain its
+/// registration lives in, which is how a transport keeps the log ring out of
+/// reach of every queue pair but the one it fences.
+pub struct Domain {
     pd: Arc<ProtectionDomain>,
     cq: Arc<BasicCompletionQueue>,
-    // Dropped last: everything above belongs to it.
-    _ctx: Arc<DeviceContext>,
+    port: u8,
+    gid_index: u8,
+    mtu: Mtu,
+    read_atomic: u8,
+}
+
+impl std::fmt::Debug for Domain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Domain")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Device")
             .field("name", &self.name)
-            .field("port", &self.port)
-            .field("gid_index", &self.gid_index)
+            .field("port", &self.default.port)
+            .field("gid_index", &self.default.gid_index)
             .field("gid", &self.gid.to_string())
             .finish_non_exhaustive()
     }
@@ -270,15 +287,17 @@ impl Device {
         tracing::info!(device = %name, port, gid_index, gid = %gid, ?mtu, atomics, "RDMA device open");
         Ok(Device {
             name,
-            port,
-            gid_index,
             gid,
-            mtu,
-            read_atomic,
             atomics,
-            pd,
-            cq,
-            _ctx: ctx,
+            default: Domain {
+                pd,
+                cq,
+                port,
+                gid_index,
+                mtu,
+                read_atomic,
+            },
+            ctx,
         })
     }
 
@@ -297,6 +316,61 @@ impl Device {
         self.atomics
     }
 
+    /// A new protection domain on this device, sharing its completion queue.
+    pub fn domain(&self) -> Result<Domain, RdmaError> {
+        let pd = self
+            .ctx
+            .alloc_pd()
+            .map_err(|e| e.to_string())
+            .map_err(verbs("ibv_alloc_pd"))?;
+        Ok(Domain {
+            pd,
+            cq: self.default.cq.clone(),
+            ..self.default
+        })
+    }
+
+    /// [`Domain::register`] in the device's default domain.
+    ///
+    /// # Safety
+    /// As for [`Domain::register`].
+    pub unsafe fn register(
+        &self,
+        addr: *mut u8,
+        len: usize,
+        access: Access,
+    ) -> Result<Region, RdmaError> {
+        // SAFETY: the caller keeps Domain::register's contract.
+        unsafe { self.default.register(addr, len, access) }
+    }
+
+    /// [`Domain::queue_pair`] in the device's default domain.
+    pub fn queue_pair(&self, remote: Access) -> Result<QueuePair, RdmaError> {
+        self.default.queue_pair(remote)
+    }
+
+    /// Collects finished work requests into `out`; returns how many.
+    pub fn poll(&self, out: &mut Vec<WorkCompletion>) -> usize {
+        let mut n = 0;
+        while let Ok(poller) = self.default.cq.start_poll() {
+            for wc in poller {
+                let status = wc.status();
+                out.push(WorkCompletion {
+                    wr_id: wc.wr_id(),
+                    status: if status == WorkCompletionStatus::Success as u32 {
+                        Ok(())
+                    } else {
+                        Err(CompletionError(status))
+                    },
+                });
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+impl Domain {
     /// Registers `len` bytes at `addr` for local use and what `access`
     /// lets peers do. Deregistered when the last handle is dropped.
     ///
@@ -366,26 +440,6 @@ impl Device {
             call: "ibv_create_qp",
             detail: last,
         })
-    }
-
-    /// Collects finished work requests into `out`; returns how many.
-    pub fn poll(&self, out: &mut Vec<WorkCompletion>) -> usize {
-        let mut n = 0;
-        while let Ok(poller) = self.cq.start_poll() {
-            for wc in poller {
-                let status = wc.status();
-                out.push(WorkCompletion {
-                    wr_id: wc.wr_id(),
-                    status: if status == WorkCompletionStatus::Success as u32 {
-                        Ok(())
-                    } else {
-                        Err(CompletionError(status))
-                    },
-                });
-                n += 1;
-            }
-        }
-        n
     }
 }
 

@@ -23,6 +23,7 @@ pub mod handshake;
 mod link;
 #[cfg(feature = "quic")]
 pub mod quic;
+pub mod setup;
 pub mod sys;
 mod tcp;
 pub mod wire;
