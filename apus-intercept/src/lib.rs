@@ -306,6 +306,7 @@ fn serve_status(listener: std::net::TcpListener) {
                                     divergences: a.replay.divergences.load(Ordering::Relaxed),
                                     fenced_writes: st.fencing.fenced_writes,
                                     revocations: st.fencing.revocations,
+                                    transport: st.transport,
                                 })
                             }
                             (Ok(_), _) => Reply::Failed("this port answers STATUS only".into()),

@@ -294,6 +294,7 @@ fn dial_loop(
                     e,
                     handshake::HandshakeError::Authentication
                         | handshake::HandshakeError::Refused(_)
+                        | handshake::HandshakeError::OtherTransport { .. }
                 ) {
                     stats.refused.fetch_add(1, Ordering::Relaxed);
                     warn!(%me, %peer, %addr, error = %e, "connection refused");

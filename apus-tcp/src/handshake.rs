@@ -147,6 +147,11 @@ pub struct Verdict {
     /// Why not.
     #[prost(string, tag = "2")]
     pub reason: String,
+    /// A refusal for running another transport (all else equal): the
+    /// acceptor's, so a replica with `transport = "auto"` learns what the
+    /// cluster settled on (and confirms it with an authenticated handshake).
+    #[prost(string, tag = "3")]
+    pub transport: String,
 }
 
 /// Why a handshake failed.
@@ -164,6 +169,12 @@ pub enum HandshakeError {
     /// The peer is not a replica of this cluster as configured.
     #[error("refused: {0}")]
     Refused(String),
+    /// The peer runs another transport; everything else matched.
+    #[error("refused: the peer runs transport {theirs:?}")]
+    OtherTransport {
+        /// The acceptor's transport.
+        theirs: String,
+    },
 }
 
 /// Writes one length-prefixed prost message (also used after the handshake
@@ -240,6 +251,11 @@ pub fn dial(
     let reply: HelloReply = read_msg(s)?;
     let ch = match reply.reply {
         Some(Reply::Challenge(ch)) => ch,
+        Some(Reply::Refused(v)) if !v.transport.is_empty() => {
+            return Err(HandshakeError::OtherTransport {
+                theirs: v.transport,
+            });
+        }
         Some(Reply::Refused(v)) => return Err(HandshakeError::Refused(v.reason)),
         None => return Err(HandshakeError::Malformed("empty reply".into())),
     };
@@ -284,13 +300,36 @@ pub fn accept(
     me: NodeId,
     layout: &LayoutInfo,
 ) -> Result<NodeId, HandshakeError> {
+    accept_with(s, secret, me, layout, false).map(|(peer, _)| peer)
+}
+
+/// [`accept`] for a replica still choosing its transport: the dialer may
+/// run any transport (everything else must match); returns its id and the
+/// transport it runs, which the handshake authenticated.
+pub fn accept_any_transport(
+    s: &mut TcpStream,
+    secret: &[u8],
+    me: NodeId,
+    layout: &LayoutInfo,
+) -> Result<(NodeId, String), HandshakeError> {
+    accept_with(s, secret, me, layout, true)
+}
+
+fn accept_with(
+    s: &mut TcpStream,
+    secret: &[u8],
+    me: NodeId,
+    layout: &LayoutInfo,
+    any_transport: bool,
+) -> Result<(NodeId, String), HandshakeError> {
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_write_timeout(Some(TIMEOUT))?;
     let hello: Hello = read_msg(s)?;
-    let refuse = |s: &mut TcpStream, reason: String| -> HandshakeError {
+    let refuse = |s: &mut TcpStream, reason: String, transport: String| -> HandshakeError {
         let refusal = Verdict {
             accepted: false,
             reason: reason.clone(),
+            transport,
         };
         let _ = write_msg(
             s,
@@ -304,18 +343,32 @@ pub fn accept(
         return Err(refuse(
             s,
             format!("protocol {} (this node speaks {PROTOCOL})", hello.protocol),
+            String::new(),
         ));
     }
     if hello.nonce.len() != NONCE_LEN {
-        return Err(refuse(s, "malformed nonce".into()));
+        return Err(refuse(s, "malformed nonce".into(), String::new()));
     }
-    if hello.layout.as_ref() != Some(layout) {
+    let theirs = hello
+        .layout
+        .as_ref()
+        .map_or(String::new(), |l| l.transport.clone());
+    let same_but_transport = hello
+        .layout
+        .clone()
+        .is_some_and(|l| &l.for_transport(&layout.transport) == layout);
+    if !same_but_transport || (!any_transport && theirs != layout.transport) {
         return Err(refuse(
             s,
             format!(
                 "region layout or transport {:?} differs from ours {layout:?}",
                 hello.layout
             ),
+            if same_but_transport {
+                layout.transport.clone()
+            } else {
+                String::new()
+            },
         ));
     }
     let peer = hello.node_id;
@@ -323,6 +376,7 @@ pub fn accept(
         return Err(refuse(
             s,
             format!("n{peer} is not a replica that dials n{}", me.0),
+            String::new(),
         ));
     }
     let nonce_a = nonce()?;
@@ -351,6 +405,7 @@ pub fn accept(
             &Verdict {
                 accepted: false,
                 reason: "authentication failed".into(),
+                transport: String::new(),
             },
         );
         return Err(HandshakeError::Authentication);
@@ -360,11 +415,12 @@ pub fn accept(
         &Verdict {
             accepted: true,
             reason: String::new(),
+            transport: String::new(),
         },
     )?;
     s.set_read_timeout(None)?;
     s.set_write_timeout(None)?;
-    Ok(NodeId(peer as u8))
+    Ok((NodeId(peer as u8), theirs))
 }
 
 #[cfg(test)]
@@ -426,6 +482,56 @@ mod tests {
         );
         let (a, _) = pair(b"0123456789abcdef", b"0123456789abcdef", 7, layout());
         assert!(matches!(a, Err(HandshakeError::Refused(ref r)) if r.contains("n7")));
+    }
+
+    #[test]
+    fn a_dialer_learns_the_transport_an_acceptor_runs() {
+        let verbs = layout().for_transport("verbs");
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let a = thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            accept(&mut s, b"0123456789abcdef", NodeId(0), &verbs)
+        });
+        let mut s = TcpStream::connect(addr).unwrap();
+        let auto = layout().for_transport("auto");
+        let d = dial(&mut s, b"0123456789abcdef", NodeId(1), NodeId(0), &auto);
+        assert!(
+            matches!(d, Err(HandshakeError::OtherTransport { ref theirs }) if theirs == "verbs"),
+            "{d:?}"
+        );
+        assert!(a.join().unwrap().is_err());
+        // A different layout is no transport hint.
+        let other = LayoutInfo::of(&RegionLayout::new(3, 8192, 1024).unwrap()).for_transport("x");
+        let (_, d) = pair(b"0123456789abcdef", b"0123456789abcdef", 2, other);
+        assert!(matches!(d, Err(HandshakeError::Refused(_))), "{d:?}");
+    }
+
+    #[test]
+    fn an_undecided_acceptor_authenticates_any_transport() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let a = thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let auto = layout().for_transport("auto");
+            accept_any_transport(&mut s, b"0123456789abcdef", NodeId(0), &auto)
+        });
+        let mut s = TcpStream::connect(addr).unwrap();
+        let tcp = layout().for_transport("tcp");
+        dial(&mut s, b"0123456789abcdef", NodeId(2), NodeId(0), &tcp).unwrap();
+        assert_eq!(a.join().unwrap().unwrap(), (NodeId(2), "tcp".to_string()));
+        // Still authenticated: a wrong secret fails.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let a = thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let auto = layout().for_transport("auto");
+            accept_any_transport(&mut s, b"0123456789abcdef", NodeId(0), &auto)
+        });
+        let mut s = TcpStream::connect(addr).unwrap();
+        let tcp = layout().for_transport("tcp");
+        assert!(dial(&mut s, b"not-the-secret!!", NodeId(2), NodeId(0), &tcp).is_err());
+        assert!(a.join().unwrap().is_err());
     }
 
     #[test]

@@ -531,6 +531,7 @@ async fn accept_one(
     let refuse = |reason: String| Verdict {
         accepted: false,
         reason,
+        transport: String::new(),
     };
     let verdict = if hello.protocol != handshake::PROTOCOL {
         refuse(format!("protocol {}", hello.protocol))
@@ -550,6 +551,7 @@ async fn accept_one(
         Verdict {
             accepted: true,
             reason: String::new(),
+            transport: String::new(),
         }
     };
     write_msg(&mut send, &verdict).await?;

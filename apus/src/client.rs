@@ -11,7 +11,7 @@
 //! FAILED   13: reason (UTF-8)
 //! STATUS   14: role u8 | term u64 | leader u8 | commit u64 | last u64 |
 //!              applied u64 | recovering u8 | entries u64 | digest u64 |
-//!              divergences u64 | fenced_writes u64 | revocations u64
+//!              divergences u64 | fenced_writes u64 | revocations u64 | transport u8
 //! IDS      15: count u64 | id u64 ...
 //! ```
 //!
@@ -24,6 +24,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use apus_core::{NodeId, Role};
+
+use crate::config::TransportKind;
 
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 16 << 20;
@@ -76,6 +78,8 @@ pub struct RemoteStatus {
     pub fenced_writes: u64,
     /// Ring grants this replica revoked (fabric transport).
     pub revocations: u64,
+    /// The transport it runs ([`TransportKind::Auto`]: still choosing).
+    pub transport: TransportKind,
 }
 
 /// A reply to a client.
@@ -199,6 +203,7 @@ impl Reply {
                 for v in [s.divergences, s.fenced_writes, s.revocations] {
                     b.extend_from_slice(&v.to_le_bytes());
                 }
+                b.push(s.transport.code());
                 frame(STATUS_REPLY, &b)
             }
             Reply::Ids(ids) => {
@@ -221,7 +226,7 @@ impl Reply {
             }),
             NOT_LEADER if b.len() == 1 => Ok(Reply::NotLeader(node(b[0]))),
             FAILED => Ok(Reply::Failed(String::from_utf8_lossy(&b).into_owned())),
-            STATUS_REPLY if b.len() == 1 + 8 + 1 + 24 + 1 + 40 => {
+            STATUS_REPLY if b.len() == 1 + 8 + 1 + 24 + 1 + 40 + 1 => {
                 let role = match b[0] {
                     0 => Role::Follower,
                     1 => Role::Candidate,
@@ -241,6 +246,7 @@ impl Reply {
                     divergences: u64_at(&b, 51),
                     fenced_writes: u64_at(&b, 59),
                     revocations: u64_at(&b, 67),
+                    transport: TransportKind::from_code(b[75]).ok_or_else(bad)?,
                 }))
             }
             IDS if b.len() >= 8 => {
@@ -307,6 +313,7 @@ mod tests {
                 divergences: 2,
                 fenced_writes: 3,
                 revocations: 4,
+                transport: TransportKind::Verbs,
             }),
             Reply::Ids(vec![1, 2, 3]),
         ];

@@ -5,10 +5,11 @@
 //! secret = "at least sixteen bytes"   # or secret_file = "/etc/apus/secret"
 //! durability = "durable"              # memory | durable
 //! fsync = "batch"                     # always | batch | never (durable only)
-//! transport = "tcp"                   # tcp | quic | fabric
+//! transport = "auto"                  # auto | verbs | fabric | tcp | quic
 //! provider = "tcp;ofi_rxm"            # fabric: libfabric provider (shm, tcp;ofi_rxm, tcp, verbs;ofi_rxm, verbs)
 //! domain = "lo"                       # fabric: the provider's domain (optional)
-//! op_timeout_ms = 250                 # fabric: an operation this late ends the connection
+//! device = "mlx5_0"                   # verbs: the RDMA device (optional: the first one)
+//! op_timeout_ms = 250                 # fabric, verbs: an operation this late ends the connection
 //! poll = "hybrid"                     # spin | hybrid | park
 //! tls_ca = "certs/ca.pem"             # quic: the cluster CA (`apus certs` makes one)
 //! follower_clients = "refuse"         # `apus run`: refuse | serve (unreplicated, to inspect)
@@ -95,13 +96,70 @@ pub enum PollPolicy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportKind {
-    /// TCP with the cluster secret (the `tcp` feature, on by default).
+    /// The best one every replica can run, settled when they first meet:
+    /// verbs, then fabric, then tcp (see [`crate::negotiate`]).
     #[default]
+    Auto,
+    /// TCP with the cluster secret (the `tcp` feature, on by default).
     Tcp,
     /// QUIC with mutual TLS (the `quic` feature).
     Quic,
     /// libfabric RMA with the configured provider (the `fabric` feature).
     Fabric,
+    /// Raw RDMA verbs (the `verbs` feature; an RDMA NIC or Soft-RoCE).
+    Verbs,
+}
+
+impl TransportKind {
+    /// Its name in the configuration and in `apus status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Auto => "auto",
+            TransportKind::Tcp => "tcp",
+            TransportKind::Quic => "quic",
+            TransportKind::Fabric => "fabric",
+            TransportKind::Verbs => "verbs",
+        }
+    }
+
+    /// A one-byte code for the client protocol (0: not settled yet).
+    pub fn code(self) -> u8 {
+        match self {
+            TransportKind::Auto => 0,
+            TransportKind::Tcp => 1,
+            TransportKind::Quic => 2,
+            TransportKind::Fabric => 3,
+            TransportKind::Verbs => 4,
+        }
+    }
+
+    /// The inverse of [`code`](Self::code).
+    pub fn from_code(code: u8) -> Option<TransportKind> {
+        [
+            TransportKind::Auto,
+            TransportKind::Tcp,
+            TransportKind::Quic,
+            TransportKind::Fabric,
+            TransportKind::Verbs,
+        ]
+        .into_iter()
+        .find(|k| k.code() == code)
+    }
+}
+
+impl std::fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Settings of the verbs transport.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerbsSettings {
+    /// The RDMA device (`mlx5_0`, `rxe0`); the first one if `None`.
+    pub device: Option<String>,
+    /// An operation not complete after this long ends the connection.
+    pub op_timeout: Duration,
 }
 
 /// Settings of the libfabric transport.
@@ -172,6 +230,7 @@ struct RawCluster {
     follower_clients: FollowerClients,
     provider: Option<String>,
     domain: Option<String>,
+    device: Option<String>,
     op_timeout_ms: Option<u64>,
 }
 
@@ -230,8 +289,10 @@ pub struct ClusterConfig {
     pub replicas: Vec<ReplicaSpec>,
     /// Certificates (QUIC).
     pub tls: Option<TlsPaths>,
-    /// libfabric settings (`transport = "fabric"`).
+    /// libfabric settings (`transport = "fabric"`, and what `auto` tries).
     pub fabric: Option<FabricSettings>,
+    /// Verbs settings (`transport = "verbs"`, and what `auto` tries).
+    pub verbs: Option<VerbsSettings>,
     /// What a follower does with real clients (`apus run`).
     pub follower_clients: FollowerClients,
     /// Engine settings shared by every replica (its `id` is replica 0's;
@@ -410,19 +471,25 @@ impl ClusterConfig {
                 data_dir: rel(r.data_dir.clone()),
             });
         }
-        let fabric = if c.transport == TransportKind::Fabric {
-            let Some(provider) = c.provider.clone().filter(|p| !p.is_empty()) else {
-                return err(
-                    "cluster.provider",
-                    "transport = \"fabric\" needs a libfabric provider: \"shm\" (one host), \
-                     \"tcp;ofi_rxm\" or \"tcp\" (any network), \"verbs;ofi_rxm\" or \"verbs\" \
-                     (RDMA NICs)",
-                );
-            };
-            let op_timeout = match c.op_timeout_ms {
-                None => Duration::from_millis(250),
-                Some(0) => return err("cluster.op_timeout_ms", "must be at least 1"),
-                Some(ms) => Duration::from_millis(ms),
+        let op_timeout = match c.op_timeout_ms {
+            None => Duration::from_millis(250),
+            Some(0) => return err("cluster.op_timeout_ms", "must be at least 1"),
+            Some(ms) => Duration::from_millis(ms),
+        };
+        let auto = c.transport == TransportKind::Auto;
+        let fabric = if c.transport == TransportKind::Fabric || auto {
+            let provider = match c.provider.clone().filter(|p| !p.is_empty()) {
+                Some(p) => p,
+                // What auto tries: works between hosts, the fastest here.
+                None if auto => "tcp;ofi_rxm".to_string(),
+                None => {
+                    return err(
+                        "cluster.provider",
+                        "transport = \"fabric\" needs a libfabric provider: \"shm\" (one host), \
+                         \"tcp;ofi_rxm\" or \"tcp\" (any network), \"verbs;ofi_rxm\" or \"verbs\" \
+                         (RDMA NICs)",
+                    );
+                }
             };
             Some(FabricSettings {
                 provider,
@@ -430,22 +497,34 @@ impl ClusterConfig {
                 op_timeout,
             })
         } else {
-            for (field, set) in [
-                ("provider", c.provider.is_some()),
-                ("domain", c.domain.is_some()),
-                ("op_timeout_ms", c.op_timeout_ms.is_some()),
-            ] {
-                if set {
-                    return err(
-                        format!("cluster.{field}"),
-                        "applies to transport = \"fabric\" only",
-                    );
-                }
-            }
             None
         };
+        let verbs = (c.transport == TransportKind::Verbs || auto).then(|| VerbsSettings {
+            device: c.device.clone().filter(|d| !d.is_empty()),
+            op_timeout,
+        });
+        for (field, set, applies) in [
+            ("provider", c.provider.is_some(), fabric.is_some()),
+            ("domain", c.domain.is_some(), fabric.is_some()),
+            ("device", c.device.is_some(), verbs.is_some()),
+            (
+                "op_timeout_ms",
+                c.op_timeout_ms.is_some(),
+                fabric.is_some() || verbs.is_some(),
+            ),
+        ] {
+            if set && !applies {
+                return err(
+                    format!("cluster.{field}"),
+                    format!("does not apply to transport = \"{}\"", c.transport),
+                );
+            }
+        }
         let tls = match c.transport {
-            TransportKind::Tcp | TransportKind::Fabric => None,
+            TransportKind::Tcp
+            | TransportKind::Fabric
+            | TransportKind::Verbs
+            | TransportKind::Auto => None,
             TransportKind::Quic => {
                 let Some(ca) = c.tls_ca.clone() else {
                     return err(
@@ -521,6 +600,7 @@ impl ClusterConfig {
             replicas,
             tls,
             fabric,
+            verbs,
             follower_clients: c.follower_clients,
             engine,
         })
@@ -740,11 +820,41 @@ data_dir = "/abs/d1"
         );
         let c = ClusterConfig::parse(&ok, None).unwrap();
         assert_eq!(c.fabric.unwrap().op_timeout, Duration::from_millis(250));
-        let stray = GOOD.replace("poll = \"spin\"", "poll = \"spin\"\nprovider = \"shm\"");
+        let stray = GOOD.replace(
+            "poll = \"spin\"",
+            "poll = \"spin\"\ntransport = \"tcp\"\nprovider = \"shm\"",
+        );
         assert_eq!(
             ClusterConfig::parse(&stray, None).unwrap_err().field,
             "cluster.provider"
         );
+        let stray = GOOD.replace(
+            "poll = \"spin\"",
+            "poll = \"spin\"\ntransport = \"fabric\"\nprovider = \"shm\"\ndevice = \"rxe0\"",
+        );
+        assert_eq!(
+            ClusterConfig::parse(&stray, None).unwrap_err().field,
+            "cluster.device"
+        );
+        // Auto, the default, carries what it may try: fabric over
+        // tcp;ofi_rxm unless configured, verbs on the first device.
+        let auto = ClusterConfig::parse(GOOD, None).unwrap();
+        assert_eq!(auto.transport, TransportKind::Auto);
+        assert_eq!(auto.fabric.unwrap().provider, "tcp;ofi_rxm");
+        assert_eq!(auto.verbs.unwrap().device, None);
+        let verbs = GOOD.replace(
+            "poll = \"spin\"",
+            "poll = \"spin\"\ntransport = \"verbs\"\ndevice = \"rxe0\"\nop_timeout_ms = 900",
+        );
+        let v = ClusterConfig::parse(&verbs, None).unwrap();
+        assert_eq!(
+            v.verbs,
+            Some(VerbsSettings {
+                device: Some("rxe0".into()),
+                op_timeout: Duration::from_millis(900)
+            })
+        );
+        assert!(v.fabric.is_none());
         let zero = ok.replace(
             "provider = \"shm\"",
             "provider = \"shm\"\nop_timeout_ms = 0",

@@ -8,17 +8,21 @@
 //! # Choosing a transport
 //!
 //! Each transport is a cargo feature; the cluster configuration picks one of
-//! those compiled in (`cluster.transport`):
+//! those compiled in (`cluster.transport`), or lets the replicas choose
+//! (`auto`, the default: the best one all of them can run, see
+//! [`negotiate`]):
 //!
 //! | feature | transport | runs on |
 //! |---|---|---|
 //! | `tcp` (default) | framed remote-memory operations over TCP, cluster secret | everywhere |
 //! | `quic` | the same frames over QUIC streams, mutual TLS (`apus certs`) | everywhere |
+//! | `fabric` | libfabric RMA (`shm`, `tcp;ofi_rxm`, `tcp`, `verbs`) | hosts with libfabric |
+//! | `verbs` | raw RDMA verbs, RC queue pairs, fencing by access flags | RDMA NICs, Soft-RoCE |
 //!
 //! ```toml
 //! [dependencies]
 //! apus = { path = "apus" }                                  # TCP
-//! # apus = { path = "apus", features = ["quic"] }            # TCP and QUIC
+//! # apus = { path = "apus", features = ["fabric", "verbs"] } # and RDMA, chosen by `auto`
 //! ```
 //!
 //! # Replicating your own state machine
@@ -48,6 +52,7 @@
 pub mod client;
 pub mod config;
 pub mod metrics;
+pub mod negotiate;
 pub mod node;
 pub mod service;
 pub mod storage;

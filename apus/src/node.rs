@@ -15,7 +15,7 @@
 //!   what `apply` returned.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle, Thread};
@@ -143,6 +143,9 @@ pub struct NodeStatus {
     /// The transport's fencing counters (zero for transports that fence
     /// inside the receiver instead: tcp, quic).
     pub fencing: FencingCounts,
+    /// The transport running ([`TransportKind::Auto`] while `auto` is
+    /// still choosing).
+    pub transport: TransportKind,
 }
 
 /// What a transport with hardware access control reports about fencing.
@@ -226,6 +229,8 @@ struct Shared {
     apply_queue: ArrayQueue<ApplyItem>,
     waker: Arc<dyn Wake>,
     fencing: Option<FencingProbe>,
+    /// [`TransportKind::code`] of the transport running (0: choosing).
+    transport_kind: Arc<AtomicU8>,
     engine_parked: AtomicBool,
     stop: AtomicBool,
     stopped: Mutex<Option<String>>,
@@ -278,7 +283,9 @@ impl Node {
             ),
         };
         let region = Region::new(layout.region_len());
-        let (transport, fencing) = open_transport(config, id, layout, region.clone())?;
+        let transport_kind = Arc::new(AtomicU8::new(0));
+        let OpenedTransport { transport, fencing } =
+            open_transport(config, id, layout, region.clone(), transport_kind.clone())?;
         let max_payload = engine_cfg.max_payload;
         let epoch = Instant::now();
         let replica = Replica::new(engine_cfg, region, store, Time(0))?;
@@ -294,6 +301,7 @@ impl Node {
             apply_queue: ArrayQueue::new(APPLY_QUEUE),
             waker: transport.waker(),
             fencing,
+            transport_kind,
             engine_parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             stopped: Mutex::new(None),
@@ -307,6 +315,7 @@ impl Node {
                 applied: 0,
                 recovering: replica.is_recovering(),
                 fencing: FencingCounts::default(),
+                transport: TransportKind::Auto,
             }),
             applied: AtomicU64::new(0),
             metrics: Metrics::default(),
@@ -446,6 +455,8 @@ impl Node {
         if let Some(f) = &self.shared.fencing {
             s.fencing = f();
         }
+        s.transport = TransportKind::from_code(self.shared.transport_kind.load(Ordering::Relaxed))
+            .unwrap_or(TransportKind::Auto);
         s
     }
 
@@ -484,16 +495,77 @@ impl Drop for Node {
 }
 
 /// Reads a transport's fencing counters.
-type FencingProbe = Box<dyn Fn() -> FencingCounts + Send + Sync>;
+pub(crate) type FencingProbe = Box<dyn Fn() -> FencingCounts + Send + Sync>;
 
-/// The transport the configuration names, if this build has it.
+/// A transport as a node runs it.
+pub(crate) struct OpenedTransport {
+    pub(crate) transport: Box<dyn Transport + Send>,
+    pub(crate) fencing: Option<FencingProbe>,
+}
+
+/// The transport the configuration names (with `auto`, the one that
+/// negotiates it); `kind` holds the [`TransportKind::code`] of the one
+/// running (0 while `auto` is still choosing).
 fn open_transport(
     config: &ClusterConfig,
     id: NodeId,
     layout: apus_core::RegionLayout,
     region: Region,
-) -> Result<(Box<dyn Transport + Send>, Option<FencingProbe>), NodeError> {
-    let transport: Box<dyn Transport + Send> = match config.transport {
+    kind: Arc<AtomicU8>,
+) -> Result<OpenedTransport, NodeError> {
+    if config.transport == TransportKind::Auto {
+        return crate::negotiate::start(config.clone(), id, layout, region, kind);
+    }
+    let opened = open_concrete(config.transport, config, id, layout, region)?;
+    kind.store(config.transport.code(), Ordering::Relaxed);
+    Ok(opened)
+}
+
+/// A concrete transport, if this build has it.
+pub(crate) fn open_concrete(
+    transport_kind: TransportKind,
+    config: &ClusterConfig,
+    id: NodeId,
+    layout: apus_core::RegionLayout,
+    region: Region,
+) -> Result<OpenedTransport, NodeError> {
+    let transport: Box<dyn Transport + Send> = match transport_kind {
+        #[cfg(feature = "verbs")]
+        TransportKind::Verbs => {
+            let v = config
+                .verbs
+                .as_ref()
+                .expect("validated: verbs has its settings");
+            let t = apus_rdma::RdmaTransport::start(
+                apus_rdma::RdmaConfig {
+                    me: id,
+                    peers: config.replicas.iter().map(|r| r.address).collect(),
+                    secret: config.secret.clone(),
+                    layout,
+                    device: apus_rdma::Selection {
+                        device: v.device.clone(),
+                        ..apus_rdma::Selection::default()
+                    },
+                    op_timeout: v.op_timeout,
+                },
+                region,
+            )
+            .map_err(|e| {
+                NodeError::Config(ConfigError {
+                    field: "cluster.transport".into(),
+                    reason: e.to_string(),
+                })
+            })?;
+            let stats = t.stats();
+            let probe: FencingProbe = Box::new(move || FencingCounts {
+                fenced_writes: stats.fenced_writes.load(Ordering::Relaxed),
+                revocations: stats.revocations.load(Ordering::Relaxed),
+            });
+            return Ok(OpenedTransport {
+                transport: Box::new(t),
+                fencing: Some(probe),
+            });
+        }
         #[cfg(feature = "fabric")]
         TransportKind::Fabric => {
             let f = config
@@ -523,7 +595,10 @@ fn open_transport(
                 fenced_writes: stats.fenced_writes.load(Ordering::Relaxed),
                 revocations: stats.revocations.load(Ordering::Relaxed),
             });
-            return Ok((Box::new(t), Some(probe)));
+            return Ok(OpenedTransport {
+                transport: Box::new(t),
+                fencing: Some(probe),
+            });
         }
         #[cfg(feature = "tcp")]
         TransportKind::Tcp => Box::new(apus_tcp::TcpTransport::start(
@@ -559,13 +634,15 @@ fn open_transport(
             return Err(NodeError::Config(ConfigError {
                 field: "cluster.transport".into(),
                 reason: format!(
-                    "{other:?} is not compiled into this build: enable the apus feature `{}`",
-                    format!("{other:?}").to_lowercase()
+                    "{other} is not compiled into this build: enable the apus feature `{other}`"
                 ),
             }));
         }
     };
-    Ok((transport, None))
+    Ok(OpenedTransport {
+        transport,
+        fencing: None,
+    })
 }
 
 struct Engine {
@@ -791,6 +868,7 @@ impl Engine {
             applied: 0,
             recovering: r.is_recovering(),
             fencing: FencingCounts::default(),
+            transport: TransportKind::Auto,
         };
         if self.last_status.as_ref() != Some(&now) {
             if let Ok(mut s) = self.shared.status.lock() {

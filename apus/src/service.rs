@@ -142,6 +142,7 @@ fn serve_one(mut s: TcpStream, node: &Node, register: &Register) -> io::Result<(
                     divergences: 0,
                     fenced_writes: st.fencing.fenced_writes,
                     revocations: st.fencing.revocations,
+                    transport: st.transport,
                 })
             }
             Request::Dump => {

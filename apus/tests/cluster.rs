@@ -33,8 +33,12 @@ fn ports(n: usize) -> Vec<u16> {
 }
 
 fn config(dir: &Path, durability: &str) -> ClusterConfig {
+    config_with(dir, durability, "transport = \"tcp\"\n")
+}
+
+fn config_with(dir: &Path, durability: &str, transport: &str) -> ClusterConfig {
     let mut text = format!(
-        "[cluster]\nsecret = \"cluster test secret, 32 bytes...\"\ndurability = \"{durability}\"\npoll = \"park\"\n\
+        "[cluster]\nsecret = \"cluster test secret, 32 bytes...\"\ndurability = \"{durability}\"\npoll = \"park\"\n{transport}\
          [engine]\nring_capacity = 1048576\ncatchup_chunk = 65536\nmax_payload = 4096\n\
          heartbeat_us = 2000\nelection_timeout_us = 40000\n"
     );
@@ -162,4 +166,89 @@ fn a_follower_redirects_and_oversized_proposals_are_refused() {
         })
     ));
     assert!(nodes[l].as_ref().unwrap().propose(b"fits").is_ok());
+}
+
+/// `transport = "auto"`: the replicas settle on one transport (not verbs on
+/// a host without an RDMA device), `status` shows it, and a replica that
+/// restarts learns it from the running ones.
+#[test]
+fn auto_settles_on_one_transport_and_a_restarted_replica_learns_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // Fabric (if this build and host have it) stays on loopback.
+    let cfg = config_with(
+        dir.path(),
+        "memory",
+        "transport = \"auto\"\ndomain = \"lo\"\n",
+    );
+    let logs: Vec<Log> = (0..3).map(|_| Log::default()).collect();
+    let mut nodes: Vec<Option<Node>> = (0..3)
+        .map(|i| Some(Node::start(&cfg, NodeId(i as u8), logs[i].clone()).unwrap()))
+        .collect();
+    until("every replica to settle", || {
+        nodes
+            .iter()
+            .flatten()
+            .all(|n| n.status().transport != apus::TransportKind::Auto)
+    });
+    let chosen = nodes[0].as_ref().unwrap().status().transport;
+    for n in nodes.iter().flatten() {
+        assert_eq!(n.status().transport, chosen, "replicas settled differently");
+    }
+    let has_device = cfg!(feature = "verbs") && verbs_device_present();
+    if !has_device {
+        assert_ne!(chosen, apus::TransportKind::Verbs);
+    }
+    eprintln!("auto settled on {chosen}");
+    for i in 0..50u32 {
+        propose(&nodes, format!("auto {i}").as_bytes());
+    }
+    // A follower restarts: the others run `chosen` now, not auto.
+    let f = (0..3).find(|&i| leader(&nodes) != Some(i)).unwrap();
+    nodes[f].take().unwrap().shutdown();
+    let fresh = Log::default();
+    nodes[f] = Some(Node::start(&cfg, NodeId(f as u8), fresh.clone()).unwrap());
+    until("the restarted replica to settle", || {
+        nodes[f].as_ref().unwrap().status().transport != apus::TransportKind::Auto
+    });
+    assert_eq!(nodes[f].as_ref().unwrap().status().transport, chosen);
+    for i in 50..100u32 {
+        propose(&nodes, format!("auto {i}").as_bytes());
+    }
+    until("the restarted replica to catch up", || {
+        fresh.0.lock().unwrap().len() >= 100
+    });
+    for n in nodes.into_iter().flatten() {
+        n.shutdown();
+    }
+}
+
+#[cfg(feature = "verbs")]
+fn verbs_device_present() -> bool {
+    apus_rdma::device_names().is_ok_and(|d| !d.is_empty())
+}
+
+#[cfg(not(feature = "verbs"))]
+fn verbs_device_present() -> bool {
+    false
+}
+
+/// `transport = "verbs"` on a host without an RDMA device: the node does
+/// not start, and the error says why and what to use instead.
+#[cfg(feature = "verbs")]
+#[test]
+fn verbs_without_a_device_fails_at_once_with_the_alternatives() {
+    if verbs_device_present() {
+        eprintln!("SKIPPED: this host has an RDMA device (the guest runs the verbs cluster test)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_with(dir.path(), "memory", "transport = \"verbs\"\n");
+    let e = match Node::start(&cfg, NodeId(0), Log::default()) {
+        Ok(_) => panic!("a verbs node started without a device"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("cluster.transport"), "{e}");
+    assert!(e.contains("no RDMA device found"), "{e}");
+    assert!(e.contains("transport = \"tcp\""), "{e}");
+    assert!(e.contains("\"auto\""), "{e}");
 }

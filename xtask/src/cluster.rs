@@ -10,6 +10,13 @@
 //! is paused (SIGSTOP) under load until the others elect a new one, then
 //! resumed; the followers must have revoked its ring registration, and
 //! every acknowledged proposal must still be applied identically.
+//!
+//! `--transport verbs` does the same over raw RDMA verbs (a host with an
+//! RDMA device; `cargo xtask softroce` runs it inside its Soft-RoCE guest),
+//! where the followers revoke the deposed leader's queue-pair access.
+//! `--transport auto` lets the replicas choose; `--expect-transport T`
+//! checks that every replica settled on `T`. `--apus-bin PATH` runs a
+//! prebuilt `apus` instead of building one (the guest has no cargo).
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
@@ -41,6 +48,8 @@ pub struct Options {
     proposals: u64,
     proposers: usize,
     poll: String,
+    expect_transport: Option<String>,
+    apus_bin: Option<PathBuf>,
 }
 
 impl Options {
@@ -53,6 +62,8 @@ impl Options {
             proposals: 100_000,
             proposers: 8,
             poll: "park".into(),
+            expect_transport: None,
+            apus_bin: None,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -67,6 +78,8 @@ impl Options {
                 "--durability" => o.durability = value()?,
                 "--fsync" => o.fsync = Some(value()?),
                 "--poll" => o.poll = value()?,
+                "--expect-transport" => o.expect_transport = Some(value()?),
+                "--apus-bin" => o.apus_bin = Some(PathBuf::from(value()?)),
                 "--proposals" => {
                     o.proposals = value()?.parse().context("--proposals expects a number")?
                 }
@@ -77,9 +90,9 @@ impl Options {
             }
         }
         match o.transport.as_str() {
-            "tcp" | "quic" => {
+            "tcp" | "quic" | "verbs" => {
                 if o.provider.is_some() {
-                    bail!("--provider applies to --transport fabric only");
+                    bail!("--provider applies to --transport fabric (and auto) only");
                 }
             }
             "fabric" => {
@@ -87,8 +100,12 @@ impl Options {
                     bail!("--transport fabric needs --provider (shm, tcp;ofi_rxm, tcp)");
                 }
             }
-            "" => bail!("--transport is required (tcp, quic or fabric)"),
-            t => bail!("--transport {t:?}: cluster-test knows tcp, quic and fabric"),
+            "auto" => {}
+            "" => bail!("--transport is required (tcp, quic, fabric, verbs or auto)"),
+            t => bail!("--transport {t:?}: cluster-test knows tcp, quic, fabric, verbs and auto"),
+        }
+        if o.expect_transport.is_some() && o.transport != "auto" {
+            bail!("--expect-transport applies to --transport auto only");
         }
         if !matches!(o.durability.as_str(), "memory" | "durable") {
             bail!("--durability must be memory or durable");
@@ -363,20 +380,21 @@ fn proposer(load: Arc<Load>, clients: Vec<SocketAddr>) {
 fn deposed_leader_returns(
     cluster: &mut Cluster,
     clients: &[SocketAddr],
-    first: &Load,
-    first_acked: &[u64],
+    next_id: u64,
+    acked_so_far: &mut Vec<u64>,
     proposers: usize,
-) -> Result<()> {
+    target: u64,
+) -> Result<(u64, u64)> {
     let before: Vec<RemoteStatus> = (0..REPLICAS)
         .map(|i| cluster.status(i).context("a replica does not answer"))
         .collect::<Result<_>>()?;
     let old = cluster.leader().context("no leader")?;
     let old_term = before[old].term;
     let load = Arc::new(Load {
-        next_id: AtomicU64::new(first.next_id.load(Ordering::SeqCst)),
+        next_id: AtomicU64::new(next_id),
         acked: Mutex::new(Vec::new()),
         acked_count: AtomicU64::new(0),
-        target: 20_000,
+        target,
         before_kill: Mutex::new(latency_histogram()),
         killed_at: Mutex::new(None),
         first_ack_after_kill: Mutex::new(None),
@@ -390,7 +408,7 @@ fn deposed_leader_returns(
             thread::spawn(move || proposer(load, clients))
         })
         .collect();
-    while load.acked_count.load(Ordering::SeqCst) < 2_000 {
+    while load.acked_count.load(Ordering::SeqCst) < target / 10 {
         thread::sleep(Duration::from_millis(2));
     }
     let pid = cluster.pid(old).context("the leader is not running")?;
@@ -418,9 +436,8 @@ fn deposed_leader_returns(
     for w in workers {
         let _ = w.join();
     }
-    let mut acked = first_acked.to_vec();
-    acked.extend(load.acked.lock().expect("lock").iter());
-    let (commits, _) = cluster.verify(&acked)?;
+    acked_so_far.extend(load.acked.lock().expect("lock").iter());
+    let (commits, _) = cluster.verify(acked_so_far)?;
     let after: Vec<RemoteStatus> = (0..REPLICAS)
         .map(|i| cluster.status(i).context("a replica does not answer"))
         .collect::<Result<_>>()?;
@@ -450,7 +467,7 @@ fn deposed_leader_returns(
         "  {} more proposals acknowledged across the pause; {commits} entries identical on every replica",
         load.acked.lock().expect("lock").len()
     );
-    Ok(())
+    Ok((fenced, load.next_id.load(Ordering::SeqCst)))
 }
 
 pub fn run_test(args: &[String]) -> Result<ExitCode> {
@@ -463,7 +480,10 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
     if o.transport == "fabric" {
         crate::e2e::ensure_libfabric()?;
     }
-    let bin = crate::e2e::build_release()?.apus;
+    let bin = match &o.apus_bin {
+        Some(b) => b.clone(),
+        None => crate::e2e::build_release()?.apus,
+    };
     let target = crate::e2e::target_dir();
     let dir = target.join("cluster-test").join(format!(
         "{}-{}-{}",
@@ -489,6 +509,10 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
             // The tcp provider's loopback domain: this test stays on lo.
             cfg += "domain = \"lo\"\n";
         }
+    }
+    if o.transport == "auto" {
+        // What auto tries for fabric (tcp;ofi_rxm), kept on loopback.
+        cfg += "domain = \"lo\"\n";
     }
     let quic = o.transport == "quic";
     if quic {
@@ -559,6 +583,38 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
         cluster.start(i)?;
     }
     let (leader, _) = cluster.wait_for_leader(Duration::from_secs(20))?;
+    let settled: Vec<String> = (0..REPLICAS)
+        .map(|i| {
+            cluster
+                .status(i)
+                .map_or("?".into(), |s| s.transport.to_string())
+        })
+        .collect();
+    println!(
+        "  transport running: {}",
+        settled
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("n{i} {t}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let want = o
+        .expect_transport
+        .as_deref()
+        .unwrap_or(if o.transport == "auto" {
+            "a transport other than auto"
+        } else {
+            &o.transport
+        });
+    if settled.iter().any(|t| {
+        *t == "auto" || (o.transport != "auto" || o.expect_transport.is_some()) && t != want
+    }) {
+        bail!(
+            "replicas run {settled:?}, expected {want}; logs in {}",
+            dir.display()
+        );
+    }
     let load = Arc::new(Load {
         next_id: AtomicU64::new(1),
         acked: Mutex::new(Vec::with_capacity(o.proposals as usize)),
@@ -637,8 +693,37 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
         acked.len() as f64 / load_secs,
         load.failed.load(Ordering::SeqCst)
     );
-    if o.transport == "fabric" {
-        deposed_leader_returns(&mut cluster, &clients, &load, &acked, o.proposers)?;
+    if o.transport == "fabric" || o.transport == "verbs" {
+        let target = (o.proposals / 5).clamp(500, 20_000);
+        // Whether the resumed leader writes before it reads of the new term
+        // in its slots depends on where the pause caught it: pause again
+        // (up to three times) until one of its stale writes was refused.
+        let mut next_id = load.next_id.load(Ordering::SeqCst);
+        let mut all_acked = acked.clone();
+        let mut refused = 0;
+        for round in 1..=3 {
+            let (fenced, next) = deposed_leader_returns(
+                &mut cluster,
+                &clients,
+                next_id,
+                &mut all_acked,
+                o.proposers,
+                target,
+            )?;
+            next_id = next;
+            refused += fenced;
+            if refused > 0 {
+                println!(
+                    "  deposed leader's ring writes refused by its followers' queue pairs / keys: {refused} (after {round} pause(s))"
+                );
+                break;
+            }
+        }
+        if refused == 0 {
+            println!(
+                "  no deposed leader wrote before learning of the new term in 3 pauses (fencing of stale writes is shown by the transport tests)"
+            );
+        }
     }
     if o.durability == "durable" {
         for i in 0..REPLICAS {

@@ -52,6 +52,8 @@ pub fn target_dir() -> PathBuf {
 /// Builds `apus` (with QUIC), the interception library and resp-kv in one
 /// cargo invocation, so every harness shares one release build.
 pub fn build_release() -> Result<Binaries> {
+    // The verbs transport's C shim (sideway) builds with cmake and libclang.
+    ensure_packages(&["cmake", "libclang-dev"])?;
     run(
         "building apus, apus-intercept and resp-kv (release)",
         cargo().args([
@@ -61,7 +63,7 @@ pub fn build_release() -> Result<Binaries> {
             "--package",
             "apus",
             "--features",
-            "apus/quic,apus/fabric",
+            "apus/quic,apus/fabric,apus/verbs",
             "--package",
             "apus-intercept",
             "--package",

@@ -38,21 +38,24 @@ commands:
                       --seeds N [--first S] [--replicas R] [--bug NAME] [--threads T]
                       --seed S [--replicas R] [--bug NAME] [--trace]
                       --demo [--seed S]   the simulated demo: timeline of a leader crash
-  cluster-test --transport tcp|quic|fabric [--provider shm|tcp;ofi_rxm|tcp]
+  cluster-test --transport tcp|quic|fabric|verbs|auto [--provider shm|tcp;ofi_rxm|tcp]
                [--durability memory|durable] [--fsync always|batch|never]
                [--proposals N] [--proposers P] [--poll spin|hybrid|park]
+               [--expect-transport T] [--apus-bin PATH]
                     three `apus node` processes under load; the leader is
                     SIGKILLed and restarted; every acknowledged proposal must
                     be on every replica (durable: also after a whole-cluster kill;
-                    fabric: also a paused, deposed leader, and the raw fi_write
-                    round trip)
+                    fabric, verbs: also a paused, deposed leader; fabric: the raw
+                    fi_write round trip; auto: the transport settled on, checked
+                    against --expect-transport; verbs needs an RDMA device)
   e2e --server redis|memcached|resp-kv [--requests N] [--transport tcp|fabric [--provider P]]
                     the server (installed with apt-get when missing) under
                     `apus run` on three replicas: baseline vs replicated load,
                     state compared on every replica, bad input, BGSAVE
                     (redis), leader SIGKILL under INCR load, restart
   softroce          boots Debian's kernel under qemu with a Soft-RoCE device
-                    (rxe0) and runs the apus-rdma verbs tests inside it;
+                    (rxe0) and runs inside it the apus-rdma tests and the
+                    cluster tests over verbs and auto (settling on verbs);
                     last line softroce: PASS or softroce: FAIL <reason>";
 
 /// Simulator seeds `cargo xtask test` runs.
@@ -335,6 +338,16 @@ fn test() -> Result<ExitCode> {
         &["--transport", "fabric", "--provider", "shm"][..],
         &["--transport", "fabric", "--provider", "tcp;ofi_rxm"][..],
         &["--transport", "fabric", "--provider", "tcp"][..],
+        // No RDMA device here: the replicas must settle on libfabric
+        // (installed above), the best transport they all have.
+        &[
+            "--transport",
+            "auto",
+            "--expect-transport",
+            "fabric",
+            "--proposals",
+            "20000",
+        ][..],
     ] {
         step(
             &format!("cargo xtask cluster-test {}", args.join(" ")),

@@ -73,7 +73,11 @@ fn softroce(t0: Instant) -> Result<String> {
     say(t0, &format!("kernel {kver} ready"));
     let tests = test_binaries()?;
     say(t0, &format!("{} test binaries built", tests.len()));
-    let initrd = initramfs(&dir, &kdir, &kver, &tests)?;
+    // The cluster tests: this xtask and a release `apus` with verbs.
+    let apus = crate::e2e::build_release()?.apus;
+    let xtask = std::env::current_exe().context("this xtask's path")?;
+    say(t0, "apus (release, with verbs) built");
+    let initrd = initramfs(&dir, &kdir, &kver, &tests, &[apus, xtask])?;
     say(t0, "initramfs built");
     let boot = Instant::now();
     let log = boot_guest(
@@ -106,9 +110,23 @@ fn softroce(t0: Instant) -> Result<String> {
         "tests skipped inside the guest, where the device must be used: {skipped:?}"
     );
     let passed = log.iter().filter(|l| l.contains("test result: ok")).count();
+    let clusters: Vec<&str> = log
+        .iter()
+        .filter_map(|l| {
+            l.trim_end()
+                .strip_prefix("cluster-test ")?
+                .strip_suffix(": PASS")
+        })
+        .collect();
+    ensure!(
+        clusters.len() == CLUSTER_TESTS.len(),
+        "cluster tests passed in the guest: {clusters:?}, expected {}",
+        CLUSTER_TESTS.len()
+    );
     Ok(format!(
-        "{passed} test binaries passed on rxe0; guest up and rxe0 created at {up} guest time, \
-         boot and tests {:.1}s wall",
+        "{passed} test binaries and the cluster tests ({}) passed on rxe0; guest up and rxe0 \
+         created at {up} guest time, boot and tests {:.1}s wall",
+        clusters.join(", "),
         boot.elapsed().as_secs_f64()
     ))
 }
@@ -265,7 +283,13 @@ fn which(name: &str) -> Result<PathBuf> {
         .with_context(|| format!("{name} not found"))
 }
 
-fn initramfs(dir: &Path, kdir: &Path, kver: &str, tests: &[PathBuf]) -> Result<PathBuf> {
+fn initramfs(
+    dir: &Path,
+    kdir: &Path,
+    kver: &str,
+    tests: &[PathBuf],
+    programs: &[PathBuf],
+) -> Result<PathBuf> {
     let r = dir.join("root");
     let _ = std::fs::remove_dir_all(&r);
     for d in [
@@ -322,6 +346,11 @@ fn initramfs(dir: &Path, kdir: &Path, kver: &str, tests: &[PathBuf]) -> Result<P
         );
         std::fs::copy(t, r.join("tests").join(&name))?;
         names.push(name);
+    }
+    for p in programs {
+        copy_with_libs(&r, p)?;
+        let name = p.file_name().context("a program without a name")?;
+        std::fs::copy(p, r.join("usr/bin").join(name))?;
     }
     // Modules, dependencies first, decompressed (busybox insmod wants .ko).
     let mut order: Vec<String> = Vec::new();
@@ -418,11 +447,27 @@ cd /tmp
              RUST_BACKTRACE=1 /tests/{t} --test-threads=1 --nocapture 2>&1 || fail \"{t}\"\n"
         ));
     }
+    s.push_str("export CARGO_TARGET_DIR=/tmp/target\n");
+    for args in CLUSTER_TESTS {
+        s.push_str(&format!(
+            "echo \"=== running cluster-test {args}\"\n\
+             RUST_BACKTRACE=1 /usr/bin/xtask cluster-test {args} --apus-bin /usr/bin/apus 2>&1 \
+             || {{ cat /tmp/target/cluster-test/*/n*.log | tail -40; fail \"cluster-test {args}\"; }}\n"
+        ));
+    }
     s.push_str(
         "echo \"=== SOFTROCE_RESULT=PASS at $(cut -d' ' -f1 /proc/uptime)s\"\npoweroff -f\n",
     );
     s
 }
+
+/// The cluster tests run inside the guest (with `--apus-bin`): three
+/// replicas over verbs with a leader kill and a deposed leader, and `auto`
+/// settling on verbs. Sized for an emulated CPU.
+const CLUSTER_TESTS: [&str; 2] = [
+    "--transport verbs --proposals 3000 --proposers 4",
+    "--transport auto --expect-transport verbs --proposals 1000 --proposers 4",
+];
 
 /// Boots the guest; returns its console lines (also echoed, and kept in
 /// `console.log`).

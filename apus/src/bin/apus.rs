@@ -189,13 +189,22 @@ fn status(args: &Args) -> Result<()> {
         .max()
         .unwrap_or(0);
     println!(
-        "{:<4} {:<10} {:>6} {:>7} {:>10} {:>10} {:>10} {:>8} {:>11}",
-        "id", "role", "term", "leader", "commit", "last", "applied", "lag", "divergences"
+        "{:<4} {:<10} {:>6} {:>7} {:>10} {:>10} {:>10} {:>8} {:>11}  {:<9}",
+        "id",
+        "role",
+        "term",
+        "leader",
+        "commit",
+        "last",
+        "applied",
+        "lag",
+        "divergences",
+        "transport"
     );
     for (id, addr, st) in rows {
         match st {
             Some(s) => println!(
-                "{:<4} {:<10} {:>6} {:>7} {:>10} {:>10} {:>10} {:>8} {:>11}{}",
+                "{:<4} {:<10} {:>6} {:>7} {:>10} {:>10} {:>10} {:>8} {:>11}  {:<9}{}",
                 id.to_string(),
                 s.role.to_string(),
                 s.term,
@@ -205,6 +214,10 @@ fn status(args: &Args) -> Result<()> {
                 s.applied,
                 top.saturating_sub(s.applied),
                 s.divergences,
+                match s.transport {
+                    apus::TransportKind::Auto => "choosing".to_string(),
+                    t => t.to_string(),
+                },
                 if s.recovering { "  (recovering)" } else { "" }
             ),
             None => println!(
