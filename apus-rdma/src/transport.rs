@@ -957,24 +957,32 @@ impl Transport for RdmaTransport {
         {
             // In the NIC before we return: the old writer's next WRITE fails
             // with a remote access error.
-            p.ring
-                .qp
-                .set_remote_access(Access::NONE)
-                .map_err(rdma_err)?;
+            match p.ring.qp.set_remote_access(Access::NONE) {
+                Ok(()) => debug!(me = %self.me, peer = %old, "ring write revoked"),
+                // The queue pair cannot change (it failed, or is not yet
+                // connected): destroying it revokes everything just as well.
+                Err(e) => {
+                    warn!(me = %self.me, peer = %old, error = %e, "cannot revoke in place");
+                    self.close(old, "revoking the ring grant");
+                }
+            }
             self.stats.revocations.fetch_add(1, AtomicOrdering::Relaxed);
-            debug!(me = %self.me, peer = %old, "ring write revoked");
         }
         if let Some(new) = writer
             && let Some(p) = self.peers[new.index()].as_mut()
         {
-            p.ring
-                .qp
-                .set_remote_access(Access {
-                    remote_write: true,
-                    ..Access::NONE
-                })
-                .map_err(rdma_err)?;
-            debug!(me = %self.me, peer = %new, "ring write granted");
+            let write = Access {
+                remote_write: true,
+                ..Access::NONE
+            };
+            match p.ring.qp.set_remote_access(write) {
+                Ok(()) => debug!(me = %self.me, peer = %new, "ring write granted"),
+                // Its next connection starts with the grant (`install`).
+                Err(e) => {
+                    warn!(me = %self.me, peer = %new, error = %e, "cannot grant in place");
+                    self.close(new, "granting the ring");
+                }
+            }
         }
         Ok(())
     }

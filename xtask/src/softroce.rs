@@ -452,7 +452,9 @@ cd /tmp
         s.push_str(&format!(
             "echo \"=== running cluster-test {args}\"\n\
              RUST_BACKTRACE=1 /usr/bin/xtask cluster-test {args} --apus-bin /usr/bin/apus 2>&1 \
-             || {{ cat /tmp/target/cluster-test/*/n*.log | tail -40; fail \"cluster-test {args}\"; }}\n"
+             || {{ for f in /tmp/target/cluster-test/*/n*.log; do echo \"--- $f\"; \
+             grep -E 'panicked|ERROR|WARN|stopp' $f | tail -15; tail -8 $f; done; \
+             fail \"cluster-test {args}\"; }}\n"
         ));
     }
     s.push_str(
