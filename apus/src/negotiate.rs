@@ -74,6 +74,8 @@ fn wire_name(kind: TransportKind, config: &ClusterConfig) -> String {
 }
 
 /// What this replica can run, best first.
+// Which pushes exist depends on the features compiled in.
+#[allow(clippy::vec_init_then_push)]
 pub fn detect(config: &ClusterConfig) -> Vec<TransportKind> {
     let mut can = Vec::new();
     #[cfg(feature = "verbs")]
