@@ -521,6 +521,18 @@ fn open_transport(
     Ok(opened)
 }
 
+/// A transport whose fencing counters `read` reports.
+#[cfg(any(feature = "fabric", feature = "verbs"))]
+fn with_fencing(
+    t: impl Transport + Send + 'static,
+    read: impl Fn() -> FencingCounts + Send + Sync + 'static,
+) -> OpenedTransport {
+    OpenedTransport {
+        transport: Box::new(t),
+        fencing: Some(Box::new(read)),
+    }
+}
+
 /// A concrete transport, if this build has it.
 pub(crate) fn open_concrete(
     transport_kind: TransportKind,
@@ -557,14 +569,10 @@ pub(crate) fn open_concrete(
                 })
             })?;
             let stats = t.stats();
-            let probe: FencingProbe = Box::new(move || FencingCounts {
+            return Ok(with_fencing(t, move || FencingCounts {
                 fenced_writes: stats.fenced_writes.load(Ordering::Relaxed),
                 revocations: stats.revocations.load(Ordering::Relaxed),
-            });
-            return Ok(OpenedTransport {
-                transport: Box::new(t),
-                fencing: Some(probe),
-            });
+            }));
         }
         #[cfg(feature = "fabric")]
         TransportKind::Fabric => {
@@ -591,14 +599,10 @@ pub(crate) fn open_concrete(
                 })
             })?;
             let stats = t.stats();
-            let probe: FencingProbe = Box::new(move || FencingCounts {
+            return Ok(with_fencing(t, move || FencingCounts {
                 fenced_writes: stats.fenced_writes.load(Ordering::Relaxed),
                 revocations: stats.revocations.load(Ordering::Relaxed),
-            });
-            return Ok(OpenedTransport {
-                transport: Box::new(t),
-                fencing: Some(probe),
-            });
+            }));
         }
         #[cfg(feature = "tcp")]
         TransportKind::Tcp => Box::new(apus_tcp::TcpTransport::start(
