@@ -51,6 +51,7 @@
 
 pub mod client;
 pub mod config;
+pub mod fence_check;
 pub mod metrics;
 pub mod negotiate;
 pub mod node;

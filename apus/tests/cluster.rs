@@ -252,3 +252,59 @@ fn verbs_without_a_device_fails_at_once_with_the_alternatives() {
     assert!(e.contains("transport = \"tcp\""), "{e}");
     assert!(e.contains("\"auto\""), "{e}");
 }
+
+/// `fence_check` acting as a stopped, deposed leader: every follower refuses
+/// its log write; acting as a running replica is refused before anything is
+/// sent.
+fn fence_check_over(transport: &str, kind: apus::TransportKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_with(dir.path(), "memory", transport);
+    let mut nodes: Vec<Option<Node>> = (0..3)
+        .map(|i| Some(Node::start(&cfg, NodeId(i as u8), Log::default()).unwrap()))
+        .collect();
+    until("a leader", || leader(&nodes).is_some());
+    propose(&nodes, b"before");
+    let old = leader(&nodes).unwrap();
+
+    let running = apus::fence_check::run(&cfg, NodeId(old as u8), kind, Duration::from_secs(5));
+    assert!(
+        matches!(
+            running,
+            Err(apus::fence_check::FenceCheckError::Running { .. })
+        ),
+        "fence-check beside the running replica: {running:?}"
+    );
+
+    let old_term = nodes[old].as_ref().unwrap().status().term;
+    nodes[old].take().unwrap().shutdown();
+    until("a new leader", || {
+        leader(&nodes).is_some_and(|l| nodes[l].as_ref().unwrap().status().term > old_term)
+    });
+    let report =
+        apus::fence_check::run(&cfg, NodeId(old as u8), kind, Duration::from_secs(10)).unwrap();
+    assert_eq!(report.peers.len(), 2, "{report:?}");
+    assert!(report.all_fenced(), "{report:?}");
+    assert!(!report.broken());
+    // The cluster is undisturbed: it still commits, and the old leader
+    // rejoins.
+    propose(&nodes, b"after");
+    nodes[old] = Some(Node::start(&cfg, NodeId(old as u8), Log::default()).unwrap());
+    propose(&nodes, b"rejoined");
+    for n in nodes.into_iter().flatten() {
+        n.shutdown();
+    }
+}
+
+#[test]
+fn fence_check_over_tcp_finds_every_follower_refusing_a_deposed_leader() {
+    fence_check_over("transport = \"tcp\"\n", apus::TransportKind::Tcp);
+}
+
+#[cfg(feature = "fabric")]
+#[test]
+fn fence_check_over_fabric_finds_every_follower_refusing_a_deposed_leader() {
+    fence_check_over(
+        "transport = \"fabric\"\nprovider = \"tcp;ofi_rxm\"\n",
+        apus::TransportKind::Fabric,
+    );
+}

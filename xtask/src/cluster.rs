@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use apus::client::{Client, RemoteStatus, Reply, Request};
+use apus::config::TransportKind;
 use apus_core::Role;
 use hdrhistogram::Histogram;
 
@@ -151,6 +152,32 @@ impl Cluster {
         Ok(())
     }
 
+    /// Runs `apus fence-check` as replica `i` (which must be down); fails
+    /// unless every peer refused its log write. Returns the per-peer lines.
+    fn fence_check(&self, i: usize) -> Result<Vec<String>> {
+        let out = Command::new(&self.bin)
+            .args(["fence-check", "--config"])
+            .arg(&self.config)
+            .args(["--id", &i.to_string()])
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} fence-check", self.bin.display()))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            bail!("fence-check as n{i} failed:\n{text}");
+        }
+        Ok(text
+            .lines()
+            .filter(|l| !l.contains("PASS"))
+            .map(str::to_string)
+            .collect())
+    }
+
     fn pid(&self, i: usize) -> Option<i32> {
         self.children[i].as_ref().map(|c| c.id() as i32)
     }
@@ -165,6 +192,30 @@ impl Cluster {
 
     fn status(&self, i: usize) -> Option<RemoteStatus> {
         status_at(self.clients[i])
+    }
+
+    /// Polls replica `i` until its status satisfies `done` or `within`
+    /// passes; then the last status it gave, if any.
+    fn wait_status(
+        &self,
+        i: usize,
+        within: Duration,
+        done: impl Fn(&RemoteStatus) -> bool,
+    ) -> Option<RemoteStatus> {
+        let deadline = Instant::now() + within;
+        let mut last = None;
+        loop {
+            if let Some(s) = self.status(i) {
+                if done(&s) {
+                    return Some(s);
+                }
+                last = Some(s);
+            }
+            if Instant::now() > deadline {
+                return last;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn leader(&self) -> Option<usize> {
@@ -583,11 +634,16 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
         cluster.start(i)?;
     }
     let (leader, _) = cluster.wait_for_leader(Duration::from_secs(20))?;
+    // A replica may still be starting (client port not yet bound) or, under
+    // auto, still waiting for an offer when the other two have already
+    // elected a leader: wait for each one to report a concrete transport.
     let settled: Vec<String> = (0..REPLICAS)
         .map(|i| {
             cluster
-                .status(i)
-                .map_or("?".into(), |s| s.transport.to_string())
+                .wait_status(i, Duration::from_secs(10), |s| {
+                    s.transport != TransportKind::Auto
+                })
+                .map_or("no answer".into(), |s| s.transport.to_string())
         })
         .collect();
     println!(
@@ -662,6 +718,9 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
         thread::sleep(Duration::from_micros(500));
     };
     let new_leader = cluster.leader().unwrap_or(victim);
+    // While the victim is down, act as it: every follower must refuse its
+    // log writes (on verbs, with a remote access error from the NIC).
+    let fence = cluster.fence_check(victim)?;
     // Let the new leader work alone for a moment, then bring the victim back.
     thread::sleep(Duration::from_millis(300));
     cluster.start(victim)?;
@@ -683,6 +742,16 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
         (elected - killed).as_secs_f64() * 1e3,
         first_commit.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
     );
+    println!(
+        "  while n{victim} was down, its log writes were refused by every follower ({}):",
+        fence
+            .first()
+            .and_then(|l| l.split_once("refusals come from "))
+            .map_or("", |(_, m)| m)
+    );
+    for line in fence.iter().skip(1) {
+        println!("  {line}");
+    }
     println!(
         "  n{victim} restarted and caught up; {} replicas identical: {commits} entries, digest {digest:016x}",
         REPLICAS

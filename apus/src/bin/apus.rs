@@ -6,6 +6,7 @@
 //! apus certs  --config C [--force]  generate the cluster's TLS certificates (quic)
 //! apus run    --config C --id N -- SERVER ARGS...   run a server replicated by the interception library
 //! apus leader --config C            print the leader's application address
+//! apus fence-check --config C --id N   (N stopped) check every peer refuses N's log writes
 //! ```
 
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use apus::client::{Client, Reply, Request};
 use apus::service::{Register, serve_clients};
-use apus::{ClusterConfig, Node};
+use apus::{ClusterConfig, Node, TransportKind};
 use apus_core::NodeId;
 
 const USAGE: &str = "\
@@ -30,13 +31,18 @@ usage:
   apus leader --config FILE          print the current leader's application address
   apus certs  --config FILE [--force]
                                      generate the CA and every replica's certificate and key
-                                     at the paths FILE names (transport = \"quic\")";
+                                     at the paths FILE names (transport = \"quic\")
+  apus fence-check --config FILE --id N [--timeout-ms MS]
+                                     with replica N stopped, act as N and check that every
+                                     peer refuses its writes to their logs (fencing)";
 
 struct Args {
     command: String,
     config: Option<PathBuf>,
     id: Option<u8>,
     force: bool,
+    /// How long `fence-check` waits for the peers.
+    timeout: Duration,
     /// What follows `--` (`apus run`).
     server: Vec<String>,
 }
@@ -49,6 +55,7 @@ fn parse() -> Result<Args> {
         config: None,
         id: None,
         force: false,
+        timeout: Duration::from_secs(10),
         server: Vec::new(),
     };
     while let Some(flag) = it.next() {
@@ -59,6 +66,14 @@ fn parse() -> Result<Args> {
             "--" => {
                 a.server = it.by_ref().collect();
                 break;
+            }
+            "--timeout-ms" => {
+                let v = value()?;
+                let ms: u64 =
+                    v.parse().ok().filter(|&ms| ms > 0).with_context(|| {
+                        format!("--timeout-ms expects milliseconds > 0, got {v:?}")
+                    })?;
+                a.timeout = Duration::from_millis(ms);
             }
             "--id" => {
                 let v = value()?;
@@ -87,6 +102,7 @@ fn main() -> ExitCode {
         "certs" => certs(&args),
         "run" => run(&args),
         "leader" => leader(&args),
+        "fence-check" => fence_check(&args),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -388,4 +404,45 @@ fn leader(args: &Args) -> Result<()> {
         }
     }
     bail!("no leader reachable (is the cluster running? replicas need a client address)")
+}
+
+fn fence_check(args: &Args) -> Result<()> {
+    let config = load(args)?;
+    let me = NodeId(args.id.context("--id N is required")?);
+    let transport = match config.transport {
+        TransportKind::Auto => running_transport(&config).context(
+            "transport = \"auto\": no replica answered a status request, so the transport the cluster settled on is unknown",
+        )?,
+        t => t,
+    };
+    let report = apus::fence_check::run(&config, me, transport, args.timeout)?;
+    println!(
+        "fence-check: acting as {me} over {transport}; refusals come from {}",
+        report.mechanism()
+    );
+    for (peer, outcome) in &report.peers {
+        println!("  {peer}: {outcome}");
+    }
+    if let Some(n) = report.fenced_writes {
+        println!("  ring writes the {transport} transport counted as refused: {n}");
+    }
+    if report.broken() {
+        bail!("FENCING BROKEN: a peer accepted a log write from {me}, which it does not grant");
+    }
+    if !report.all_fenced() {
+        bail!("not every peer was checked (see above)");
+    }
+    println!("fence-check: PASS (every peer refused {me}'s log write)");
+    Ok(())
+}
+
+/// The transport the running replicas report.
+fn running_transport(config: &ClusterConfig) -> Option<TransportKind> {
+    config.replicas.iter().find_map(|r| {
+        let mut c = Client::connect(r.client?, Duration::from_secs(1)).ok()?;
+        match c.call(&Request::Status).ok()? {
+            Reply::Status(s) if s.transport != TransportKind::Auto => Some(s.transport),
+            _ => None,
+        }
+    })
 }
