@@ -521,6 +521,29 @@ fn open_transport(
     Ok(opened)
 }
 
+/// Opens the transport `config` names for replica `id`, with no engine, over
+/// a fresh region laid out as the configuration says: for tools and
+/// benchmarks that measure a transport alone. `auto` is refused (choosing
+/// needs the other replicas' engines).
+pub fn open_bare_transport(
+    config: &ClusterConfig,
+    id: NodeId,
+) -> Result<(Box<dyn Transport + Send>, Region, apus_core::RegionLayout), NodeError> {
+    let layout = config.engine_for(id)?.validate().map_err(|e| ConfigError {
+        field: format!("engine.{}", e.field),
+        reason: e.reason,
+    })?;
+    if config.transport == TransportKind::Auto {
+        return Err(NodeError::Config(ConfigError {
+            field: "cluster.transport".into(),
+            reason: "a bare transport must be named (tcp, quic, fabric or verbs), not auto".into(),
+        }));
+    }
+    let region = Region::new(layout.region_len());
+    let opened = open_concrete(config.transport, config, id, layout, region.clone())?;
+    Ok((opened.transport, region, layout))
+}
+
 /// A transport whose fencing counters `read` reports.
 #[cfg(any(feature = "fabric", feature = "verbs"))]
 fn with_fencing(

@@ -26,8 +26,8 @@ use apus::client::{Client, RemoteStatus, Reply, Request};
 use apus_core::Role;
 use hdrhistogram::Histogram;
 
-use crate::appclient::{AppConn, FNV_OFFSET, Protocol, Resp, RespConn, XorShift, fnv1a};
 use crate::{cargo, root, run};
+use apus_bench::appclient::{AppConn, FNV_OFFSET, Protocol, Resp, RespConn, XorShift, fnv1a};
 
 pub const REPLICAS: usize = 3;
 /// Concurrent clients of the INCR failover load.
@@ -38,6 +38,7 @@ const MIXED_CONNS: usize = 16;
 const MIXED_KEYS: u64 = 1000;
 
 /// The binaries the end-to-end checks run, built in release mode.
+#[derive(Clone, Debug)]
 pub struct Binaries {
     pub apus: PathBuf,
     pub resp_kv: PathBuf,
@@ -119,7 +120,7 @@ pub enum ServerKind {
 }
 
 impl ServerKind {
-    fn parse(s: &str) -> Result<ServerKind> {
+    pub fn parse(s: &str) -> Result<ServerKind> {
         Ok(match s {
             "redis" => ServerKind::Redis,
             "memcached" => ServerKind::Memcached,
@@ -144,7 +145,7 @@ impl ServerKind {
     }
 
     /// The server's command line, listening on 127.0.0.1:`port`.
-    fn command(self, bins: &Binaries, port: u16, dir: &Path) -> Vec<String> {
+    pub fn command(self, bins: &Binaries, port: u16, dir: &Path) -> Vec<String> {
         let port = port.to_string();
         let v: Vec<String> = match self {
             ServerKind::Redis => vec![
@@ -193,7 +194,7 @@ impl ServerKind {
     }
 
     /// Installs Debian's package for the server when it is missing.
-    fn ensure_installed(self) -> Result<()> {
+    pub fn ensure_installed(self) -> Result<()> {
         let (programs, packages): (&[&str], &[&str]) = match self {
             ServerKind::Redis => (
                 &["redis-server", "redis-benchmark"],

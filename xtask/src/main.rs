@@ -9,7 +9,7 @@
 //! cargo xtask softroce          the verbs tests inside a Soft-RoCE qemu guest
 //! ```
 
-mod appclient;
+mod bench;
 mod cluster;
 mod demo;
 mod e2e;
@@ -56,7 +56,15 @@ commands:
   softroce          boots Debian's kernel under qemu with a Soft-RoCE device
                     (rxe0) and runs inside it the apus-rdma tests and the
                     cluster tests over verbs and auto (settling on verbs);
-                    last line softroce: PASS or softroce: FAIL <reason>";
+                    last line softroce: PASS or softroce: FAIL <reason>
+  bench [--transport tcp|quic|fabric|verbs|all] [--provider P] [--replicas 3,5,7]
+        [--conns 1,8,32] [--size 64] [--durability memory|durable] [--duration S]
+        [--app redis,memcached] [--no-etcd] [--softroce] [--smoke]
+                    commit latency (p50/p99/p99.9) and throughput of real
+                    clusters per transport, against the raw write round trip,
+                    bare vs replicated servers and a 3-member etcd; report in
+                    target/apus-bench/<time>/ (report.md, report.json, SVG);
+                    verbs without a device: --softroce runs it in the guest";
 
 /// Simulator seeds `cargo xtask test` runs.
 const CI_SEEDS: u64 = 5000;
@@ -73,6 +81,7 @@ fn main() -> ExitCode {
         Some("cluster-test") => cluster::run_test(&args[1..]),
         Some("e2e") => e2e::run_e2e(&args[1..]),
         Some("softroce") => softroce::run_softroce(&args[1..]),
+        Some("bench") => bench::run_bench(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -409,6 +418,20 @@ fn test() -> Result<ExitCode> {
     step(
         "cargo xtask softroce (apus-rdma's verbs tests on Soft-RoCE in a qemu guest)",
         || xtask_expect(&["softroce"], "softroce: PASS"),
+    )?;
+    step(
+        "micro-benchmarks, each run once (cargo test -p apus-bench --benches)",
+        || {
+            run(
+                "cargo test --benches",
+                cargo().args(["test", "--quiet", "--package", "apus-bench", "--benches"]),
+            )?;
+            Ok(String::new())
+        },
+    )?;
+    step(
+        "cargo xtask bench --smoke (tcp, redis, etcd; seconds long)",
+        || xtask_expect(&["bench", "--smoke"], "bench: report in"),
     )?;
     step(
         "cargo xtask demo (three replicated resp-kv servers)",

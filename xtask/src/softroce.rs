@@ -59,6 +59,39 @@ pub fn run_softroce(args: &[String]) -> Result<ExitCode> {
     }
 }
 
+/// Boots the guest with `programs` (and this xtask) in /usr/bin and runs
+/// `script` once rxe0 is up (it may call `fail REASON`); returns the
+/// console lines. For work other than the tests, e.g. `cargo xtask bench
+/// --softroce`.
+pub fn run_in_guest(programs: &[PathBuf], script: &str) -> Result<Vec<String>> {
+    let t0 = Instant::now();
+    crate::e2e::ensure_packages(&HOST_PACKAGES)?;
+    let dir = crate::e2e::target_dir().join("softroce-run");
+    let cache = crate::e2e::target_dir().join("softroce").join("cache");
+    std::fs::create_dir_all(&cache)?;
+    let (kdir, kver) = kernel(&cache, t0)?;
+    let mut programs = programs.to_vec();
+    programs.push(std::env::current_exe().context("this xtask's path")?);
+    let initrd = initramfs(&dir, &kdir, &kver, &[], &programs, script)?;
+    let log = boot_guest(
+        &dir,
+        &kdir.join(format!("boot/vmlinuz-{kver}")),
+        &initrd,
+        t0,
+    )?;
+    match log
+        .iter()
+        .find_map(|l| l.split_once(RESULT).map(|(_, r)| r))
+    {
+        Some(r) if r.starts_with("PASS") => Ok(log),
+        Some(r) => bail!("in the guest: {r}"),
+        None => bail!(
+            "the guest ended without a result (console log in {})",
+            dir.display()
+        ),
+    }
+}
+
 fn say(t0: Instant, what: &str) {
     println!("[{:6.1}s] {what}", t0.elapsed().as_secs_f64());
 }
@@ -77,7 +110,14 @@ fn softroce(t0: Instant) -> Result<String> {
     let apus = crate::e2e::build_release()?.apus;
     let xtask = std::env::current_exe().context("this xtask's path")?;
     say(t0, "apus (release, with verbs) built");
-    let initrd = initramfs(&dir, &kdir, &kver, &tests, &[apus, xtask])?;
+    let initrd = initramfs(
+        &dir,
+        &kdir,
+        &kver,
+        &tests,
+        &[apus, xtask],
+        &cluster_tests_script(),
+    )?;
     say(t0, "initramfs built");
     let boot = Instant::now();
     let log = boot_guest(
@@ -289,6 +329,7 @@ fn initramfs(
     kver: &str,
     tests: &[PathBuf],
     programs: &[PathBuf],
+    script: &str,
 ) -> Result<PathBuf> {
     let r = dir.join("root");
     let _ = std::fs::remove_dir_all(&r);
@@ -404,7 +445,7 @@ fn initramfs(
     }
     std::fs::write(r.join("modules/load.list"), load)?;
     let init = r.join("init");
-    std::fs::write(&init, guest_init(&names))?;
+    std::fs::write(&init, guest_init(&names, script))?;
     std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let initrd = dir.join("initrd.img");
     let status = Command::new("sh")
@@ -417,8 +458,9 @@ fn initramfs(
     Ok(initrd)
 }
 
-/// The guest's /init: modules, the dummy netdev and rxe0, then the tests.
-fn guest_init(tests: &[String]) -> String {
+/// The guest's /init: modules, the dummy netdev and rxe0, then the tests,
+/// then `script`.
+fn guest_init(tests: &[String], script: &str) -> String {
     let mut s = String::from(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin 2>/dev/null
@@ -447,7 +489,16 @@ cd /tmp
              RUST_BACKTRACE=1 /tests/{t} --test-threads=1 --nocapture 2>&1 || fail \"{t}\"\n"
         ));
     }
-    s.push_str("export CARGO_TARGET_DIR=/tmp/target\n");
+    s.push_str(script);
+    s.push_str(
+        "echo \"=== SOFTROCE_RESULT=PASS at $(cut -d' ' -f1 /proc/uptime)s\"\npoweroff -f\n",
+    );
+    s
+}
+
+/// The script that runs the cluster tests in the guest.
+fn cluster_tests_script() -> String {
+    let mut s = String::from("export CARGO_TARGET_DIR=/tmp/target\n");
     for args in CLUSTER_TESTS {
         s.push_str(&format!(
             "echo \"=== running cluster-test {args}\"\n\
@@ -457,9 +508,6 @@ cd /tmp
              fail \"cluster-test {args}\"; }}\n"
         ));
     }
-    s.push_str(
-        "echo \"=== SOFTROCE_RESULT=PASS at $(cut -d' ' -f1 /proc/uptime)s\"\npoweroff -f\n",
-    );
     s
 }
 

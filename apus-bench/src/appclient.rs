@@ -1,4 +1,5 @@
-//! Small clients for the servers the end-to-end checks and the demo drive:
+//! Small clients for the servers the end-to-end checks, the demo and the
+//! benchmark drive:
 //! RESP (Redis, resp-kv) and the memcached text protocol. Only what the
 //! harness sends is implemented; anything unexpected is an error.
 
@@ -55,6 +56,7 @@ pub enum Resp {
 }
 
 /// One RESP connection.
+#[derive(Debug)]
 pub struct RespConn {
     r: BufReader<TcpStream>,
     w: TcpStream,
@@ -117,6 +119,7 @@ impl RespConn {
 }
 
 /// One memcached text-protocol connection.
+#[derive(Debug)]
 pub struct McConn {
     r: BufReader<TcpStream>,
     w: TcpStream,
@@ -188,6 +191,7 @@ pub enum Protocol {
 
 /// A connection to any of the servers, with the operations the harness
 /// needs.
+#[derive(Debug)]
 pub enum AppConn {
     Resp(RespConn),
     Mc(McConn),
@@ -242,6 +246,7 @@ pub fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
 pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// A small deterministic generator for load keys and garbage bytes.
+#[derive(Clone, Debug)]
 pub struct XorShift(u64);
 
 impl XorShift {
