@@ -313,7 +313,7 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
     pin.pin_self()?;
     let replicated_apps = local
         .iter()
-        .filter(|t| matches!(t.as_str(), "tcp" | "fabric"))
+        .filter(|t| matches!(t.as_str(), "tcp" | "quic" | "fabric"))
         .count();
     let mut p = Progress {
         done: 0,
@@ -384,7 +384,7 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
         }
         for t in local
             .iter()
-            .filter(|t| matches!(t.as_str(), "tcp" | "fabric"))
+            .filter(|t| matches!(t.as_str(), "tcp" | "quic" | "fabric"))
         {
             let transport_lines = match t.as_str() {
                 "fabric" => format!(
@@ -392,7 +392,7 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
                     o.provider,
                     lo_domain(&o.provider)
                 ),
-                _ => "transport = \"tcp\"\n".to_string(),
+                t => format!("transport = \"{t}\"\n"),
             };
             let mut app =
                 AppCluster::with_transport(kind, bins.clone(), "apus-bench", &transport_lines)?;
@@ -424,12 +424,6 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
                     m,
                 });
             }
-        }
-        if local.iter().any(|t| t == "quic") {
-            notes.push(format!(
-                "{}: not run replicated over quic (the app harness sets up tcp and fabric clusters only)",
-                kind.name()
-            ));
         }
     }
     if o.etcd {
@@ -557,6 +551,10 @@ impl Pinning {
             2 => "0".into(),
             n => format!("0-{}", n - 2),
         }
+    }
+
+    fn all_cpus(&self) -> String {
+        format!("0-{}", self.cores - 1)
     }
 
     /// Cores for replica `i` of `n`.
@@ -784,8 +782,10 @@ impl ApusCluster {
 
     /// The transport's raw write round trip between replicas 0 and 1.
     fn rtt(&self, bench: &Path, pin: &Pinning) -> Result<Measure> {
+        // Both ends in one process: every core, as the two replicas of a
+        // cluster would have.
         let out = pin
-            .command(&pin.load_cpu(), bench)
+            .command(&pin.all_cpus(), bench)
             .args(["rtt", "--config"])
             .arg(&self.config)
             .args(["--count", "3000"])

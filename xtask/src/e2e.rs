@@ -405,20 +405,39 @@ impl AppCluster {
             kind.name(),
             std::process::id()
         );
+        // QUIC: certificates per replica, made by `apus certs` below.
+        let quic = transport.contains("\"quic\"");
+        if quic {
+            cfg = cfg.replacen("[engine]", "tls_ca = \"certs/ca.pem\"\n[engine]", 1);
+        }
         let (mut apps, mut status) = (Vec::new(), Vec::new());
         let mut pool = PortPool::default();
         for i in 0..REPLICAS {
-            let (address, client, app) = (pool.tcp()?, pool.tcp()?, pool.tcp()?);
+            let address = if quic { pool.udp()? } else { pool.tcp()? };
+            let (client, app) = (pool.tcp()?, pool.tcp()?);
             cfg += &format!(
                 "[[replica]]\nid = {i}\naddress = \"{address}\"\nclient = \"{client}\"\n\
                  app = \"{app}\"\ndata_dir = \"n{i}\"\n"
             );
+            if quic {
+                cfg += &format!("tls_cert = \"certs/n{i}.pem\"\ntls_key = \"certs/n{i}.key\"\n");
+            }
             std::fs::create_dir_all(dir.join(format!("server{i}")))?;
             apps.push(app);
             status.push(client);
         }
         let config = dir.join("cluster.toml");
         std::fs::write(&config, cfg)?;
+        drop(pool);
+        if quic {
+            run(
+                "apus certs",
+                Command::new(&bins.apus)
+                    .args(["certs", "--config"])
+                    .arg(&config)
+                    .stdout(Stdio::null()),
+            )?;
+        }
         Ok(AppCluster {
             kind,
             bins,
