@@ -396,6 +396,8 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
             };
             let mut app =
                 AppCluster::with_transport(kind, bins.clone(), "apus-bench", &transport_lines)?;
+            // Every request through consensus: a follower never serves.
+            app.refuse_follower_clients()?;
             for i in 0..3 {
                 app.start(i)?;
             }
@@ -408,6 +410,12 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
                     c,
                     &pin,
                 )?;
+                if app.leader() != Some(leader) {
+                    notes.push(format!(
+                        "{} over {t}, {c} conns: the leader changed during the point (requests to the old one failed and were retried)",
+                        kind.name()
+                    ));
+                }
                 p.step(&format!(
                     "{} over apus/{t}, {c} conns: {:.0}/s, p50 {:.1} us",
                     kind.name(),

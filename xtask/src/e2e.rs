@@ -450,6 +450,20 @@ impl AppCluster {
         })
     }
 
+    /// Makes followers close client connections (`follower_clients =
+    /// "refuse"`), for load that must only ever be replicated: a write to a
+    /// follower that serves would bypass consensus. Call before starting.
+    pub fn refuse_follower_clients(&self) -> Result<()> {
+        let text = std::fs::read_to_string(&self.config)?;
+        let refused = text.replace(
+            "follower_clients = \"serve\"",
+            "follower_clients = \"refuse\"",
+        );
+        ensure!(refused != text, "the config has no follower_clients line");
+        std::fs::write(&self.config, refused)?;
+        Ok(())
+    }
+
     /// Where replica `i`'s server keeps its files (Redis's dump.rdb).
     pub fn server_dir(&self, i: usize) -> PathBuf {
         self.dir.join(format!("server{i}"))
