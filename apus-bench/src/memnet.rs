@@ -21,6 +21,8 @@ struct Fabric {
     grants: Vec<Option<NodeId>>,
     events: Vec<VecDeque<TransportEvent>>,
     layout: RegionLayout,
+    /// Bytes in flight between two regions (reused: no allocation per op).
+    scratch: Vec<u8>,
 }
 
 /// One replica's view of [`Fabric`].
@@ -60,9 +62,11 @@ impl Transport for MemTransport {
                     RemoteAccess::Denied => false,
                 };
                 if allowed {
-                    let mut buf = vec![0u8; len];
+                    let mut buf = std::mem::take(&mut f.scratch);
+                    buf.resize(len, 0);
                     f.regions[me.index()].read(local_offset, &mut buf);
                     f.regions[peer.index()].write(remote_offset, &buf);
+                    f.scratch = buf;
                 }
                 (op, peer, allowed)
             }
@@ -75,9 +79,11 @@ impl Transport for MemTransport {
             } => {
                 let allowed = f.layout.remote_read_allowed(remote_offset, len);
                 if allowed {
-                    let mut buf = vec![0u8; len];
+                    let mut buf = std::mem::take(&mut f.scratch);
+                    buf.resize(len, 0);
                     f.regions[peer.index()].read(remote_offset, &mut buf);
                     f.regions[me.index()].write(local_offset, &buf);
+                    f.scratch = buf;
                 }
                 (op, peer, allowed)
             }
@@ -163,6 +169,7 @@ impl MemCluster {
             grants: vec![None; n],
             events: (0..n).map(|_| VecDeque::new()).collect(),
             layout,
+            scratch: Vec::new(),
         }));
         let mut c = MemCluster {
             replicas: (0..n)

@@ -537,7 +537,7 @@ fn build_bench() -> Result<PathBuf> {
 
 /// Which cores run what: the load generator gets the last core, servers
 /// the others (each replica its own where there are enough).
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 struct Pinning {
     cores: usize,
 }
@@ -683,41 +683,13 @@ impl ApusCluster {
         if o.durability == "durable" {
             cfg += "fsync = \"always\"\n";
         }
-        match transport {
-            "fabric" => {
-                cfg += &format!("provider = \"{}\"\n{}", o.provider, lo_domain(&o.provider))
-            }
-            "quic" => cfg += "tls_ca = \"certs/ca.pem\"\n",
-            _ => {}
+        if transport == "fabric" {
+            cfg += &format!("provider = \"{}\"\n{}", o.provider, lo_domain(&o.provider));
         }
-        cfg += "[engine]\nheartbeat_us = 2000\nelection_timeout_us = 50000\nmax_payload = 4096\n";
-        let quic = transport == "quic";
-        let mut clients = Vec::new();
-        let mut pool = PortPool::default();
-        for i in 0..replicas {
-            let client = pool.tcp()?;
-            clients.push(client);
-            let address = if quic { pool.udp()? } else { pool.tcp()? };
-            cfg += &format!(
-                "[[replica]]\nid = {i}\naddress = \"{address}\"\nclient = \"{client}\"\ndata_dir = \"n{i}\"\n"
-            );
-            if quic {
-                cfg += &format!("tls_cert = \"certs/n{i}.pem\"\ntls_key = \"certs/n{i}.key\"\n");
-            }
-        }
-        let config = std::path::absolute(dir.join("cluster.toml"))?;
-        std::fs::write(&config, cfg)?;
-        drop(pool);
-        if quic {
-            crate::run(
-                "apus certs",
-                Command::new(bin)
-                    .args(["certs", "--config"])
-                    .arg(&config)
-                    .current_dir(dir)
-                    .stdout(Stdio::null()),
-            )?;
-        }
+        let engine =
+            "[engine]\nheartbeat_us = 2000\nelection_timeout_us = 50000\nmax_payload = 4096\n";
+        let (config, clients) =
+            crate::cluster::write_config(bin, dir, &cfg, engine, replicas, transport == "quic")?;
         Ok(ApusCluster {
             bin: bin.to_path_buf(),
             dir: dir.to_path_buf(),
@@ -728,7 +700,7 @@ impl ApusCluster {
             pin_cpus: (0..replicas)
                 .map(|i| pin.replica_cpus(i, replicas))
                 .collect(),
-            pin: Pinning { cores: pin.cores },
+            pin: *pin,
         })
     }
 

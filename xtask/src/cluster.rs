@@ -21,7 +21,7 @@
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -314,6 +314,57 @@ impl Drop for Cluster {
     }
 }
 
+/// Writes `dir/cluster.toml` for `apus node` processes: `cluster` (the
+/// `[cluster]` table, without TLS lines) and `engine` (the `[engine]`
+/// table), then `replicas` `[[replica]]` tables on free loopback ports; for
+/// QUIC also the CA line, each replica's certificate paths, and the
+/// certificates themselves (`apus certs`). Returns the config's path and
+/// each replica's client address.
+pub fn write_config(
+    bin: &Path,
+    dir: &Path,
+    cluster: &str,
+    engine: &str,
+    replicas: usize,
+    quic: bool,
+) -> Result<(PathBuf, Vec<SocketAddr>)> {
+    let mut cfg = cluster.to_string();
+    if quic {
+        cfg += "tls_ca = \"certs/ca.pem\"\n";
+    }
+    cfg += engine;
+    let mut clients = Vec::new();
+    let mut pool = crate::e2e::PortPool::default();
+    for i in 0..replicas {
+        let client = pool.tcp()?;
+        clients.push(client);
+        let address = if quic { pool.udp()? } else { pool.tcp()? };
+        cfg += &format!(
+            "[[replica]]\nid = {i}\naddress = \"{address}\"\nclient = \"{client}\"\ndata_dir = \"n{i}\"\n"
+        );
+        if quic {
+            cfg += &format!("tls_cert = \"certs/n{i}.pem\"\ntls_key = \"certs/n{i}.key\"\n");
+        }
+    }
+    let config = std::path::absolute(dir.join("cluster.toml"))?;
+    std::fs::write(&config, cfg)?;
+    // Ports stay held until the config names them all.
+    drop(pool);
+    if quic {
+        let out = Command::new(bin)
+            .args(["certs", "--config"])
+            .arg(&config)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "apus certs failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok((config, clients))
+}
+
 /// The plain loopback round trip: 64 bytes there and back over blocking TCP.
 fn loopback_rtt() -> Result<(f64, f64)> {
     let l = TcpListener::bind("127.0.0.1:0")?;
@@ -565,39 +616,9 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
         // What auto tries for fabric (tcp;ofi_rxm), kept on loopback.
         cfg += "domain = \"lo\"\n";
     }
-    let quic = o.transport == "quic";
-    if quic {
-        cfg += "tls_ca = \"certs/ca.pem\"\n";
-    }
-    cfg += "[engine]\nheartbeat_us = 2000\nelection_timeout_us = 30000\n";
-    let mut clients = Vec::new();
-    let mut pool = crate::e2e::PortPool::default();
-    for i in 0..REPLICAS {
-        let client = pool.tcp()?;
-        clients.push(client);
-        let address = if quic { pool.udp()? } else { pool.tcp()? };
-        cfg += &format!(
-            "[[replica]]\nid = {i}\naddress = \"{address}\"\nclient = \"{client}\"\ndata_dir = \"n{i}\"\n"
-        );
-        if quic {
-            cfg += &format!("tls_cert = \"certs/n{i}.pem\"\ntls_key = \"certs/n{i}.key\"\n");
-        }
-    }
-    let config = std::path::absolute(dir.join("cluster.toml"))?;
-    std::fs::write(&config, cfg)?;
-    drop(pool);
-    if quic {
-        let out = Command::new(&bin)
-            .args(["certs", "--config"])
-            .arg(&config)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "apus certs failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
+    let engine = "[engine]\nheartbeat_us = 2000\nelection_timeout_us = 30000\n";
+    let (config, clients) =
+        write_config(&bin, &dir, &cfg, engine, REPLICAS, o.transport == "quic")?;
     let mut cluster = Cluster {
         bin,
         dir: dir.clone(),
