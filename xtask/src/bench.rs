@@ -297,7 +297,7 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
         kind.ensure_installed()?;
     }
     if o.etcd {
-        crate::e2e::ensure_packages(&["etcd-server"])?;
+        crate::tools::ensure(&["etcd"])?;
     }
     let out = target_dir().join("apus-bench").join(timestamp());
     std::fs::create_dir_all(&out)?;
@@ -502,10 +502,9 @@ fn lo_domain(provider: &str) -> &'static str {
 }
 
 fn timestamp() -> String {
-    let out = Command::new("date")
-        .args(["-u", "+%Y%m%dT%H%M%SZ"])
-        .output()
+    let out = crate::tools::command("date")
         .ok()
+        .and_then(|mut c| c.args(["-u", "+%Y%m%dT%H%M%SZ"]).output().ok())
         .filter(|o| o.status.success());
     match out {
         Some(o) => String::from_utf8_lossy(&o.stdout).trim().to_string(),
@@ -582,7 +581,7 @@ impl Pinning {
         }
         crate::run(
             "taskset",
-            Command::new("taskset")
+            crate::tools::command("taskset")?
                 .args(["-a", "-p", "-c", &self.server_cpus()])
                 .arg(std::process::id().to_string())
                 .stdout(Stdio::null()),
@@ -590,13 +589,13 @@ impl Pinning {
     }
 
     /// `program` started on `cpus` (unpinned on one core).
-    fn command(&self, cpus: &str, program: &Path) -> Command {
+    fn command(&self, cpus: &str, program: &Path) -> Result<Command> {
         if self.cores < 2 {
-            return Command::new(program);
+            return Ok(crate::tools::own(program));
         }
-        let mut c = Command::new("taskset");
+        let mut c = crate::tools::command("taskset")?;
         c.args(["-c", cpus]).arg(program);
-        c
+        Ok(c)
     }
 
     fn describe(&self) -> String {
@@ -626,7 +625,7 @@ fn run_load(
     conns: usize,
     pin: &Pinning,
 ) -> Result<Measure> {
-    let mut c = pin.command(&pin.load_cpu(), bench);
+    let mut c = pin.command(&pin.load_cpu(), bench)?;
     c.args(["load", "--target"]).args(target);
     c.args([
         "--conns",
@@ -709,7 +708,7 @@ impl ApusCluster {
             let log = std::fs::File::create(self.dir.join(format!("n{i}.log")))?;
             let child = self
                 .pin
-                .command(&self.pin_cpus[i], &self.bin)
+                .command(&self.pin_cpus[i], &self.bin)?
                 .args(["node", "--config"])
                 .arg(&self.config)
                 .args(["--id", &i.to_string()])
@@ -765,7 +764,7 @@ impl ApusCluster {
         // Both ends in one process: every core, as the two replicas of a
         // cluster would have.
         let out = pin
-            .command(&pin.all_cpus(), bench)
+            .command(&pin.all_cpus(), bench)?
             .args(["rtt", "--config"])
             .arg(&self.config)
             .args(["--count", "3000"])
@@ -806,7 +805,7 @@ fn bare_app(
     std::fs::create_dir_all(&dir)?;
     let addr = PortPool::default().tcp()?;
     let argv = kind.command(bins, addr.port(), &dir);
-    let mut child = Command::new(&argv[0])
+    let mut child = crate::tools::server(&argv[0])?
         .args(&argv[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -852,7 +851,7 @@ impl EtcdCluster {
         };
         let _ = std::fs::remove_dir_all(&data);
         std::fs::create_dir_all(&data)?;
-        let version = Command::new("etcd")
+        let version = crate::tools::command("etcd")?
             .arg("--version")
             .output()
             .ok()
@@ -877,7 +876,7 @@ impl EtcdCluster {
         for (i, (client, peer)) in members.iter().enumerate() {
             let log = std::fs::File::create(dir.join(format!("m{i}.log")))?;
             children.push(
-                Command::new("etcd")
+                crate::tools::command("etcd")?
                     .args(["--name", &format!("m{i}")])
                     .arg("--data-dir")
                     .arg(data.join(format!("m{i}")))
@@ -1039,9 +1038,9 @@ struct Report<'a> {
 }
 
 fn machine() -> String {
-    let cpu = Command::new("lscpu")
-        .output()
+    let cpu = crate::tools::command("lscpu")
         .ok()
+        .and_then(|mut c| c.output().ok())
         .and_then(|o| {
             String::from_utf8_lossy(&o.stdout)
                 .lines()

@@ -22,7 +22,7 @@ use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Child, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -135,7 +135,7 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(self.dir.join(format!("n{i}.log")))?;
-        let child = Command::new(&self.bin)
+        let child = crate::tools::own(&self.bin)
             .args(["node", "--config"])
             .arg(&self.config)
             .args(["--id", &i.to_string()])
@@ -155,7 +155,7 @@ impl Cluster {
     /// Runs `apus fence-check` as replica `i` (which must be down); fails
     /// unless every peer refused its log write. Returns the per-peer lines.
     fn fence_check(&self, i: usize) -> Result<Vec<String>> {
-        let out = Command::new(&self.bin)
+        let out = crate::tools::own(&self.bin)
             .args(["fence-check", "--config"])
             .arg(&self.config)
             .args(["--id", &i.to_string()])
@@ -351,7 +351,7 @@ pub fn write_config(
     // Ports stay held until the config names them all.
     drop(pool);
     if quic {
-        let out = Command::new(bin)
+        let out = crate::tools::own(bin)
             .args(["certs", "--config"])
             .arg(&config)
             .output()?;
@@ -580,7 +580,7 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
     };
     let name = format!("cluster-test {label}");
     if o.transport == "fabric" {
-        crate::e2e::ensure_libfabric()?;
+        crate::tools::ensure_library("libfabric.so.1")?;
     }
     let bin = match &o.apus_bin {
         Some(b) => b.clone(),

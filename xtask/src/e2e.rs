@@ -26,7 +26,7 @@ use apus::client::{Client, RemoteStatus, Reply, Request};
 use apus_core::Role;
 use hdrhistogram::Histogram;
 
-use crate::{cargo, root, run};
+use crate::{cargo, root, run, tools};
 use apus_bench::appclient::{AppConn, FNV_OFFSET, Protocol, Resp, RespConn, XorShift, fnv1a};
 
 pub const REPLICAS: usize = 3;
@@ -54,7 +54,8 @@ pub fn target_dir() -> PathBuf {
 /// cargo invocation, so every harness shares one release build.
 pub fn build_release() -> Result<Binaries> {
     // The verbs transport's C shim (sideway) builds with cmake and libclang.
-    ensure_packages(&["cmake", "libclang-dev"])?;
+    tools::ensure(&["cmake"])?;
+    tools::ensure_packages(&["libclang-dev"])?;
     run(
         "building apus, apus-intercept and resp-kv (release)",
         cargo().args([
@@ -183,7 +184,7 @@ impl ServerKind {
                 .map(String::from)
                 .into();
                 v.push(port);
-                if running_as_root() {
+                if tools::running_as_root() {
                     v.extend(["-u".into(), "root".into()]);
                 }
                 v
@@ -193,122 +194,17 @@ impl ServerKind {
         v
     }
 
-    /// Installs Debian's package for the server when it is missing.
+    /// Installs Debian's packages for the server and its clients when they
+    /// are missing.
     pub fn ensure_installed(self) -> Result<()> {
-        let (programs, packages): (&[&str], &[&str]) = match self {
-            ServerKind::Redis => (
-                &["redis-server", "redis-benchmark"],
-                &["redis-server", "redis-tools"],
-            ),
-            ServerKind::Memcached => (&["memcached"], &["memcached"]),
+        let programs: &[&str] = match self {
+            ServerKind::Redis => &["redis-server", "redis-benchmark", "redis-check-rdb"],
+            ServerKind::Memcached => &["memcached"],
             ServerKind::RespKv => return Ok(()),
         };
-        if programs.iter().all(|p| on_path(p)) {
-            return Ok(());
-        }
-        ensure_apt(packages)?;
-        for p in programs {
-            ensure!(
-                on_path(p),
-                "{p} is still missing after installing {packages:?}"
-            );
-        }
+        tools::ensure(programs)?;
         Ok(())
     }
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()))
-}
-
-fn running_as_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
-
-/// Installs libfabric1 if the dynamic linker does not know libfabric.so.1;
-/// returns whether it installed it.
-pub fn ensure_libfabric() -> Result<bool> {
-    let have = Command::new("/sbin/ldconfig")
-        .arg("-p")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("libfabric.so.1"));
-    if have {
-        return Ok(false);
-    }
-    ensure_apt(&["libfabric1"])?;
-    Ok(true)
-}
-
-/// Installs whichever of `packages` dpkg does not list as installed;
-/// returns whether it installed any.
-pub fn ensure_packages(packages: &[&str]) -> Result<bool> {
-    let missing: Vec<&str> = packages
-        .iter()
-        .copied()
-        .filter(|p| {
-            !Command::new("dpkg")
-                .args(["-s", p])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-        .collect();
-    if missing.is_empty() {
-        return Ok(false);
-    }
-    ensure_apt(&missing)?;
-    Ok(true)
-}
-
-/// Refreshes apt's package index (when a package is not found: the index
-/// of a fresh machine may be stale or empty).
-pub fn apt_update() -> Result<()> {
-    run(
-        "apt-get update",
-        Command::new("apt-get")
-            .args(["update", "-q"])
-            .stdout(Stdio::null()),
-    )
-}
-
-/// Installs Debian packages with apt-get (updating the index if the first
-/// attempt fails).
-pub fn ensure_apt(packages: &[&str]) -> Result<()> {
-    println!("    installing {} with apt-get", packages.join(" "));
-    ensure!(
-        running_as_root(),
-        "{} missing and not running as root: install them (apt-get install {})",
-        packages.join(", "),
-        packages.join(" ")
-    );
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(packages)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()
-    };
-    if install().is_ok_and(|s| s.success()) {
-        return Ok(());
-    }
-    apt_update()?;
-    let status = install().context("running apt-get")?;
-    ensure!(
-        status.success(),
-        "apt-get install {} failed ({status})",
-        packages.join(" ")
-    );
-    Ok(())
 }
 
 /// A status reply from a replica's client address, if it answers.
@@ -351,10 +247,18 @@ fn sigkill(pid: i32) -> Result<()> {
 
 /// Sends `SIG<name>` to `pid` (KILL, STOP, CONT).
 pub fn signal(pid: i32, name: &str) -> Result<()> {
-    run(
-        &format!("kill -{name}"),
-        Command::new("kill").args([&format!("-{name}"), &pid.to_string()]),
-    )
+    let sig = match name {
+        "KILL" => libc::SIGKILL,
+        "STOP" => libc::SIGSTOP,
+        "CONT" => libc::SIGCONT,
+        "TERM" => libc::SIGTERM,
+        other => bail!("signal {other:?}: the harnesses send KILL, STOP, CONT or TERM"),
+    };
+    // SAFETY: kill has no memory preconditions.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        bail!("kill -{name} {pid}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Three replicas of a server, each under `apus run`.
@@ -432,7 +336,7 @@ impl AppCluster {
         if quic {
             run(
                 "apus certs",
-                Command::new(&bins.apus)
+                tools::own(&bins.apus)
                     .args(["certs", "--config"])
                     .arg(&config)
                     .stdout(Stdio::null()),
@@ -481,7 +385,7 @@ impl AppCluster {
 
     /// The `apus run` command for replica `i` with `config`.
     pub fn run_command(&self, i: usize, config: &Path, app_port: u16) -> Command {
-        let mut c = Command::new(&self.bins.apus);
+        let mut c = tools::own(&self.bins.apus);
         c.args(["run", "--config"])
             .arg(config)
             .args(["--id", &i.to_string(), "--"])
@@ -743,7 +647,7 @@ impl BareServer {
         std::fs::create_dir_all(dir)?;
         let argv = kind.command(bins, addr.port(), dir);
         let log = std::fs::File::create(dir.join("server.log"))?;
-        let mut cmd = Command::new(&argv[0]);
+        let mut cmd = tools::server(&argv[0])?;
         cmd.args(&argv[1..])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -793,12 +697,13 @@ pub struct LoadFigures {
 /// are several.
 fn redis_benchmark(addr: SocketAddr, requests: u64) -> Result<Vec<LoadFigures>> {
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
-    let mut cmd = if cpus > 1 && on_path("taskset") {
-        let mut c = Command::new("taskset");
-        c.args(["-c", &(cpus - 1).to_string(), "redis-benchmark"]);
+    let mut cmd = if cpus > 1 {
+        let mut c = tools::command("taskset")?;
+        c.args(["-c", &(cpus - 1).to_string()])
+            .arg(tools::path("redis-benchmark")?);
         c
     } else {
-        Command::new("redis-benchmark")
+        tools::command("redis-benchmark")?
     };
     let out = cmd
         .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
@@ -1331,7 +1236,7 @@ fn misconfiguration(cluster: &mut AppCluster, leader: usize) -> Result<Vec<Strin
     // The library itself, without `apus run`'s checks: a server preloaded
     // with an id the config lacks must stop as the library loads.
     let lib = cluster.bins.apus.with_file_name("libapus_intercept.so");
-    let out = Command::new(&cluster.bins.resp_kv)
+    let out = tools::own(&cluster.bins.resp_kv)
         .args(["--port", &spare.to_string()])
         .env("LD_PRELOAD", &lib)
         .env("APUS_CONFIG", &cluster.config)
@@ -1542,7 +1447,7 @@ pub fn run_e2e(args: &[String]) -> Result<ExitCode> {
     let name = format!("e2e {}", kind.name());
     kind.ensure_installed()?;
     if o.transport.starts_with("fabric") {
-        ensure_libfabric()?;
+        tools::ensure_library("libfabric.so.1")?;
     }
     let bins = build_release()?;
     let started = Instant::now();
@@ -1627,18 +1532,16 @@ pub fn run_e2e(args: &[String]) -> Result<ExitCode> {
             );
             thread::sleep(Duration::from_millis(50));
         }
-        let check = Command::new("redis-check-rdb").arg(&rdb).output();
-        let checked = match check {
-            Ok(out) => {
-                ensure!(
-                    out.status.success(),
-                    "redis-check-rdb rejects the leader's snapshot: {}",
-                    String::from_utf8_lossy(&out.stdout)
-                );
-                ", redis-check-rdb OK"
-            }
-            Err(_) => "",
-        };
+        let out = tools::command("redis-check-rdb")?
+            .arg(&rdb)
+            .output()
+            .context("running redis-check-rdb")?;
+        ensure!(
+            out.status.success(),
+            "redis-check-rdb rejects the leader's snapshot: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let checked = ", redis-check-rdb OK";
         println!(
             "  BGSAVE on the leader n{l}: forked child wrote {} ({} bytes{checked})",
             rdb.display(),

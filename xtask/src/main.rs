@@ -15,6 +15,7 @@ mod demo;
 mod e2e;
 mod fabric_rtt;
 mod softroce;
+mod tools;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -115,11 +116,7 @@ pub(crate) fn root() -> PathBuf {
         .to_path_buf()
 }
 
-pub(crate) fn cargo() -> Command {
-    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    c.current_dir(root());
-    c
-}
+pub(crate) use tools::cargo;
 
 /// Runs a command, failing with its name if it exits unsuccessfully.
 pub(crate) fn run(what: &str, cmd: &mut Command) -> Result<()> {
@@ -156,7 +153,7 @@ fn build_sim() -> Result<PathBuf> {
 
 fn sim(args: &[String]) -> Result<ExitCode> {
     let bin = build_sim()?;
-    let status = Command::new(&bin)
+    let status = tools::own(&bin)
         .args(args)
         .status()
         .with_context(|| format!("cannot start {}", bin.display()))?;
@@ -182,7 +179,7 @@ fn ensure_components() -> Result<()> {
     println!("    installing {}", missing.join(", "));
     run(
         "installing toolchain components (rustup component add)",
-        Command::new("rustup")
+        tools::command("rustup")?
             .args(["component", "add"])
             .args(&missing),
     )
@@ -191,7 +188,7 @@ fn ensure_components() -> Result<()> {
 /// Runs `apus-sim` and returns `(seeds, violations)` from its last line,
 /// which is exactly `sim: N seeds, V violations`.
 fn sim_run(bin: &Path, args: &[&str]) -> Result<(u64, u64, String)> {
-    let out = Command::new(bin)
+    let out = tools::own(bin)
         .args(args)
         .output()
         .with_context(|| format!("cannot start {}", bin.display()))?;
@@ -258,17 +255,19 @@ fn test() -> Result<ExitCode> {
     step(
         "system libraries (libfabric1 for apus-fabric; cmake and libclang to build sideway for apus-rdma)",
         || {
-            let fabric = if e2e::ensure_libfabric()? {
+            let fabric = if tools::ensure_library("libfabric.so.1")? {
                 "libfabric1 installed"
             } else {
                 "libfabric1 present"
             };
-            let tools = if e2e::ensure_packages(&["cmake", "libclang-dev"])? {
+            let cmake = tools::ensure(&["cmake"])?;
+            let clang = tools::ensure_packages(&["libclang-dev"])?;
+            let build = if cmake || clang {
                 "cmake, libclang-dev installed"
             } else {
                 "cmake, libclang-dev present"
             };
-            Ok(format!("{fabric}; {tools}"))
+            Ok(format!("{fabric}; {build}"))
         },
     )?;
     step("cargo fmt --check", || {
@@ -361,8 +360,7 @@ fn test() -> Result<ExitCode> {
         step(
             &format!("cargo xtask cluster-test {}", args.join(" ")),
             || {
-                let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-                    .current_dir(root())
+                let out = cargo()
                     .args(["xtask", "cluster-test"])
                     .args(args)
                     .output()
@@ -438,7 +436,7 @@ fn test() -> Result<ExitCode> {
         || xtask_expect(&["demo"], "demo: PASS"),
     )?;
     step("cargo xtask sim --demo (the simulated timeline)", || {
-        let out = Command::new(&bin).arg("--demo").output()?;
+        let out = tools::own(&bin).arg("--demo").output()?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             bail!("demo failed:\n{stdout}");

@@ -13,25 +13,40 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::{cargo, root};
+use crate::{cargo, root, tools};
 
-/// Host packages the harness uses.
-const HOST_PACKAGES: [&str; 8] = [
-    "qemu-system-x86",
-    "busybox-static",
+/// Host programs the harness runs, or copies into the guest.
+const HOST_PROGRAMS: [&str; 14] = [
+    "qemu-system-x86_64",
+    "busybox",
+    "sh",
+    "find",
     "cpio",
-    "kmod",
-    "xz-utils",
+    "gzip",
+    "depmod",
+    "modprobe",
+    "xz",
     "zstd",
-    "ibverbs-providers",
-    "libibverbs1",
+    "rdma",
+    "ip",
+    "ibv_devices",
+    "ibv_devinfo",
 ];
+
+/// Installs what the host side needs: the programs, libibverbs and its
+/// providers (the guest gets the rxe provider from the host).
+fn ensure_host() -> Result<()> {
+    tools::ensure(&HOST_PROGRAMS)?;
+    tools::ensure_library("libibverbs.so.1")?;
+    tools::ensure_packages(&["ibverbs-providers"])?;
+    Ok(())
+}
 /// Kernel modules the guest loads, with their dependencies. `crc32_generic`
 /// must be loaded by hand: rxe asks the crypto layer for "crc32", and the
 /// guest has no modprobe to load it on demand (`rdma link add` then fails
@@ -65,7 +80,7 @@ pub fn run_softroce(args: &[String]) -> Result<ExitCode> {
 /// --softroce`.
 pub fn run_in_guest(programs: &[PathBuf], script: &str) -> Result<Vec<String>> {
     let t0 = Instant::now();
-    crate::e2e::ensure_packages(&HOST_PACKAGES)?;
+    ensure_host()?;
     let dir = crate::e2e::target_dir().join("softroce-run");
     let cache = crate::e2e::target_dir().join("softroce").join("cache");
     std::fs::create_dir_all(&cache)?;
@@ -97,7 +112,7 @@ fn say(t0: Instant, what: &str) {
 }
 
 fn softroce(t0: Instant) -> Result<String> {
-    crate::e2e::ensure_packages(&HOST_PACKAGES)?;
+    ensure_host()?;
     say(t0, "host tools ready");
     let dir = crate::e2e::target_dir().join("softroce");
     let cache = dir.join("cache");
@@ -191,15 +206,16 @@ fn kernel(cache: &Path, t0: Instant) -> Result<(PathBuf, String)> {
         None => {
             say(t0, &format!("downloading {pkg}"));
             let download = || {
-                Command::new("apt-get")
-                    .args(["download", "-q", &pkg])
-                    .current_dir(cache)
-                    .stdout(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
+                tools::command("apt-get").is_ok_and(|mut c| {
+                    c.args(["download", "-q", &pkg])
+                        .current_dir(cache)
+                        .stdout(Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success())
+                })
             };
             if !download() {
-                crate::e2e::apt_update()?;
+                tools::apt_update()?;
                 ensure!(download(), "apt-get download {pkg} failed");
             }
             find_deb().context("the downloaded kernel package is not in the cache")?
@@ -216,12 +232,12 @@ fn kernel(cache: &Path, t0: Instant) -> Result<(PathBuf, String)> {
         std::fs::create_dir_all(&kdir)?;
         crate::run(
             "dpkg-deb -x",
-            Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&kdir),
+            tools::command("dpkg-deb")?.arg("-x").arg(&deb).arg(&kdir),
         )?;
         let kver = kernel_version(&kdir)?;
         crate::run(
             "depmod",
-            Command::new("depmod").arg("-b").arg(&kdir).arg(&kver),
+            tools::command("depmod")?.arg("-b").arg(&kdir).arg(&kver),
         )?;
         std::fs::write(kdir.join(".done"), "")?;
     }
@@ -232,7 +248,8 @@ fn kernel(cache: &Path, t0: Instant) -> Result<(PathBuf, String)> {
 /// The kernel package Debian's `linux-image-amd64` points to.
 fn kernel_package() -> Result<String> {
     let query = || -> Option<String> {
-        let out = Command::new("apt-cache")
+        let out = tools::command("apt-cache")
+            .ok()?
             .args(["depends", "linux-image-amd64"])
             .output()
             .ok()?;
@@ -249,7 +266,7 @@ fn kernel_package() -> Result<String> {
     if let Some(p) = query() {
         return Ok(p);
     }
-    crate::e2e::apt_update()?;
+    tools::apt_update()?;
     query().context("apt-cache knows no linux-image-amd64 kernel package")
 }
 
@@ -300,7 +317,7 @@ fn copy_into(root: &Path, file: &Path) -> Result<()> {
 /// Copies a binary and its shared-library closure (as `ldd` lists it).
 fn copy_with_libs(root: &Path, bin: &Path) -> Result<()> {
     copy_into(root, bin)?;
-    let out = Command::new("ldd")
+    let out = tools::command("ldd")?
         .arg(bin)
         .output()
         .context("running ldd")?;
@@ -311,16 +328,6 @@ fn copy_with_libs(root: &Path, bin: &Path) -> Result<()> {
         copy_into(root, Path::new(path))?;
     }
     Ok(())
-}
-
-fn which(name: &str) -> Result<PathBuf> {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .with_context(|| format!("{name} not found"))
 }
 
 fn initramfs(
@@ -351,9 +358,9 @@ fn initramfs(
     for d in ["bin", "sbin", "lib", "lib64"] {
         std::os::unix::fs::symlink(format!("usr/{d}"), r.join(d))?;
     }
-    std::fs::copy("/bin/busybox", r.join("usr/bin/busybox")).context("busybox-static")?;
+    std::fs::copy(tools::path("busybox")?, r.join("usr/bin/busybox")).context("busybox-static")?;
     for tool in ["rdma", "ip", "ibv_devices", "ibv_devinfo"] {
-        copy_with_libs(&r, &which(tool)?)?;
+        copy_with_libs(&r, &tools::path(tool)?)?;
     }
     // The rxe user-space provider is dlopen()ed by libibverbs.
     let providers = Path::new("/usr/lib/x86_64-linux-gnu/libibverbs");
@@ -396,7 +403,7 @@ fn initramfs(
     // Modules, dependencies first, decompressed (busybox insmod wants .ko).
     let mut order: Vec<String> = Vec::new();
     for m in MODULES {
-        let out = Command::new("modprobe")
+        let out = tools::command("modprobe")?
             .arg("-d")
             .arg(kdir)
             .args(["-S", kver, "--show-depends", m])
@@ -435,7 +442,7 @@ fn initramfs(
                 std::fs::copy(p, &dest)?;
             }
             Some(t) => {
-                let out = Command::new(t).args(["-dc"]).arg(p).output()?;
+                let out = tools::command(t)?.args(["-dc"]).arg(p).output()?;
                 ensure!(out.status.success(), "{t} -dc {ko} failed");
                 std::fs::write(&dest, out.stdout)?;
             }
@@ -448,7 +455,7 @@ fn initramfs(
     std::fs::write(&init, guest_init(&names, script))?;
     std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let initrd = dir.join("initrd.img");
-    let status = Command::new("sh")
+    let status = tools::command("sh")?
         .arg("-c")
         .arg("find . -print0 | cpio --null -o -H newc --quiet | gzip -1 > \"$0\"")
         .arg(&initrd)
@@ -533,7 +540,7 @@ fn boot_guest(dir: &Path, vmlinuz: &Path, initrd: &Path, t0: Instant) -> Result<
             dir.join("console.log").display()
         ),
     );
-    let mut child = Command::new("qemu-system-x86_64")
+    let mut child = tools::command("qemu-system-x86_64")?
         .args(["-accel", accel, "-cpu", cpu, "-m", "1G", "-smp", "2"])
         .args(["-nographic", "-no-reboot", "-nic", "none"])
         .arg("-kernel")
