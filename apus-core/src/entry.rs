@@ -52,6 +52,9 @@ pub enum EntryKind {
     Connect = 3,
     /// A client connection was closed.
     Close = 4,
+    /// A consistency check: every replica records its server's digest at
+    /// this point of the log (`apus check`).
+    Check = 5,
 }
 
 impl EntryKind {
@@ -61,6 +64,7 @@ impl EntryKind {
             2 => EntryKind::Data,
             3 => EntryKind::Connect,
             4 => EntryKind::Close,
+            5 => EntryKind::Check,
             _ => return None,
         })
     }

@@ -18,7 +18,8 @@ fn kind() -> impl Strategy<Value = EntryKind> {
         Just(EntryKind::Noop),
         Just(EntryKind::Data),
         Just(EntryKind::Connect),
-        Just(EntryKind::Close)
+        Just(EntryKind::Close),
+        Just(EntryKind::Check)
     ]
 }
 

@@ -1,17 +1,23 @@
 //! The interposed libc functions.
 //!
 //! Each hook calls the real function first, then, only for a replicated
-//! client connection in the replicated process, does its work inside the
-//! library (where nested libc calls pass straight through) and restores
-//! `errno` before returning.
+//! client connection (or a listener of the server), does its work inside
+//! the library (where nested libc calls pass straight through) and restores
+//! `errno` before returning. Work for a replicated connection goes to the
+//! node: directly in the holder, over the channel in a forked child.
 
+use std::net::SocketAddr;
 use std::slice;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::LazyLock;
 
-use apus_core::EntryKind;
-use libc::{c_int, c_void, iovec, msghdr, size_t, sockaddr, socklen_t, ssize_t};
+use libc::{c_int, c_uint, c_void, iovec, msghdr, size_t, sockaddr, socklen_t, ssize_t};
 
-use crate::payload::Close;
-use crate::{REGISTRY, Serving, apus, connect_payload, in_hook, inside, real, settings};
+use crate::registry::MAX_FD;
+use crate::{
+    Proc, REGISTRY, Verdict, become_holder, child, in_hook, inside, proc, real, refuse, say,
+    settings,
+};
 
 fn errno() -> c_int {
     // SAFETY: __errno_location returns this thread's errno slot.
@@ -23,8 +29,37 @@ fn set_errno(v: c_int) {
     unsafe { *libc::__errno_location() = v }
 }
 
-/// The local or peer port of a socket.
-fn port(fd: c_int, peer: bool) -> Option<u16> {
+/// Listeners of the server other than the app address (UNIX sockets,
+/// other ports): never replicated; a follower may refuse their clients.
+static OTHER_LISTENERS: LazyLock<Box<[AtomicBool]>> =
+    LazyLock::new(|| (0..MAX_FD).map(|_| AtomicBool::new(false)).collect());
+
+fn other_listener(fd: c_int) -> &'static AtomicBool {
+    static NONE: AtomicBool = AtomicBool::new(false);
+    usize::try_from(fd)
+        .ok()
+        .and_then(|i| OTHER_LISTENERS.get(i))
+        .unwrap_or(&NONE)
+}
+
+/// A socket's address.
+#[derive(Debug)]
+enum Address {
+    Inet(SocketAddr),
+    Unix(String),
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Inet(a) => write!(f, "{a}"),
+            Address::Unix(p) => write!(f, "unix:{p}"),
+        }
+    }
+}
+
+/// The local or peer address of a socket.
+fn address(fd: c_int, peer: bool) -> Option<Address> {
     // SAFETY: sockaddr_storage is plain data; zeroes are a valid value.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
@@ -41,24 +76,47 @@ fn port(fd: c_int, peer: bool) -> Option<u16> {
         return None;
     }
     match c_int::from(ss.ss_family) {
-        // SAFETY: the family says which address type `ss` holds.
-        libc::AF_INET => Some(u16::from_be(unsafe {
-            (*(&raw const ss).cast::<libc::sockaddr_in>()).sin_port
-        })),
-        // SAFETY: as above.
-        libc::AF_INET6 => Some(u16::from_be(unsafe {
-            (*(&raw const ss).cast::<libc::sockaddr_in6>()).sin6_port
-        })),
+        libc::AF_INET => {
+            // SAFETY: the family says `ss` holds a sockaddr_in.
+            let a = unsafe { *(&raw const ss).cast::<libc::sockaddr_in>() };
+            Some(Address::Inet(SocketAddr::new(
+                std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says `ss` holds a sockaddr_in6.
+            let a = unsafe { *(&raw const ss).cast::<libc::sockaddr_in6>() };
+            Some(Address::Inet(SocketAddr::new(
+                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr).into(),
+                u16::from_be(a.sin6_port),
+            )))
+        }
+        libc::AF_UNIX => {
+            // SAFETY: the family says `ss` holds a sockaddr_un.
+            let a = unsafe { *(&raw const ss).cast::<libc::sockaddr_un>() };
+            let path: Vec<u8> = a
+                .sun_path
+                .iter()
+                .take_while(|&&c| c != 0)
+                .map(|&c| c as u8)
+                .collect();
+            Some(Address::Unix(String::from_utf8_lossy(&path).into_owned()))
+        }
         _ => None,
     }
 }
 
+/// Whether `fd` listens on the app port (any address family: a server
+/// listening on 127.0.0.1 and ::1 replicates both).
 fn is_app_listener(fd: c_int) -> bool {
-    settings().is_some_and(|s| port(fd, false) == Some(s.app.port()))
+    settings().is_some_and(|s| {
+        matches!(address(fd, false), Some(Address::Inet(a)) if a.port() == s.app.port())
+    })
 }
 
-/// Intercepted `listen`: the server listening on its app address starts
-/// replication.
+/// Intercepted `listen`: the first process to listen on its app address
+/// runs the node; any other listener is reported as not replicated.
 ///
 /// # Safety
 /// As `listen(2)`.
@@ -68,44 +126,57 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     let r = unsafe { real::listen(fd, backlog) };
     if r == 0 && !in_hook() {
         let e = errno();
-        if inside(|| is_app_listener(fd)) {
-            let _ = apus();
-        }
+        inside(|| on_listen(fd));
         set_errno(e);
     }
     r
 }
 
-enum Verdict {
-    Keep,
-    Reject,
+fn on_listen(fd: c_int) {
+    let Some(s) = settings() else { return };
+    match address(fd, false) {
+        Some(Address::Inet(a)) if a.port() == s.app.port() => {
+            if matches!(proc(), Proc::Candidate) {
+                become_holder();
+            }
+        }
+        Some(Address::Inet(a)) if s.own_ports.contains(&a.port()) => {}
+        Some(addr) if !other_listener(fd).swap(true, Ordering::AcqRel) => {
+            say(format!(
+                "also listening on {addr}: not replicated (only {} is); followers refuse its clients \
+                 unless follower_clients = \"serve\"",
+                s.app
+            ));
+        }
+        _ => {}
+    }
 }
 
-fn on_accept(fd: c_int) -> Verdict {
-    let Some(a) = apus() else {
-        return Verdict::Keep;
+/// What to do with `fd`, just accepted on listener `lfd`.
+fn on_accept(lfd: c_int, fd: c_int) -> Verdict {
+    let app = is_app_listener(lfd);
+    if !app && !other_listener(lfd).load(Ordering::Acquire) {
+        return Verdict::Pass;
+    }
+    let peer = match address(fd, true) {
+        Some(Address::Inet(a)) => Some(a),
+        _ => None,
     };
-    if let Some(id) = port(fd, true).and_then(|p| a.replay.replay_port(p)) {
-        // Our own replay connection into this server: not a client, but its
-        // reads are watched so replay proceeds in log order.
-        REGISTRY.add_replay(fd, id);
-        return Verdict::Keep;
-    }
-    match a.serving() {
-        Serving::Leader => {}
-        Serving::TakingOver => return Verdict::Reject,
-        // A real client reached a follower: it must use the leader (or,
-        // if so configured, may inspect this replica unreplicated).
-        Serving::Follower => {
-            return match a.follower_clients {
-                apus::FollowerClients::Serve => Verdict::Keep,
-                apus::FollowerClients::Refuse => Verdict::Reject,
-            };
-        }
-    }
-    match a.replicate(EntryKind::Connect, 0, &connect_payload(a)) {
-        Ok(index) if REGISTRY.add(fd, index) => Verdict::Keep,
-        _ => Verdict::Reject,
+    match proc() {
+        Proc::Holder(a) if app => a.accept_app(peer),
+        Proc::Holder(a) => a.accept_other(),
+        Proc::Child(addr) => match child::accept(addr, app, fd, peer) {
+            Ok(v) => v,
+            Err(e) => refuse(&format!(
+                "a forked process of the server accepted a connection but cannot reach the \
+                 process that replicates it: {e}"
+            )),
+        },
+        Proc::Candidate if app => refuse(
+            "this process accepted a connection on the app address, but replication does not run \
+             in it: it did not listen there itself, and it is not a fork of the process that did",
+        ),
+        Proc::Candidate | Proc::Outside => Verdict::Pass,
     }
 }
 
@@ -116,24 +187,23 @@ unsafe fn accept_common(lfd: c_int, accept: impl Fn() -> c_int) -> c_int {
             return fd;
         }
         let e = errno();
-        let verdict = inside(|| {
-            if is_app_listener(lfd) {
-                on_accept(fd)
-            } else {
-                Verdict::Keep
+        let verdict = inside(|| on_accept(lfd, fd));
+        let keep = match verdict {
+            Verdict::Replicate(id) => REGISTRY.add(fd, id),
+            Verdict::Replay(id) => {
+                REGISTRY.add_replay(fd, id);
+                true
             }
-        });
-        match verdict {
-            Verdict::Keep => {
-                set_errno(e);
-                return fd;
-            }
-            Verdict::Reject => {
-                // SAFETY: `fd` was just accepted and is ours to close.
-                unsafe {
-                    real::close(fd);
-                }
-            }
+            Verdict::Pass => true,
+            Verdict::Reject => false,
+        };
+        if keep {
+            set_errno(e);
+            return fd;
+        }
+        // SAFETY: `fd` was just accepted and is ours to close.
+        unsafe {
+            real::close(fd);
         }
     }
 }
@@ -170,7 +240,18 @@ fn note_replay_read(fd: c_int, n: ssize_t) {
         && let Some(id) = REGISTRY.replay_conn(fd)
     {
         let e = errno();
-        inside(|| REGISTRY.consumed(id, n as u64));
+        inside(|| match proc() {
+            Proc::Holder(_) => REGISTRY.consumed(id, n as u64),
+            Proc::Child(addr) => {
+                if let Err(e) = child::consumed(addr, id, n as u64) {
+                    refuse(&format!(
+                        "a forked process of the server read replayed input but cannot reach the \
+                         process that replicates it: {e}"
+                    ));
+                }
+            }
+            Proc::Candidate | Proc::Outside => {}
+        });
         set_errno(e);
     }
 }
@@ -180,26 +261,69 @@ fn replicated(fd: c_int) -> Option<u64> {
     if in_hook() {
         return None;
     }
-    let conn = REGISTRY.conn(fd)?;
-    // A forked child (Redis BGSAVE) inherits the table but not the node.
-    settings()?;
-    Some(conn)
+    REGISTRY.conn(fd)
+}
+
+/// The first `n` bytes of `bufs`, as the kernel filled them.
+///
+/// # Safety
+/// Each `(ptr, len)` describes writable memory the caller owns, of which
+/// the kernel filled the first `n` bytes in order.
+unsafe fn gather(bufs: impl Iterator<Item = (*const u8, usize)>, n: usize) -> Vec<u8> {
+    let mut data = Vec::with_capacity(n);
+    let mut left = n;
+    for (p, len) in bufs {
+        if left == 0 {
+            break;
+        }
+        let take = left.min(len);
+        if take > 0 && !p.is_null() {
+            // SAFETY: the kernel wrote `take` <= `len` bytes at `p`.
+            data.extend_from_slice(unsafe { slice::from_raw_parts(p, take) });
+        }
+        left -= take;
+    }
+    data
+}
+
+/// The `(base, len)` pairs of an iovec array.
+///
+/// # Safety
+/// `iov` points to `n` valid iovecs, or is null.
+unsafe fn iovecs(iov: *const iovec, n: usize) -> impl Iterator<Item = (*const u8, usize)> {
+    let v: &[iovec] = if iov.is_null() || n == 0 {
+        &[]
+    } else {
+        // SAFETY: the caller guarantees `n` iovecs at `iov`.
+        unsafe { slice::from_raw_parts(iov, n) }
+    };
+    v.iter().map(|i| (i.iov_base as *const u8, i.iov_len))
 }
 
 /// Replicates what a read returned (`data` empty: end of stream). On
 /// failure the connection is broken and the caller reports a reset.
 fn replicate_input(fd: c_int, conn: u64, data: &[u8]) -> Result<(), ()> {
-    let Some(a) = apus() else {
-        return Ok(());
+    let out = REGISTRY
+        .with(conn, |c| {
+            c.used = true;
+            c.out
+        })
+        .unwrap_or_default();
+    let ok = match proc() {
+        Proc::Holder(a) => a.input(conn, data).map_err(|e| {
+            tracing::warn!(fd, conn, error = %e, "input could not be replicated: closing the connection");
+        }),
+        Proc::Child(addr) => match child::input(addr, conn, fd, out, data) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(()),
+            Err(e) => refuse(&format!(
+                "a forked process of the server read a replicated connection but cannot reach the \
+                 process that replicates it: {e}"
+            )),
+        },
+        Proc::Candidate | Proc::Outside => Ok(()),
     };
-    let result = if data.is_empty() {
-        a.replicate(EntryKind::Data, conn, &[]).map(|_| ())
-    } else {
-        data.chunks(a.max_payload)
-            .try_for_each(|chunk| a.replicate(EntryKind::Data, conn, chunk).map(|_| ()))
-    };
-    result.map_err(|e| {
-        tracing::warn!(fd, conn, error = %e, "input could not be replicated: closing the connection");
+    ok.map_err(|()| {
         REGISTRY.with(conn, |c| c.broken = true);
         // SAFETY: shutdown on the server's descriptor; it stays open.
         unsafe {
@@ -208,19 +332,24 @@ fn replicate_input(fd: c_int, conn: u64, data: &[u8]) -> Result<(), ()> {
     })
 }
 
-/// Common tail of every read-like hook: `n` bytes arrived in `parts`.
-fn after_input(fd: c_int, conn: u64, n: ssize_t, parts: &[&[u8]]) -> ssize_t {
-    if n < 0 {
+/// Common tail of every read-like hook: `n` bytes of the `requested`
+/// arrived in `bufs`. A zero-length request is not end of stream.
+///
+/// # Safety
+/// As [`gather`].
+unsafe fn after_input(
+    fd: c_int,
+    conn: u64,
+    n: ssize_t,
+    requested: usize,
+    bufs: impl Iterator<Item = (*const u8, usize)>,
+) -> ssize_t {
+    if n < 0 || (n == 0 && requested == 0) {
         return n;
     }
     let e = errno();
-    let mut data = Vec::with_capacity(n as usize);
-    let mut left = n as usize;
-    for p in parts {
-        let take = left.min(p.len());
-        data.extend_from_slice(&p[..take]);
-        left -= take;
-    }
+    // SAFETY: the caller's buffers, of which the kernel filled `n` bytes.
+    let data = unsafe { gather(bufs, n as usize) };
     match inside(|| replicate_input(fd, conn, &data)) {
         Ok(()) => {
             set_errno(e);
@@ -254,13 +383,27 @@ pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, count: size_t) -> ssi
     }
     // SAFETY: forwarded unchanged.
     let n = unsafe { real::read(fd, buf, count) };
-    let got = if n > 0 {
-        // SAFETY: the kernel wrote `n` bytes at `buf`.
-        unsafe { slice::from_raw_parts(buf.cast::<u8>(), n as usize) }
-    } else {
-        &[]
-    };
-    after_input(fd, conn, n, &[got])
+    // SAFETY: the kernel filled `n` bytes of `buf`.
+    unsafe { after_input(fd, conn, n, count, [(buf as *const u8, count)].into_iter()) }
+}
+
+/// `_FORTIFY_SOURCE`'s `read` (glibc calls its own read internally).
+///
+/// # Safety
+/// As `__read_chk`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __read_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    count: size_t,
+    buflen: size_t,
+) -> ssize_t {
+    if count > buflen {
+        // SAFETY: the real check aborts the process, as it should.
+        return unsafe { real::read_chk(fd, buf, count, buflen) };
+    }
+    // SAFETY: as `read`, with the buffer checked.
+    unsafe { read(fd, buf, count) }
 }
 
 /// Intercepted `recv`.
@@ -283,13 +426,28 @@ pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, len: size_t, flags: c
     }
     // SAFETY: forwarded unchanged.
     let n = unsafe { real::recv(fd, buf, len, flags) };
-    let got = if n > 0 {
-        // SAFETY: the kernel wrote `n` bytes at `buf`.
-        unsafe { slice::from_raw_parts(buf.cast::<u8>(), n as usize) }
-    } else {
-        &[]
-    };
-    after_input(fd, conn, n, &[got])
+    // SAFETY: the kernel filled `n` bytes of `buf`.
+    unsafe { after_input(fd, conn, n, len, [(buf as *const u8, len)].into_iter()) }
+}
+
+/// `_FORTIFY_SOURCE`'s `recv`.
+///
+/// # Safety
+/// As `__recv_chk`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __recv_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    len: size_t,
+    buflen: size_t,
+    flags: c_int,
+) -> ssize_t {
+    if len > buflen {
+        // SAFETY: the real check aborts the process, as it should.
+        return unsafe { real::recv_chk(fd, buf, len, buflen, flags) };
+    }
+    // SAFETY: as `recv`, with the buffer checked.
+    unsafe { recv(fd, buf, len, flags) }
 }
 
 /// Intercepted `recvfrom`.
@@ -319,30 +477,35 @@ pub unsafe extern "C" fn recvfrom(
     }
     // SAFETY: forwarded unchanged.
     let n = unsafe { real::recvfrom(fd, buf, len, flags, addr, alen) };
-    let got = if n > 0 {
-        // SAFETY: the kernel wrote `n` bytes at `buf`.
-        unsafe { slice::from_raw_parts(buf.cast::<u8>(), n as usize) }
-    } else {
-        &[]
-    };
-    after_input(fd, conn, n, &[got])
+    // SAFETY: the kernel filled `n` bytes of `buf`.
+    unsafe { after_input(fd, conn, n, len, [(buf as *const u8, len)].into_iter()) }
 }
 
-/// The buffers of an iovec array.
+/// `_FORTIFY_SOURCE`'s `recvfrom`.
 ///
 /// # Safety
-/// `iov` points to `n` valid iovecs.
-unsafe fn parts<'a>(iov: *const iovec, n: usize) -> Vec<&'a [u8]> {
-    if iov.is_null() {
-        return Vec::new();
+/// As `__recvfrom_chk`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __recvfrom_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    len: size_t,
+    buflen: size_t,
+    flags: c_int,
+    addr: *mut sockaddr,
+    alen: *mut socklen_t,
+) -> ssize_t {
+    if len > buflen {
+        // SAFETY: the real check aborts the process, as it should.
+        return unsafe { real::recvfrom_chk(fd, buf, len, buflen, flags, addr, alen) };
     }
-    // SAFETY: the caller guarantees `n` iovecs at `iov`.
-    let v = unsafe { slice::from_raw_parts(iov, n) };
-    v.iter()
-        .filter(|i| !i.iov_base.is_null())
-        // SAFETY: each iovec describes a buffer of `iov_len` bytes.
-        .map(|i| unsafe { slice::from_raw_parts(i.iov_base.cast::<u8>(), i.iov_len) })
-        .collect()
+    // SAFETY: as `recvfrom`, with the buffer checked.
+    unsafe { recvfrom(fd, buf, len, flags, addr, alen) }
+}
+
+fn iov_total(iov: *const iovec, n: usize) -> usize {
+    // SAFETY: called with the caller's iovec array of `n` entries.
+    unsafe { iovecs(iov, n) }.map(|(_, l)| l).sum()
 }
 
 /// Intercepted `readv`.
@@ -362,9 +525,9 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_
     }
     // SAFETY: forwarded unchanged.
     let got = unsafe { real::readv(fd, iov, n) };
-    // SAFETY: the caller's iovecs, now filled with `got` bytes in order.
-    let p = unsafe { parts(iov, n.max(0) as usize) };
-    after_input(fd, conn, got, &p)
+    let n = n.max(0) as usize;
+    // SAFETY: the caller's iovecs, of which the kernel filled `got` bytes.
+    unsafe { after_input(fd, conn, got, iov_total(iov, n), iovecs(iov, n)) }
 }
 
 /// Intercepted `recvmsg`.
@@ -387,31 +550,102 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
     }
     // SAFETY: forwarded unchanged.
     let got = unsafe { real::recvmsg(fd, msg, flags) };
-    // SAFETY: `msg` is the caller's valid msghdr; its iovecs hold `got` bytes.
-    let p = unsafe { parts((*msg).msg_iov, (*msg).msg_iovlen) };
-    after_input(fd, conn, got, &p)
+    // SAFETY: `msg` is the caller's valid msghdr.
+    let (iov, n) = unsafe { ((*msg).msg_iov, (*msg).msg_iovlen) };
+    // SAFETY: its iovecs hold `got` bytes.
+    unsafe { after_input(fd, conn, got, iov_total(iov, n), iovecs(iov, n)) }
+}
+
+/// Intercepted `recvmmsg`: the messages' bytes, in order, are one input.
+///
+/// # Safety
+/// As `recvmmsg(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn recvmmsg(
+    fd: c_int,
+    msgs: *mut libc::mmsghdr,
+    vlen: c_uint,
+    flags: c_int,
+    timeout: *mut libc::timespec,
+) -> c_int {
+    let conn = replicated(fd).filter(|_| flags & libc::MSG_PEEK == 0 && !msgs.is_null());
+    let Some(conn) = conn else {
+        // SAFETY: forwarded unchanged.
+        let r = unsafe { real::recvmmsg(fd, msgs, vlen, flags, timeout) };
+        if r > 0 && flags & libc::MSG_PEEK == 0 && !msgs.is_null() {
+            // SAFETY: the kernel filled `r` entries of the caller's array.
+            let got: u64 = unsafe { slice::from_raw_parts(msgs, r as usize) }
+                .iter()
+                .map(|m| u64::from(m.msg_len))
+                .sum();
+            note_replay_read(fd, got as ssize_t);
+        }
+        return r;
+    };
+    if broken(conn) {
+        return 0;
+    }
+    // SAFETY: forwarded unchanged.
+    let r = unsafe { real::recvmmsg(fd, msgs, vlen, flags, timeout) };
+    if r <= 0 {
+        return r;
+    }
+    // SAFETY: the kernel filled `r` entries; each message's iovecs hold its
+    // `msg_len` bytes.
+    let data: Vec<u8> = unsafe { slice::from_raw_parts(msgs, r as usize) }
+        .iter()
+        .flat_map(|m| {
+            // SAFETY: as above.
+            unsafe {
+                gather(
+                    iovecs(m.msg_hdr.msg_iov, m.msg_hdr.msg_iovlen),
+                    m.msg_len as usize,
+                )
+            }
+        })
+        .collect();
+    let e = errno();
+    match inside(|| replicate_input(fd, conn, &data)) {
+        Ok(()) => {
+            set_errno(e);
+            r
+        }
+        Err(()) => {
+            set_errno(libc::ECONNRESET);
+            -1
+        }
+    }
 }
 
 /// Hashes what the server wrote on a replicated connection.
-fn after_output(fd: c_int, n: ssize_t, parts: &[&[u8]]) {
-    if n <= 0 {
-        return;
-    }
+fn after_output(fd: c_int, data: &[u8]) {
     let Some(conn) = replicated(fd) else {
         return;
     };
     let e = errno();
     inside(|| {
         REGISTRY.with(conn, |c| {
-            let mut left = n as usize;
-            for p in parts {
-                let take = left.min(p.len());
-                c.out.update(&p[..take]);
-                left -= take;
-            }
+            c.used = true;
+            c.out.update(data);
         })
     });
     set_errno(e);
+}
+
+/// [`after_output`] for the first `n` bytes of `bufs`.
+///
+/// # Safety
+/// As [`gather`].
+unsafe fn after_output_bufs(
+    fd: c_int,
+    n: ssize_t,
+    bufs: impl Iterator<Item = (*const u8, usize)>,
+) {
+    if n > 0 && !in_hook() && REGISTRY.conn(fd).is_some() {
+        // SAFETY: the caller's buffers, of which `n` bytes were sent.
+        let data = unsafe { gather(bufs, n as usize) };
+        after_output(fd, &data);
+    }
 }
 
 /// Intercepted `write`.
@@ -422,14 +656,8 @@ fn after_output(fd: c_int, n: ssize_t, parts: &[&[u8]]) {
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, count: size_t) -> ssize_t {
     // SAFETY: forwarded unchanged.
     let n = unsafe { real::write(fd, buf, count) };
-    if n > 0 && !in_hook() && REGISTRY.conn(fd).is_some() {
-        // SAFETY: `buf` holds `count` >= `n` bytes.
-        after_output(
-            fd,
-            n,
-            &[unsafe { slice::from_raw_parts(buf.cast::<u8>(), count) }],
-        );
-    }
+    // SAFETY: `buf` holds `count` >= `n` bytes.
+    unsafe { after_output_bufs(fd, n, [(buf as *const u8, count)].into_iter()) };
     n
 }
 
@@ -441,14 +669,8 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, count: size_t) -> 
 pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, len: size_t, flags: c_int) -> ssize_t {
     // SAFETY: forwarded unchanged.
     let n = unsafe { real::send(fd, buf, len, flags) };
-    if n > 0 && !in_hook() && REGISTRY.conn(fd).is_some() {
-        // SAFETY: `buf` holds `len` >= `n` bytes.
-        after_output(
-            fd,
-            n,
-            &[unsafe { slice::from_raw_parts(buf.cast::<u8>(), len) }],
-        );
-    }
+    // SAFETY: `buf` holds `len` >= `n` bytes.
+    unsafe { after_output_bufs(fd, n, [(buf as *const u8, len)].into_iter()) };
     n
 }
 
@@ -467,14 +689,8 @@ pub unsafe extern "C" fn sendto(
 ) -> ssize_t {
     // SAFETY: forwarded unchanged.
     let n = unsafe { real::sendto(fd, buf, len, flags, addr, alen) };
-    if n > 0 && !in_hook() && REGISTRY.conn(fd).is_some() {
-        // SAFETY: `buf` holds `len` >= `n` bytes.
-        after_output(
-            fd,
-            n,
-            &[unsafe { slice::from_raw_parts(buf.cast::<u8>(), len) }],
-        );
-    }
+    // SAFETY: `buf` holds `len` >= `n` bytes.
+    unsafe { after_output_bufs(fd, n, [(buf as *const u8, len)].into_iter()) };
     n
 }
 
@@ -486,11 +702,8 @@ pub unsafe extern "C" fn sendto(
 pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
     // SAFETY: forwarded unchanged.
     let n = unsafe { real::writev(fd, iov, cnt) };
-    if n > 0 && !in_hook() && REGISTRY.conn(fd).is_some() {
-        // SAFETY: the caller's iovecs, of which the first `n` bytes were sent.
-        let p = unsafe { parts(iov, cnt.max(0) as usize) };
-        after_output(fd, n, &p);
-    }
+    // SAFETY: the caller's iovecs, of which the first `n` bytes were sent.
+    unsafe { after_output_bufs(fd, n, iovecs(iov, cnt.max(0) as usize)) };
     n
 }
 
@@ -502,27 +715,183 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssi
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
     // SAFETY: forwarded unchanged.
     let n = unsafe { real::sendmsg(fd, msg, flags) };
-    if n > 0 && !in_hook() && !msg.is_null() && REGISTRY.conn(fd).is_some() {
+    if !msg.is_null() {
         // SAFETY: the caller's valid msghdr; its iovecs held what was sent.
-        let p = unsafe { parts((*msg).msg_iov, (*msg).msg_iovlen) };
-        after_output(fd, n, &p);
+        unsafe { after_output_bufs(fd, n, iovecs((*msg).msg_iov, (*msg).msg_iovlen)) };
+    }
+    n
+}
+
+/// Intercepted `sendmmsg`.
+///
+/// # Safety
+/// As `sendmmsg(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendmmsg(
+    fd: c_int,
+    msgs: *mut libc::mmsghdr,
+    vlen: c_uint,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: forwarded unchanged.
+    let r = unsafe { real::sendmmsg(fd, msgs, vlen, flags) };
+    if r > 0 && !msgs.is_null() {
+        // SAFETY: the first `r` messages were sent, `msg_len` bytes each.
+        for m in unsafe { slice::from_raw_parts(msgs, r as usize) } {
+            // SAFETY: as above.
+            unsafe {
+                after_output_bufs(
+                    fd,
+                    m.msg_len as ssize_t,
+                    iovecs(m.msg_hdr.msg_iov, m.msg_hdr.msg_iovlen),
+                )
+            };
+        }
+    }
+    r
+}
+
+/// Hashes `n` bytes of file `input` from `offset` (what `sendfile` or
+/// `splice` sent from it) as output on `fd`.
+fn hash_file_range(fd: c_int, input: c_int, mut offset: libc::off_t, n: ssize_t) {
+    let mut left = n.max(0) as usize;
+    let mut buf = vec![0u8; left.min(64 << 10)];
+    while left > 0 {
+        let want = left.min(buf.len());
+        // SAFETY: `buf` has room for `want` bytes.
+        let got = unsafe { libc::pread(input, buf.as_mut_ptr().cast(), want, offset) };
+        if got <= 0 {
+            return;
+        }
+        after_output(fd, &buf[..got as usize]);
+        left -= got as usize;
+        offset += got as libc::off_t;
+    }
+}
+
+/// Intercepted `sendfile`: what it sends is output like a write's.
+///
+/// # Safety
+/// As `sendfile(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendfile(
+    out: c_int,
+    input: c_int,
+    offset: *mut libc::off_t,
+    count: size_t,
+) -> ssize_t {
+    if replicated(out).is_none() {
+        // SAFETY: forwarded unchanged.
+        return unsafe { real::sendfile(out, input, offset, count) };
+    }
+    let start = if offset.is_null() {
+        // SAFETY: lseek on the caller's descriptor, reading its position.
+        unsafe { libc::lseek(input, 0, libc::SEEK_CUR) }
+    } else {
+        // SAFETY: the caller's valid offset.
+        unsafe { *offset }
+    };
+    // SAFETY: forwarded unchanged.
+    let n = unsafe { real::sendfile(out, input, offset, count) };
+    if n > 0 && start >= 0 {
+        let e = errno();
+        inside(|| hash_file_range(out, input, start, n));
+        set_errno(e);
+    }
+    n
+}
+
+/// Intercepted `splice`: bytes spliced into a replicated connection are
+/// output. From a pipe they are first duplicated with `tee`, to be hashed.
+///
+/// # Safety
+/// As `splice(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn splice(
+    input: c_int,
+    off_in: *mut libc::loff_t,
+    out: c_int,
+    off_out: *mut libc::loff_t,
+    len: size_t,
+    flags: c_uint,
+) -> ssize_t {
+    if replicated(out).is_none() {
+        // SAFETY: forwarded unchanged.
+        return unsafe { real::splice(input, off_in, out, off_out, len, flags) };
+    }
+    if !off_in.is_null() {
+        // SAFETY: the caller's valid offset.
+        let start = unsafe { *off_in };
+        // SAFETY: forwarded unchanged.
+        let n = unsafe { real::splice(input, off_in, out, off_out, len, flags) };
+        if n > 0 {
+            let e = errno();
+            inside(|| hash_file_range(out, input, start, n));
+            set_errno(e);
+        }
+        return n;
+    }
+    let e = errno();
+    let mut p = [0 as c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into `p`.
+    let copy = if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } == 0
+    {
+        // SAFETY: tee between the caller's pipe and ours, without consuming.
+        unsafe { libc::tee(input, p[1], len, libc::SPLICE_F_NONBLOCK) }
+    } else {
+        -1
+    };
+    set_errno(e);
+    let len = if copy > 0 { copy as size_t } else { len };
+    // SAFETY: forwarded (at most what was duplicated, so it can be hashed).
+    let n = unsafe { real::splice(input, off_in, out, off_out, len, flags) };
+    if copy >= 0 {
+        let e = errno();
+        if n > 0 {
+            let mut buf = vec![0u8; n as usize];
+            // SAFETY: reading our own pipe into `buf`.
+            let got = unsafe { libc::read(p[0], buf.as_mut_ptr().cast(), buf.len()) };
+            if got > 0 {
+                after_output(out, &buf[..got as usize]);
+            }
+        }
+        // SAFETY: closing our own pipe.
+        unsafe {
+            real::close(p[0]);
+            real::close(p[1]);
+        }
+        set_errno(e);
     }
     n
 }
 
 /// `fd` of connection `conn` is going away; if it was the connection's last
-/// descriptor, its end is replicated with the hash of its output.
+/// descriptor here, its end is replicated with the hash of its output,
+/// unless this process never used it and may have handed it to a child
+/// (PostgreSQL's postmaster closes what its backend serves).
 fn close_conn(fd: c_int, conn: u64) {
-    if let Some(c) = REGISTRY.remove(fd)
-        && !c.broken
-        && !c.closed
-        && let Some(a) = apus()
-    {
-        let close = Close {
-            bytes_out: c.out.bytes,
-            hash_out: c.out.hash,
-        };
-        let _ = a.replicate(EntryKind::Close, conn, &close.encode());
+    let Some(c) = REGISTRY.remove(fd) else { return };
+    if c.broken || c.closed {
+        return;
+    }
+    match proc() {
+        Proc::Holder(a) if c.used || c.fork_gen == crate::registry::forks() => a.close(conn, c.out),
+        Proc::Child(addr) if c.used => {
+            let _ = child::close(addr, conn, c.out);
+        }
+        _ => {}
+    }
+}
+
+/// The close work for descriptor `fd`, before it is closed.
+fn closing(fd: c_int) {
+    if let Some(conn) = replicated(fd) {
+        let e = errno();
+        inside(|| close_conn(fd, conn));
+        set_errno(e);
+    } else if !in_hook() {
+        REGISTRY.remove_replay(fd);
+        other_listener(fd).store(false, Ordering::Release);
     }
 }
 
@@ -533,15 +902,40 @@ fn close_conn(fd: c_int, conn: u64) {
 /// As `close(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
-    if let Some(conn) = replicated(fd) {
-        let e = errno();
-        inside(|| close_conn(fd, conn));
-        set_errno(e);
-    } else if !in_hook() {
-        REGISTRY.remove_replay(fd);
-    }
+    closing(fd);
     // SAFETY: forwarded unchanged.
     unsafe { real::close(fd) }
+}
+
+/// Intercepted `close_range`: each replicated descriptor in the range ends
+/// as with `close`.
+///
+/// # Safety
+/// As `close_range(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    if flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 && !in_hook() {
+        for fd in REGISTRY.registered_in(first, last) {
+            closing(fd);
+        }
+    }
+    // SAFETY: forwarded unchanged.
+    unsafe { real::close_range(first, last, flags) }
+}
+
+/// Intercepted `closefrom`.
+///
+/// # Safety
+/// As `closefrom(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn closefrom(low: c_int) {
+    if !in_hook() {
+        for fd in REGISTRY.registered_in(low.max(0) as u32, u32::MAX) {
+            closing(fd);
+        }
+    }
+    // SAFETY: forwarded unchanged.
+    unsafe { real::closefrom(low) }
 }
 
 /// A new descriptor `new` refers to the same socket as `old`: if `old` is
@@ -563,6 +957,9 @@ fn duplicated(old: c_int, new: c_int) {
         }
         if let Some(id) = REGISTRY.replay_conn(old) {
             REGISTRY.add_replay(new, id);
+        }
+        if other_listener(old).load(Ordering::Acquire) {
+            other_listener(new).store(true, Ordering::Release);
         }
     });
     set_errno(e);
@@ -617,6 +1014,21 @@ pub unsafe extern "C" fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
 pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_int {
     // SAFETY: forwarded unchanged (see above for the variadic argument).
     let r = unsafe { real::fcntl(fd, cmd, arg) };
+    if cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC {
+        duplicated(fd, r);
+    }
+    r
+}
+
+/// Intercepted `fcntl64` (what programs built with 64-bit file offsets
+/// call), as [`fcntl`].
+///
+/// # Safety
+/// As `fcntl(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_int {
+    // SAFETY: forwarded unchanged (see `fcntl`).
+    let r = unsafe { real::fcntl64(fd, cmd, arg) };
     if cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC {
         duplicated(fd, r);
     }

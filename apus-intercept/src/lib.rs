@@ -1,54 +1,66 @@
 //! The `LD_PRELOAD` library that replicates an unmodified server.
 //!
 //! `apus run --config C --id N -- <server...>` starts the server with this
-//! library preloaded. When the server listens on its application address
-//! (`replica[N].app`), the library starts an APUS node inside the process.
-//! Then, on the **leader**, every inbound event on a client connection
-//! accepted on that address becomes a log entry, and the server thread that
-//! made the call is held until the entry is committed: `accept` proposes a
-//! CONNECT (its index becomes the connection id), each `read`/`recv`/
-//! `recvfrom`/`recvmsg`/`readv` that returns bytes proposes DATA with exactly
-//! those bytes, end of stream proposes an empty DATA, and `close` proposes a
-//! CLOSE carrying a hash of everything the server wrote on the connection
-//! (`write`/`send`/`sendto`/`sendmsg`/`writev` are hashed). Server threads
-//! are released in log order.
+//! library preloaded. Every process of the server that loads it reads its
+//! settings (a misconfiguration stops it at once). The first process that
+//! listens on the app address (`replica[N].app`), after any daemonizing,
+//! asks `apus run` for the node and starts it: that process is the
+//! *holder*. Processes it forks later (PostgreSQL's backends, pre-forked
+//! workers) replicate through it ([`child`]); a second process listening on
+//! the app address, or one accepting there without a node, stops the
+//! server.
+//!
+//! On the **leader**, every inbound event on a client connection accepted
+//! on the app address becomes a log entry, and the server thread that made
+//! the call is held until the entry is committed: `accept` proposes a
+//! CONNECT (its index becomes the connection id), each read-like call that
+//! returns bytes proposes DATA with exactly those bytes, end of stream
+//! proposes an empty DATA, and the connection's end proposes a CLOSE
+//! carrying a hash of everything the server wrote on it. Server threads are
+//! released in log order. A proposal's outcome is always waited for: the
+//! server never sees input that did not commit, nor misses input that did.
 //!
 //! On a **follower**, the embedded node applies the same entries by
 //! replaying them into the local copy of the server over real loopback
-//! connections ([`replay`]), draining and hashing its answers; a CLOSE whose
-//! hash differs is reported as a divergence (log line and counter). Real
-//! clients that reach a follower are turned away.
+//! connections ([`replay`]), draining and hashing its answers. Real clients
+//! that reach a follower are turned away (`follower_clients = "refuse"`).
 //!
 //! Everything else passes straight through: descriptors that are not
-//! replicated client connections cost one atomic load, the library's own
-//! threads and sockets are never replicated, and a forked child (Redis
-//! `BGSAVE`) or any other process that inherits the library stays inert.
+//! replicated client connections cost one atomic load, and the library's
+//! own threads and sockets are never replicated.
 
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use apus::client::{RemoteStatus, Reply, Request, read_frame};
+use apus::supervisor::{Answer, Link, Message};
 use apus::{ClusterConfig, Node, ProposeError};
 use apus_core::{EntryKind, NodeId, Role};
 use tracing::{info, warn};
 
+mod check;
+pub mod child;
 mod hooks;
 pub mod payload;
 mod real;
 pub mod registry;
 pub mod replay;
 
-use payload::Connect;
+use payload::{Close, Connect, StreamHash};
 use registry::Registry;
-use replay::{Replay, Replayer};
+use replay::{Internal, Replay, Replayer};
 
 /// The replicated client connections of this process.
 static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::default);
+
+/// How long a deposed leader may wait for the outcome of its own proposals
+/// before its server, which may be held in them, is rebuilt from the log.
+const REBUILD_AFTER: Duration = Duration::from_secs(5);
 
 thread_local! {
     /// Set while this thread runs library code: libc calls made from there
@@ -57,7 +69,7 @@ thread_local! {
 }
 
 /// Runs `f` with this thread marked as inside the library.
-fn inside<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn inside<R>(f: impl FnOnce() -> R) -> R {
     IN_HOOK.with(|h| {
         let was = h.replace(true);
         let r = f();
@@ -70,15 +82,17 @@ fn in_hook() -> bool {
     IN_HOOK.with(Cell::get)
 }
 
-/// What the environment says this process is.
+/// What the environment says this process is part of.
 struct Settings {
     config: ClusterConfig,
     id: NodeId,
     app: SocketAddr,
-    pid: u32,
+    supervisor: Link,
+    /// The node's own ports (replication, status): not the server's.
+    own_ports: Vec<u16>,
 }
 
-/// `Some` when this process is the server `apus run` started.
+/// `Some` in every process of a server `apus run` started.
 static SETTINGS: LazyLock<Option<Settings>> = LazyLock::new(|| inside(read_settings));
 
 fn read_settings() -> Option<Settings> {
@@ -86,67 +100,152 @@ fn read_settings() -> Option<Settings> {
     else {
         return None;
     };
-    // Only the process `apus run` started: not its forks, not what they exec.
-    // SAFETY: getppid has no preconditions.
-    let parent = unsafe { libc::getppid() };
-    let expected = std::env::var("APUS_PARENT")
-        .ok()
-        .and_then(|p| p.parse::<i32>().ok());
-    if expected != Some(parent) {
-        return None;
-    }
     let config = match ClusterConfig::load(&PathBuf::from(path)) {
         Ok(c) => c,
-        Err(e) => refuse(&format!("config: {e}")),
+        Err(e) => refuse_alone(&format!("config: {e}")),
     };
     let id = match id.to_str().and_then(|s| s.parse::<u8>().ok()) {
         Some(i) if usize::from(i) < config.replicas.len() => NodeId(i),
-        _ => refuse(&format!("APUS_ID {id:?} is not a replica of the cluster")),
+        _ => refuse_alone(&format!("APUS_ID {id:?} is not a replica of the cluster")),
     };
-    let Some(app) = config.replicas[id.index()].app else {
-        refuse(&format!(
+    let spec = &config.replicas[id.index()];
+    let Some(app) = spec.app else {
+        refuse_alone(&format!(
             "replica[{}].app is not set: which port does the server listen on?",
             id.0
         ))
     };
+    let supervisor = match Link::from_env() {
+        Ok(Some(l)) => l,
+        Ok(None) => refuse_alone(
+            "the library runs only under `apus run`, which supervises the server \
+             (APUS_SUPERVISOR is not set)",
+        ),
+        Err(e) => refuse_alone(&e.to_string()),
+    };
+    let own_ports = [Some(spec.address), spec.client]
+        .into_iter()
+        .flatten()
+        .map(|a| a.port())
+        .collect();
     Some(Settings {
         config,
         id,
         app,
-        pid: std::process::id(),
+        supervisor,
+        own_ports,
     })
 }
 
-/// Ends the process: a server that was meant to be replicated must never
-/// serve clients unreplicated (its state would silently fork from the
-/// cluster's). `_exit`, not `exit`: this may run inside any libc call of the
-/// server, where its atexit handlers cannot be trusted to run.
-fn refuse(why: &str) -> ! {
+/// The exit status of a server that was stopped rather than run
+/// unreplicated (EX_CONFIG).
+pub const EXIT_REFUSED: i32 = 78;
+
+/// Ends this process before settings exist (nobody to tell).
+fn refuse_alone(why: &str) -> ! {
     eprintln!("apus-intercept: {why}; refusing to run the server unreplicated");
     // SAFETY: _exit has no preconditions and does not return.
     unsafe { libc::_exit(EXIT_REFUSED) }
 }
 
-/// The exit status of a server that `refuse` stopped (EX_CONFIG).
-pub const EXIT_REFUSED: i32 = 78;
+/// Stops the server: `apus run` is told why (it stops every process of the
+/// server and exits with 78), and this process ends at once. A server that
+/// was meant to be replicated must never serve clients unreplicated.
+/// `_exit`, not `exit`: this may run inside any libc call of the server,
+/// where its atexit handlers cannot be trusted to run.
+fn refuse(why: &str) -> ! {
+    inside(|| {
+        if let Some(s) = SETTINGS.as_ref() {
+            let _ = s.supervisor.send(&Message::Refuse(why.to_string()));
+        }
+    });
+    refuse_alone(why)
+}
+
+/// A note for the operator, printed by `apus run` (a daemon's own stderr
+/// may go nowhere).
+fn say(what: String) {
+    inside(|| {
+        if let Some(s) = SETTINGS.as_ref()
+            && s.supervisor.send(&Message::Say(what.clone())).is_err()
+        {
+            eprintln!("apus-intercept: {what}");
+        }
+    });
+}
 
 /// Reads the settings as the library loads, so a misconfigured replica stops
-/// before the server has done anything.
+/// before the server has done anything; registers the fork handlers.
 extern "C" fn load_settings() {
-    LazyLock::force(&SETTINGS);
+    if LazyLock::force(&SETTINGS).is_some() {
+        // SAFETY: registering plain extern "C" functions.
+        unsafe {
+            libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child));
+        }
+    }
+}
+
+extern "C" fn before_fork() {
+    REGISTRY.before_fork();
+}
+
+extern "C" fn after_fork_parent() {
+    REGISTRY.after_fork(false);
+}
+
+extern "C" fn after_fork_child() {
+    REGISTRY.after_fork(true);
 }
 
 #[used]
 #[unsafe(link_section = ".init_array")]
 static LOAD_SETTINGS: extern "C" fn() = load_settings;
 
-/// The active settings, if this is the replicated process (not a fork).
 fn settings() -> Option<&'static Settings> {
-    let s = SETTINGS.as_ref()?;
-    (std::process::id() == s.pid).then_some(s)
+    SETTINGS.as_ref()
 }
 
-/// The running replication machinery of this process.
+/// The node and everything around it, in the process that holds it.
+struct Holder {
+    pid: u32,
+    apus: Apus,
+    /// How the holder's forked children reach it.
+    children: child::Address,
+}
+
+static HOLDER: OnceLock<Holder> = OnceLock::new();
+
+/// What this process is.
+#[derive(Clone, Copy)]
+enum Proc {
+    /// It runs the node.
+    Holder(&'static Apus),
+    /// It was forked from the holder.
+    Child(&'static child::Address),
+    /// A process of the server that has not listened on the app address.
+    Candidate,
+    /// Not a server `apus run` started.
+    Outside,
+}
+
+fn proc() -> Proc {
+    if settings().is_none() {
+        return Proc::Outside;
+    }
+    match HOLDER.get() {
+        // SAFETY: getpid has no preconditions.
+        Some(h) if h.pid == unsafe { libc::getpid() } as u32 => Proc::Holder(&h.apus),
+        Some(h) => Proc::Child(&h.children),
+        None => Proc::Candidate,
+    }
+}
+
+/// Makes this process the holder (it listens on the app address).
+fn become_holder() {
+    HOLDER.get_or_init(|| inside(start));
+}
+
+/// The running replication machinery of the holder.
 struct Apus {
     node: Node,
     replay: Arc<Replay>,
@@ -154,17 +253,23 @@ struct Apus {
     serving: Mutex<bool>,
     max_payload: usize,
     follower_clients: apus::FollowerClients,
+    /// The holder's forked children that replicate through it.
+    sessions: Arc<child::Sessions>,
+    /// Proposals whose outcome is not known yet.
+    unresolved: AtomicUsize,
 }
 
-static APUS: OnceLock<Option<Apus>> = OnceLock::new();
-
-/// Starts the node (once), when the server listens on its app address.
-fn apus() -> Option<&'static Apus> {
-    APUS.get_or_init(|| inside(start)).as_ref()
-}
-
-fn start() -> Option<Apus> {
-    let s = settings()?;
+fn start() -> Holder {
+    let s = settings().expect("only a server process becomes the holder");
+    match s.supervisor.send(&Message::Claim) {
+        Ok((Answer::Granted, _)) => {}
+        Ok((Answer::Held(pid), _)) => refuse(&format!(
+            "pid {pid} already replicates this server, and this process listens on the app address \
+             {} too: its clients would be served unreplicated",
+            s.app
+        )),
+        Err(e) => refuse(&format!("cannot reach `apus run`: {e}")),
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("APUS_LOG")
@@ -178,10 +283,20 @@ fn start() -> Option<Apus> {
         let _ = getrandom::fill(&mut b);
         u64::from_le_bytes(b) | 1
     };
-    let replay = Arc::new(Replay::new(s.app, nonce, &REGISTRY));
+    let replay = Arc::new(Replay::new(
+        s.app,
+        nonce,
+        &REGISTRY,
+        s.config.digest.clone(),
+    ));
     let node = match Node::start(&s.config, s.id, Replayer(replay.clone())) {
         Ok(n) => n,
         Err(e) => refuse(&format!("cannot start replica {}: {e}", s.id.0)),
+    };
+    let sessions = Arc::new(child::Sessions::default());
+    let children = match child::serve(Arc::new(ChildRequests), sessions.clone()) {
+        Ok(a) => a,
+        Err(e) => refuse(&format!("cannot open the channel for forked processes: {e}")),
     };
     info!(id = %s.id, app = %s.app, "replication started inside the server");
     let apus = Apus {
@@ -190,13 +305,10 @@ fn start() -> Option<Apus> {
         serving: Mutex::new(false),
         max_payload: s.config.engine.max_payload,
         follower_clients: s.config.follower_clients,
+        sessions,
+        unresolved: AtomicUsize::new(0),
     };
-    if let Err(e) = thread::Builder::new()
-        .name("apus-roles".into())
-        .spawn(|| inside(watch_roles))
-    {
-        refuse(&format!("cannot start the role watcher: {e}"));
-    }
+    spawn("apus-roles", watch_roles);
     if let Some(addr) = s.config.replicas[s.id.index()].client {
         // Bound here, not in the thread: an address in use is a
         // misconfiguration (two replicas with one id) and must stop us.
@@ -204,27 +316,67 @@ fn start() -> Option<Apus> {
             Ok(l) => l,
             Err(e) => refuse(&format!("cannot serve status on {addr}: {e}")),
         };
-        if let Err(e) = thread::Builder::new()
-            .name("apus-status".into())
-            .spawn(move || inside(|| serve_status(listener)))
-        {
-            refuse(&format!("cannot start the status server: {e}"));
-        }
+        spawn("apus-status", move || serve_status(listener));
     }
-    Some(apus)
+    // The lifeline: `apus run` holds this connection while it supervises
+    // us. A daemon is not its child, so nothing else would stop us if it
+    // died; a server left without its supervisor must not go on.
+    match s.supervisor.send(&Message::Started) {
+        Ok((Answer::Granted, mut lifeline)) => spawn("apus-lifeline", move || {
+            let mut b = [0u8; 1];
+            let _ = std::io::Read::read(&mut lifeline, &mut b);
+            refuse("`apus run`, which supervises this server, is gone");
+        }),
+        Ok((Answer::Held(pid), _)) => refuse(&format!("pid {pid} already replicates this server")),
+        Err(e) => refuse(&format!("cannot reach `apus run`: {e}")),
+    }
+    Holder {
+        // SAFETY: getpid has no preconditions.
+        pid: unsafe { libc::getpid() } as u32,
+        apus,
+        children,
+    }
+}
+
+/// Starts a library thread (its libc calls pass through the hooks); a
+/// thread that cannot start stops the server.
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
+    if let Err(e) = thread::Builder::new()
+        .name(name.into())
+        .spawn(move || inside(f))
+    {
+        refuse(&format!("cannot start the thread {name}: {e}"));
+    }
+}
+
+fn holder_apus() -> &'static Apus {
+    &HOLDER.get().expect("started before its threads").apus
 }
 
 /// Follows the node's role: a new leader first ends the connections it was
 /// replaying (each close replicated), then serves real clients; a node that
-/// stops leading turns its clients away.
+/// stops leading ends its clients' connections, in every process.
 fn watch_roles() {
+    let a = holder_apus();
     let mut leading = false;
+    let mut deposed_at: Option<Instant> = None;
     loop {
-        thread::sleep(Duration::from_millis(1));
-        let Some(a) = APUS.get().and_then(Option::as_ref) else {
-            continue;
-        };
+        thread::sleep(Duration::from_millis(2));
+        if let Some(why) = a.node.stopped() {
+            refuse(&format!("replication stopped: {why}"));
+        }
         let now = a.node.status().role == Role::Leader;
+        if let Some(at) = deposed_at {
+            if a.unresolved.load(Ordering::SeqCst) == 0 {
+                deposed_at = None;
+            } else if at.elapsed() >= REBUILD_AFTER {
+                rebuild(&format!(
+                    "this replica lost the leadership {REBUILD_AFTER:?} ago with {} of its \
+                     proposals still of unknown outcome; its server may be held in them",
+                    a.unresolved.load(Ordering::SeqCst)
+                ));
+            }
+        }
         if now == leading {
             continue;
         }
@@ -234,29 +386,75 @@ fn watch_roles() {
         }
         leading = now;
         if now {
-            let ids = a.replay.replayed_ids();
-            for (id, out) in a.replay.finish_all(&ids) {
-                let close = payload::Close {
-                    bytes_out: out.bytes,
-                    hash_out: out.hash,
-                };
-                if let Err(e) = a.node.propose_entry(EntryKind::Close, id, &close.encode()) {
-                    warn!(conn = id, error = %e, "could not replicate the close of a replayed connection");
-                }
-            }
+            take_over(a);
             info!("leading: serving clients");
         } else {
-            for fd in REGISTRY.break_all() {
-                // SAFETY: shutdown on a descriptor the server still owns; it
-                // sees end of stream and closes it itself.
-                unsafe {
-                    real::shutdown(fd, libc::SHUT_RDWR);
-                }
-            }
+            step_down(a);
+            deposed_at = Some(Instant::now());
             info!("no longer leading: client connections closed");
         }
         *a.serving.lock().unwrap_or_else(|p| p.into_inner()) = now;
     }
+}
+
+/// A new leader ends every connection it replayed for the old one (their
+/// clients reconnect to it) and replicates each end.
+fn take_over(a: &Apus) {
+    let ids = a.replay.replayed_ids();
+    for (id, out) in a.replay.finish_all(&ids) {
+        let close = Close {
+            bytes_out: out.bytes,
+            hash_out: out.hash,
+        };
+        if let Err(e) = a.replicate(EntryKind::Close, id, &close.encode()) {
+            warn!(conn = id, error = %e, "could not replicate the close of a replayed connection");
+        }
+    }
+}
+
+/// A deposed leader shuts its clients' connections down, its own and those
+/// its forked children serve; their servers see end of stream.
+fn step_down(a: &Apus) {
+    for fd in REGISTRY.break_all() {
+        // SAFETY: shutdown on a descriptor the server still owns; it sees
+        // end of stream and closes it itself.
+        unsafe {
+            real::shutdown(fd, libc::SHUT_RDWR);
+        }
+    }
+    for s in a.sessions.all() {
+        let fds: Vec<i32> = s
+            .adopted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in fds {
+            if let Err(e) = child::shut_down_in(s.pid, fd) {
+                // Without access to the child's descriptor, the child goes.
+                warn!(pid = s.pid, fd, error = %e, "cannot end a child's client connection: stopping the child");
+                // SAFETY: signalling a process of our own server.
+                unsafe {
+                    libc::kill(s.pid as i32, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// Asks `apus run` to restart the server empty (it replays the log into
+/// it), and stops this process meanwhile.
+fn rebuild(why: &str) -> ! {
+    warn!("{why}: asking `apus run` to rebuild the server from the log");
+    inside(|| {
+        if let Some(s) = settings() {
+            let _ = s.supervisor.send(&Message::Rebuild(why.to_string()));
+        }
+    });
+    // `apus run` stops us; if it cannot be reached, do not go on.
+    thread::sleep(Duration::from_secs(10));
+    refuse(why)
 }
 
 /// A new leader first applies every entry its log held when it was
@@ -278,46 +476,36 @@ fn caught_up(a: &Apus) -> bool {
     }
 }
 
-/// Answers STATUS on the replica's client address (for `apus status`).
+/// Answers `apus status` and `apus check` on the replica's client address.
 fn serve_status(listener: std::net::TcpListener) {
     for stream in listener.incoming().flatten() {
-        let _ = thread::Builder::new()
-            .name("apus-status-conn".into())
-            .spawn(move || {
-                inside(|| {
-                    let mut s = stream;
-                    while let Ok(Some((kind, body))) = read_frame(&mut s) {
-                        let reply = match (
-                            Request::decode(kind, body),
-                            APUS.get().and_then(Option::as_ref),
-                        ) {
-                            (Ok(Request::Status), Some(a)) => {
-                                let st = a.node.status();
-                                Reply::Status(RemoteStatus {
-                                    role: st.role,
-                                    term: st.term,
-                                    leader: st.leader,
-                                    commit: st.commit,
-                                    last_index: st.last_index,
-                                    applied: st.applied,
-                                    recovering: st.recovering,
-                                    entries: a.replay.replayed.load(Ordering::Relaxed),
-                                    digest: 0,
-                                    divergences: a.replay.divergences.load(Ordering::Relaxed),
-                                    fenced_writes: st.fencing.fenced_writes,
-                                    revocations: st.fencing.revocations,
-                                    transport: st.transport,
-                                })
-                            }
-                            (Ok(_), _) => Reply::Failed("this port answers STATUS only".into()),
-                            (Err(e), _) => Reply::Failed(format!("malformed request: {e}")),
-                        };
-                        if std::io::Write::write_all(&mut s, &reply.encode()).is_err() {
-                            break;
+        spawn("apus-status-conn", move || {
+            let a = holder_apus();
+            let mut s = stream;
+            while let Ok(Some((kind, body))) = read_frame(&mut s) {
+                let reply = match Request::decode(kind, body) {
+                    Ok(Request::Status) => Reply::Status(a.remote_status()),
+                    Ok(Request::Check) => a.check(),
+                    Ok(Request::LastCheck) => {
+                        match a.replay.last_check.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                            Some(c) => Reply::Checked {
+                                index: c.index,
+                                digest: c.digest,
+                            },
+                            None => Reply::Checked {
+                                index: 0,
+                                digest: Err("no check yet".into()),
+                            },
                         }
                     }
-                })
-            });
+                    Ok(_) => Reply::Failed("this port answers STATUS, CHECK and LAST_CHECK".into()),
+                    Err(e) => Reply::Failed(format!("malformed request: {e}")),
+                };
+                if std::io::Write::write_all(&mut s, &reply.encode()).is_err() {
+                    break;
+                }
+            }
+        });
     }
 }
 
@@ -334,6 +522,22 @@ enum Serving {
     Follower,
 }
 
+/// What happens to an accepted connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// A client connection, replicated as connection `id`.
+    Replicate(u64),
+    /// The library's replay of connection `id`: watched, not replicated.
+    Replay(u64),
+    /// Served as it is, unreplicated (internal, or a follower inspected
+    /// with `follower_clients = "serve"`).
+    Pass,
+    /// Closed at once.
+    Reject,
+}
+
+static NEXT_TAG: AtomicU64 = AtomicU64::new(1);
+
 impl Apus {
     fn serving(&self) -> Serving {
         if self.node.status().role != Role::Leader {
@@ -347,21 +551,140 @@ impl Apus {
     }
 
     /// Replicates an entry and holds the caller until it is committed and
-    /// its turn (log order) has come.
+    /// its turn (log order) has come. Waits for the outcome however long it
+    /// takes: an error means the entry will never commit.
     fn replicate(&self, kind: EntryKind, conn: u64, payload: &[u8]) -> Result<u64, ProposeError> {
-        let applied = self.node.propose_entry(kind, conn, payload)?;
+        self.unresolved.fetch_add(1, Ordering::SeqCst);
+        let r = self.node.propose_resolved(kind, conn, payload);
+        self.unresolved.fetch_sub(1, Ordering::SeqCst);
+        let applied = r?;
         self.replay.turnstile.pass(applied.index);
         Ok(applied.index)
     }
+
+    /// A connection accepted on the app address, from `peer`.
+    fn accept_app(&self, peer: Option<SocketAddr>) -> Verdict {
+        match peer.and_then(|p| self.replay.internal(p)) {
+            Some(Internal::Replay(id)) => return Verdict::Replay(id),
+            Some(Internal::Check) => return Verdict::Pass,
+            None => {}
+        }
+        match self.serving() {
+            Serving::Leader => {}
+            Serving::TakingOver => return Verdict::Reject,
+            // A real client reached a follower: it must use the leader (or,
+            // if so configured, may inspect this replica unreplicated).
+            Serving::Follower => return self.follower_verdict(),
+        }
+        let connect = Connect {
+            origin: self.replay.nonce,
+            tag: NEXT_TAG.fetch_add(1, Ordering::Relaxed),
+        };
+        match self.replicate(EntryKind::Connect, 0, &connect.encode()) {
+            Ok(index) => Verdict::Replicate(index),
+            Err(_) => Verdict::Reject,
+        }
+    }
+
+    /// A connection accepted on another listener of the server: never
+    /// replicated (said so at start); a follower that refuses clients
+    /// refuses these too.
+    fn accept_other(&self) -> Verdict {
+        match self.serving() {
+            Serving::Follower => self.follower_verdict(),
+            Serving::Leader | Serving::TakingOver => Verdict::Pass,
+        }
+    }
+
+    fn follower_verdict(&self) -> Verdict {
+        match self.follower_clients {
+            apus::FollowerClients::Serve => Verdict::Pass,
+            apus::FollowerClients::Refuse => Verdict::Reject,
+        }
+    }
+
+    /// Replicates what a read of connection `conn` returned (empty: end of
+    /// stream), in entries of at most `max_payload` bytes.
+    fn input(&self, conn: u64, data: &[u8]) -> Result<(), ProposeError> {
+        if data.is_empty() {
+            return self.replicate(EntryKind::Data, conn, &[]).map(|_| ());
+        }
+        data.chunks(self.max_payload)
+            .try_for_each(|chunk| self.replicate(EntryKind::Data, conn, chunk).map(|_| ()))
+    }
+
+    /// Replicates the end of connection `conn`, with what the server wrote.
+    fn close(&self, conn: u64, out: StreamHash) {
+        let close = Close {
+            bytes_out: out.bytes,
+            hash_out: out.hash,
+        };
+        let _ = self.replicate(EntryKind::Close, conn, &close.encode());
+    }
+
+    /// `apus check` on the leader: a CHECK entry, answered once applied
+    /// here (which took this replica's digest).
+    fn check(&self) -> Reply {
+        if self.serving() != Serving::Leader {
+            return Reply::NotLeader(self.node.status().leader);
+        }
+        let mut tag = [0u8; 8];
+        let _ = getrandom::fill(&mut tag);
+        match self.replicate(EntryKind::Check, 0, &tag) {
+            Ok(index) => Reply::Applied {
+                index,
+                output: Vec::new(),
+            },
+            Err(ProposeError::NotLeader { leader }) => Reply::NotLeader(leader),
+            Err(e) => Reply::Failed(e.to_string()),
+        }
+    }
+
+    fn remote_status(&self) -> RemoteStatus {
+        let st = self.node.status();
+        RemoteStatus {
+            role: st.role,
+            term: st.term,
+            leader: st.leader,
+            commit: st.commit,
+            last_index: st.last_index,
+            applied: st.applied,
+            recovering: st.recovering,
+            entries: self.replay.replayed.load(Ordering::Relaxed),
+            digest: 0,
+            outputs_differed: self.replay.outputs_differed.load(Ordering::Relaxed),
+            fenced_writes: st.fencing.fenced_writes,
+            revocations: st.fencing.revocations,
+            transport: st.transport,
+            last_check: self
+                .replay
+                .last_check
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map_or(0, |c| c.index),
+        }
+    }
 }
 
-static NEXT_TAG: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+/// The holder's answers to its forked children: its own hook logic.
+struct ChildRequests;
 
-/// A CONNECT payload for a new accept of ours.
-fn connect_payload(a: &Apus) -> [u8; 16] {
-    Connect {
-        origin: a.replay.nonce,
-        tag: NEXT_TAG.fetch_add(1, Ordering::Relaxed),
+impl child::Handler for ChildRequests {
+    fn accept(&self, app: bool, peer: Option<SocketAddr>) -> Verdict {
+        let a = holder_apus();
+        if app { a.accept_app(peer) } else { a.accept_other() }
     }
-    .encode()
+
+    fn input(&self, conn: u64, data: &[u8]) -> bool {
+        holder_apus().input(conn, data).is_ok()
+    }
+
+    fn close(&self, conn: u64, out: StreamHash) {
+        holder_apus().close(conn, out);
+    }
+
+    fn consumed(&self, replay: u64, n: u64) {
+        REGISTRY.consumed(replay, n);
+    }
 }

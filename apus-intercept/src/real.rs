@@ -120,3 +120,70 @@ real!(
     c"fcntl",
     fn(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_int
 );
+real!(
+    fcntl64,
+    c"fcntl64",
+    fn(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_int
+);
+real!(
+    read_chk,
+    c"__read_chk",
+    fn(fd: c_int, buf: *mut c_void, count: size_t, buflen: size_t) -> ssize_t
+);
+real!(
+    recv_chk,
+    c"__recv_chk",
+    fn(fd: c_int, buf: *mut c_void, len: size_t, buflen: size_t, flags: c_int) -> ssize_t
+);
+real!(
+    recvfrom_chk,
+    c"__recvfrom_chk",
+    fn(
+        fd: c_int,
+        buf: *mut c_void,
+        len: size_t,
+        buflen: size_t,
+        flags: c_int,
+        addr: *mut sockaddr,
+        alen: *mut socklen_t,
+    ) -> ssize_t
+);
+real!(
+    recvmmsg,
+    c"recvmmsg",
+    fn(
+        fd: c_int,
+        msgs: *mut libc::mmsghdr,
+        n: libc::c_uint,
+        flags: c_int,
+        timeout: *mut libc::timespec,
+    ) -> c_int
+);
+real!(
+    sendmmsg,
+    c"sendmmsg",
+    fn(fd: c_int, msgs: *mut libc::mmsghdr, n: libc::c_uint, flags: c_int) -> c_int
+);
+real!(
+    sendfile,
+    c"sendfile",
+    fn(out: c_int, input: c_int, offset: *mut libc::off_t, count: size_t) -> ssize_t
+);
+real!(
+    splice,
+    c"splice",
+    fn(
+        input: c_int,
+        off_in: *mut libc::loff_t,
+        out: c_int,
+        off_out: *mut libc::loff_t,
+        len: size_t,
+        flags: libc::c_uint,
+    ) -> ssize_t
+);
+real!(
+    close_range,
+    c"close_range",
+    fn(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_int
+);
+real!(closefrom, c"closefrom", fn(low: c_int) -> ());

@@ -30,6 +30,26 @@ pub struct Conn {
     /// Descriptors referring to it (duplicates count: the connection ends
     /// when the last one closes).
     pub fds: u32,
+    /// This process has read from it or written to it.
+    pub used: bool,
+    /// [`forks`] when it was registered: a process that forked since may
+    /// have handed it to a child.
+    pub fork_gen: u64,
+}
+
+/// Forks of this process so far (see [`Registry::forked`]).
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times this process has forked.
+pub fn forks() -> u64 {
+    FORKS.load(Ordering::Acquire)
+}
+
+thread_local! {
+    /// The registry's locks, held by the forking thread across `fork`, so
+    /// the child's copy is never taken in the middle of an update.
+    static FORK_GUARDS: std::cell::RefCell<Vec<Box<dyn std::any::Any>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The table of replicated descriptors.
@@ -80,6 +100,7 @@ impl Registry {
         let mut t = self.table();
         let c = t.entry(id).or_insert(Conn {
             id,
+            fork_gen: forks(),
             ..Conn::default()
         });
         c.fds += 1;
@@ -126,9 +147,41 @@ impl Registry {
             .collect()
     }
 
-    /// Whether connection `id` belongs to this node (is registered here).
-    pub fn owns(&self, id: u64) -> bool {
-        self.table().contains_key(&id)
+    /// `pthread_atfork` prepare: takes every lock (see `FORK_GUARDS`).
+    pub fn before_fork(&'static self) {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let consumed = self.consumed.lock().unwrap_or_else(|p| p.into_inner());
+        FORK_GUARDS.with(|g| {
+            let mut g = g.borrow_mut();
+            g.push(Box::new(conns));
+            g.push(Box::new(consumed));
+        });
+    }
+
+    /// `pthread_atfork` parent and child: releases the locks. In the child,
+    /// nothing it inherited has been used by it yet.
+    pub fn after_fork(&'static self, child: bool) {
+        FORK_GUARDS.with(|g| g.borrow_mut().clear());
+        if child {
+            for c in self.table().values_mut() {
+                c.used = false;
+            }
+        } else {
+            FORKS.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Descriptors in `first..=last` that are replicated or replay
+    /// connections (for `close_range` and `closefrom`).
+    pub fn registered_in(&self, first: u32, last: u32) -> Vec<i32> {
+        let last = (last as usize).min(MAX_FD - 1);
+        (first as usize..=last)
+            .filter(|&i| {
+                self.ids[i].load(Ordering::Acquire) != 0
+                    || self.replay_ids[i].load(Ordering::Acquire) != 0
+            })
+            .map(|i| i as i32)
+            .collect()
     }
 
     /// The replay connection whose server side is `fd`, if any.
@@ -209,12 +262,12 @@ mod tests {
         assert_eq!(r.conn(5), None);
         assert!(r.add(5, 42));
         assert_eq!(r.conn(5), Some(42));
-        assert!(r.owns(42));
+        assert_eq!(r.with(42, |c| c.fork_gen), Some(forks()));
         r.with(42, |c| c.out.update(b"abc"));
         let c = r.remove(5).unwrap();
         assert_eq!((c.id, c.out.bytes), (42, 3));
         assert_eq!(r.conn(5), None);
-        assert!(!r.owns(42));
+        assert_eq!(r.with(42, |c| c.id), None);
         assert!(!r.add(-1, 1));
         assert!(!r.add(MAX_FD as i32, 1));
         assert_eq!(r.conn(i32::MAX), None);
@@ -227,9 +280,9 @@ mod tests {
         r.add(6, 42); // dup(5)
         assert_eq!(r.conn(6), Some(42));
         assert_eq!(r.remove(5), None, "a duplicate is still open");
-        assert!(r.owns(42));
+        assert!(r.with(42, |_| ()).is_some());
         assert_eq!(r.remove(6).map(|c| c.id), Some(42));
-        assert!(!r.owns(42));
+        assert!(r.with(42, |_| ()).is_none());
     }
 
     #[test]

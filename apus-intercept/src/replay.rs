@@ -1,25 +1,32 @@
 //! The state machine of an intercepted server: replaying committed input.
 //!
-//! Every node applies every entry. Entries of its own connections (it was
-//! the leader that accepted them) are already in its server: applying them
-//! only releases the waiting server thread, in log order (the turnstile).
-//! Entries of other connections are replayed into the local server through a
+//! Every node applies every entry. Entries this node proposed are already
+//! in its server (its threads read them): applying them only releases the
+//! waiting server thread, in log order (the [`Turnstile`]). Entries of
+//! other nodes' connections are replayed into the local server through a
 //! real loopback connection per client connection; a thread per replayed
 //! connection drains and hashes what the server answers, and when the
-//! connection closes its hash is compared with the leader's.
+//! connection closes its hash is compared with the leader's (a difference
+//! is counted as "outputs differed": servers put nonces and times in their
+//! replies, so this is not a verdict on their state; `apus check` is).
+//!
+//! Replay keeps log order: an entry goes into the server only once the
+//! server has read everything written before it, however long that takes
+//! (or the server closed that connection).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use apus::config::DigestCommand;
 use apus::{Entry, StateMachine};
 use apus_core::EntryKind;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::payload::{Close, Connect, StreamHash};
 use crate::registry::Registry;
@@ -29,9 +36,8 @@ use crate::registry::Registry;
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
 /// How long replay waits for the local server to listen.
 const CONNECT_WAIT: Duration = Duration::from_secs(30);
-/// How long replay waits for the local server to read what it was given
-/// before moving on to the next entry.
-const CONSUME_WAIT: Duration = Duration::from_secs(2);
+/// How often replay says it is still waiting for the server to read.
+const CONSUME_NOTE_EVERY: Duration = Duration::from_secs(10);
 
 /// Releases server threads in log order.
 #[derive(Debug, Default)]
@@ -53,7 +59,14 @@ impl Turnstile {
     /// lets `index` through.
     pub fn pass(&self, index: u64) {
         let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        while w.first().is_some_and(|&first| first < index) {
+        let since = Instant::now();
+        let mut noted = false;
+        while let Some(&first) = w.first().filter(|&&first| first < index) {
+            if !noted && since.elapsed() > Duration::from_secs(10) {
+                // Every own entry's proposer passes here, so this is a bug.
+                warn!(index, first, "a server thread has waited 10 s for an earlier entry's thread");
+                noted = true;
+            }
             let (g, _) = self
                 .turn
                 .wait_timeout(w, Duration::from_millis(100))
@@ -68,10 +81,30 @@ impl Turnstile {
 
 struct Replayed {
     stream: TcpStream,
+    /// The replay connection's own address (how the server's accept knows it).
+    local: SocketAddr,
     /// Bytes written into the server on this connection.
     written: u64,
     out: Arc<Mutex<StreamHash>>,
     drained: Arc<AtomicBool>,
+}
+
+/// A connection into the local server that the library made itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Internal {
+    /// Replays client connection `id`.
+    Replay(u64),
+    /// Carries the digest command of `apus check`.
+    Check,
+}
+
+/// The digest of one replica at one log position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckResult {
+    /// The CHECK entry's index.
+    pub index: u64,
+    /// What the digest command printed, or why it failed.
+    pub digest: Result<String, String>,
 }
 
 /// What the replayer and the hooks share.
@@ -84,13 +117,20 @@ pub struct Replay {
     pub registry: &'static Registry,
     /// Releases our server's threads in log order.
     pub turnstile: Turnstile,
+    /// The digest command (`apus check`).
+    digest: Option<DigestCommand>,
     conns: Mutex<HashMap<u64, Replayed>>,
-    /// Local ports of replay connections, and the connection each replays.
-    ports: Mutex<HashMap<u16, u64>>,
+    /// Addresses of the library's live connections into the server.
+    internal: Mutex<HashMap<SocketAddr, Internal>>,
+    /// Connections this node accepted (their CONNECT carried our nonce),
+    /// until their CLOSE.
+    own: Mutex<HashSet<u64>>,
     /// Replayed connections whose output differed from the leader's.
-    pub divergences: AtomicU64,
+    pub outputs_differed: AtomicU64,
     /// Entries replayed into the local server.
     pub replayed: AtomicU64,
+    /// The last consistency check.
+    pub last_check: Mutex<Option<CheckResult>>,
 }
 
 impl std::fmt::Debug for Replay {
@@ -101,46 +141,52 @@ impl std::fmt::Debug for Replay {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Replay {
     /// A replayer for the server at `app`.
-    pub fn new(app: SocketAddr, nonce: u64, registry: &'static Registry) -> Replay {
+    pub fn new(
+        app: SocketAddr,
+        nonce: u64,
+        registry: &'static Registry,
+        digest: Option<DigestCommand>,
+    ) -> Replay {
         Replay {
             app,
             nonce,
             registry,
             turnstile: Turnstile::default(),
+            digest,
             conns: Mutex::new(HashMap::new()),
-            ports: Mutex::new(HashMap::new()),
-            divergences: AtomicU64::new(0),
+            internal: Mutex::new(HashMap::new()),
+            own: Mutex::new(HashSet::new()),
+            outputs_differed: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
+            last_check: Mutex::new(None),
         }
     }
 
-    /// The connection replayed from local `port`, if it is one of ours.
-    pub fn replay_port(&self, port: u16) -> Option<u64> {
-        self.ports
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&port)
-            .copied()
+    /// What the connection from `peer` is, if the library made it. Only
+    /// live connections are known, by their full address: a client can
+    /// never be taken for one, since no other socket can hold that address
+    /// while ours does.
+    pub fn internal(&self, peer: SocketAddr) -> Option<Internal> {
+        lock(&self.internal).get(&peer).copied()
     }
 
     /// Ids of the connections being replayed.
     pub fn replayed_ids(&self) -> Vec<u64> {
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .copied()
-            .collect()
+        lock(&self.conns).keys().copied().collect()
     }
 
-    /// Opens a loopback connection to the server from a port it will
-    /// recognise as ours.
-    fn connect(&self, id: u64) -> io::Result<TcpStream> {
+    /// Opens a loopback connection to the server from an address it will
+    /// recognise as `what`; waits for the server to listen.
+    fn connect(&self, what: Internal) -> io::Result<(TcpStream, SocketAddr)> {
         let deadline = Instant::now() + CONNECT_WAIT;
         loop {
-            match self.try_connect(id) {
+            match self.try_connect(what) {
                 Ok(s) => return Ok(s),
                 Err(e)
                     if Instant::now() < deadline
@@ -153,11 +199,11 @@ impl Replay {
         }
     }
 
-    fn try_connect(&self, id: u64) -> io::Result<TcpStream> {
+    fn try_connect(&self, what: Internal) -> io::Result<(TcpStream, SocketAddr)> {
         let SocketAddr::V4(app) = self.app else {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "replay needs an IPv4 app address",
+                "replay needs an IPv4 app address (the configuration refuses others)",
             ));
         };
         // SAFETY: plain socket creation; the result is checked.
@@ -178,27 +224,25 @@ impl Replay {
         if unsafe { libc::getsockname(fd, (&raw mut local).cast(), &mut got) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        let port = u16::from_be(local.sin_port);
-        self.ports
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(port, id);
+        let me = SocketAddr::V4(SocketAddrV4::new(
+            std::net::Ipv4Addr::LOCALHOST,
+            u16::from_be(local.sin_port),
+        ));
+        // Known before the server can accept it.
+        lock(&self.internal).insert(me, what);
         let target = sockaddr_in(*app.ip(), app.port());
         // SAFETY: `target` is a valid sockaddr_in of `len` bytes.
         if unsafe { libc::connect(fd, (&raw const target).cast(), len) } != 0 {
             let e = io::Error::last_os_error();
-            self.ports
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&port);
+            lock(&self.internal).remove(&me);
             return Err(e);
         }
         stream.set_nodelay(true)?;
-        Ok(stream)
+        Ok((stream, me))
     }
 
     fn replay_connect(&self, id: u64) {
-        let stream = match self.connect(id) {
+        let (stream, local) = match self.connect(Internal::Replay(id)) {
             Ok(s) => s,
             Err(e) => {
                 warn!(conn = id, error = %e, "cannot replay a connection into the local server");
@@ -207,30 +251,25 @@ impl Replay {
         };
         let out = Arc::new(Mutex::new(StreamHash::default()));
         let drained = Arc::new(AtomicBool::new(false));
-        if let Ok(mut reader) = stream.try_clone() {
-            let (out, drained) = (out.clone(), drained.clone());
-            let spawned = thread::Builder::new()
-                .name(format!("apus-drain-{id}"))
-                .spawn(move || {
-                    let mut buf = vec![0u8; 64 << 10];
-                    while let Ok(n) = reader.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                        out.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .update(&buf[..n]);
-                    }
+        match stream.try_clone() {
+            Ok(reader) => {
+                let (o, d) = (out.clone(), drained.clone());
+                if thread::Builder::new()
+                    .name(format!("apus-drain-{id}"))
+                    .spawn(move || crate::inside(|| drain(reader, &o, &d)))
+                    .is_err()
+                {
+                    warn!(conn = id, "cannot spawn a drain thread");
                     drained.store(true, Ordering::Release);
-                });
-            if spawned.is_err() {
-                warn!(conn = id, "cannot spawn a drain thread");
+                }
             }
+            Err(_) => drained.store(true, Ordering::Release),
         }
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        lock(&self.conns).insert(
             id,
             Replayed {
                 stream,
+                local,
                 written: 0,
                 out,
                 drained,
@@ -239,7 +278,7 @@ impl Replay {
     }
 
     fn replay_data(&self, id: u64, data: &[u8]) {
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut conns = lock(&self.conns);
         let Some(c) = conns.get_mut(&id) else {
             debug!(conn = id, "data for a connection that is not replayed here");
             return;
@@ -254,23 +293,31 @@ impl Replay {
             return;
         }
         c.written += data.len() as u64;
-        let target = c.written;
+        let (target, drained) = (c.written, c.drained.clone());
         drop(conns);
         // The next entry goes in only once the server has read this one, so
-        // it reads its input in log order, as the leader's did.
-        if !self.registry.wait_consumed(id, target, CONSUME_WAIT) {
-            warn!(
-                conn = id,
-                "the local server has not read its replayed input within 2 s; going on \
-                 (log order is no longer guaranteed for it: watch for divergences)"
-            );
+        // it reads its input in log order, as the leader's did. Only the
+        // server closing the connection ends the wait: its reads of it are
+        // over (the leader's server did the same, deterministically).
+        let since = Instant::now();
+        let mut next_note = CONSUME_NOTE_EVERY;
+        while !self
+            .registry
+            .wait_consumed(id, target, Duration::from_millis(50))
+        {
+            if drained.load(Ordering::Acquire) {
+                debug!(conn = id, "the local server closed a replayed connection with input unread");
+                return;
+            }
+            if since.elapsed() >= next_note {
+                warn!(
+                    conn = id,
+                    waited_s = since.elapsed().as_secs(),
+                    "the local server has not read its replayed input yet; replay waits (log order)"
+                );
+                next_note += CONSUME_NOTE_EVERY;
+            }
         }
-    }
-
-    /// Ends a replayed connection and returns what the local server wrote
-    /// on it (waiting up to `DRAIN_WAIT`, 5 s, for the server to finish).
-    pub fn finish(&self, id: u64) -> Option<StreamHash> {
-        self.finish_all(&[id]).pop().map(|(_, h)| h)
     }
 
     /// Ends several replayed connections at once: every one is shut down
@@ -279,7 +326,7 @@ impl Replay {
     /// had. Returns each connection that was replayed here with its output.
     pub fn finish_all(&self, ids: &[u64]) -> Vec<(u64, StreamHash)> {
         let ended: Vec<(u64, Replayed)> = {
-            let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            let mut conns = lock(&self.conns);
             ids.iter()
                 .filter_map(|id| conns.remove(id).map(|c| (*id, c)))
                 .collect()
@@ -303,7 +350,8 @@ impl Replay {
                     );
                 }
                 let _ = c.stream.shutdown(Shutdown::Both);
-                let out = *c.out.lock().unwrap_or_else(|p| p.into_inner());
+                let out = *lock(&c.out);
+                lock(&self.internal).remove(&c.local);
                 self.registry.forget_replay(id);
                 (id, out)
             })
@@ -311,24 +359,89 @@ impl Replay {
     }
 
     fn replay_close(&self, id: u64, leader: Option<Close>) {
-        let Some(mine) = self.finish(id) else {
+        let Some((_, mine)) = self.finish_all(&[id]).pop() else {
             return;
         };
         match leader {
             Some(l) if l.bytes_out != mine.bytes || l.hash_out != mine.hash => {
-                self.divergences.fetch_add(1, Ordering::Relaxed);
-                warn!(
+                self.outputs_differed.fetch_add(1, Ordering::Relaxed);
+                info!(
                     conn = id,
                     leader_bytes = l.bytes_out,
                     local_bytes = mine.bytes,
-                    "DIVERGENCE: the local server's output on this connection differs from the leader's \
-                     (bytes 0..{} compared)",
-                    l.bytes_out.max(mine.bytes)
+                    "outputs differed: the local server's replies on this connection differ from \
+                     the leader's (servers put times and nonces in replies; `apus check` compares state)"
                 );
             }
             _ => {}
         }
     }
+
+    /// Runs the digest command at log position `index` (every earlier
+    /// entry has been read by the server) and records the result.
+    fn check(&self, index: u64) {
+        let digest = match &self.digest {
+            None => Err("no digest command configured (cluster.digest)".to_string()),
+            Some(cmd) => crate::check::run_digest(cmd, self),
+        };
+        match &digest {
+            Ok(d) => info!(index, digest = %d, "check: digest recorded"),
+            Err(e) => warn!(index, error = %e, "check: no digest"),
+        }
+        *lock(&self.last_check) = Some(CheckResult { index, digest });
+    }
+
+    /// Opens a connection into the server for the digest command; it is
+    /// known as internal until `done` is called with its address.
+    pub fn connect_check(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        self.connect(Internal::Check)
+    }
+
+    /// An internal connection has ended.
+    pub fn forget_internal(&self, local: SocketAddr) {
+        lock(&self.internal).remove(&local);
+    }
+
+    fn apply_entry(&self, e: &Entry<'_>) {
+        match e.kind {
+            EntryKind::Noop => {}
+            EntryKind::Check => self.check(e.index),
+            EntryKind::Connect => {
+                if Connect::decode(e.payload).is_some_and(|c| c.origin == self.nonce) {
+                    lock(&self.own).insert(e.index);
+                } else {
+                    self.replay_connect(e.index);
+                    self.replayed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            // Our own connection: its input is already in our server. (A
+            // CLOSE of it from a new leader only ends it in the log.)
+            EntryKind::Data | EntryKind::Close if lock(&self.own).contains(&e.conn) => {
+                if e.kind == EntryKind::Close {
+                    lock(&self.own).remove(&e.conn);
+                }
+            }
+            EntryKind::Data => {
+                self.replay_data(e.conn, e.payload);
+                self.replayed.fetch_add(1, Ordering::Relaxed);
+            }
+            EntryKind::Close => {
+                self.replay_close(e.conn, Close::decode(e.payload));
+                self.replayed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn drain(mut reader: TcpStream, out: &Mutex<StreamHash>, drained: &AtomicBool) {
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n) = reader.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        lock(out).update(&buf[..n]);
+    }
+    drained.store(true, Ordering::Release);
 }
 
 fn sockaddr_in(ip: std::net::Ipv4Addr, port: u16) -> libc::sockaddr_in {
@@ -348,27 +461,11 @@ pub struct Replayer(pub Arc<Replay>);
 
 impl StateMachine for Replayer {
     fn apply(&mut self, e: &Entry<'_>) -> Vec<u8> {
-        let r = &self.0;
-        match e.kind {
-            EntryKind::Noop => {}
-            EntryKind::Connect => match Connect::decode(e.payload) {
-                Some(c) if c.origin == r.nonce => r.turnstile.note(e.index),
-                _ => {
-                    r.replay_connect(e.index);
-                    r.replayed.fetch_add(1, Ordering::Relaxed);
-                }
-            },
-            EntryKind::Data | EntryKind::Close if r.registry.owns(e.conn) => {
-                r.turnstile.note(e.index)
-            }
-            EntryKind::Data => {
-                r.replay_data(e.conn, e.payload);
-                r.replayed.fetch_add(1, Ordering::Relaxed);
-            }
-            EntryKind::Close => {
-                r.replay_close(e.conn, Close::decode(e.payload));
-                r.replayed.fetch_add(1, Ordering::Relaxed);
-            }
+        crate::inside(|| self.0.apply_entry(e));
+        // The proposer (a server thread, or a thread serving a child)
+        // passes the turnstile once this returns.
+        if e.proposed_here {
+            self.0.turnstile.note(e.index);
         }
         e.index.to_le_bytes().to_vec()
     }
@@ -400,5 +497,60 @@ mod tests {
             h.join().unwrap();
         }
         assert!(t.waiting.lock().unwrap().is_empty());
+    }
+
+    fn replay() -> Replay {
+        static REG: std::sync::LazyLock<Registry> = std::sync::LazyLock::new(Registry::default);
+        Replay::new("127.0.0.1:1".parse().unwrap(), 7, &REG, None)
+    }
+
+    fn entry(index: u64, kind: EntryKind, conn: u64, payload: &[u8], here: bool) -> Entry<'_> {
+        Entry {
+            index,
+            term: 1,
+            kind,
+            conn,
+            payload,
+            proposed_here: here,
+        }
+    }
+
+    /// Regression (issue 13): a new leader's CLOSE of one of our old
+    /// connections was noted in the turnstile as ours, nobody passed it, and
+    /// every later server thread waited forever.
+    #[test]
+    fn only_entries_proposed_here_wait_in_the_turnstile() {
+        let r = Arc::new(replay());
+        let mut sm = Replayer(r.clone());
+        let ours = Connect { origin: 7, tag: 1 }.encode();
+        sm.apply(&entry(1, EntryKind::Connect, 0, &ours, true));
+        r.turnstile.pass(1);
+        sm.apply(&entry(2, EntryKind::Data, 1, b"GET a", true));
+        r.turnstile.pass(2);
+        // Another leader ends our connection in its term.
+        let close = Close::default().encode();
+        sm.apply(&entry(3, EntryKind::Close, 1, &close, false));
+        assert!(r.turnstile.waiting.lock().unwrap().is_empty());
+        assert!(!lock(&r.own).contains(&1));
+        // Our next proposal passes at once.
+        sm.apply(&entry(4, EntryKind::Noop, 0, &[], true));
+        r.turnstile.pass(4);
+        assert!(r.turnstile.waiting.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn internal_connections_are_known_by_full_address_while_alive() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        static REG: std::sync::LazyLock<Registry> = std::sync::LazyLock::new(Registry::default);
+        let r = Replay::new(l.local_addr().unwrap(), 7, &REG, None);
+        r.replay_connect(9);
+        let (server_side, peer) = l.accept().unwrap();
+        assert_eq!(r.internal(peer), Some(Internal::Replay(9)));
+        // The same port from another address is nobody we know.
+        let other = SocketAddr::new("127.0.0.2".parse().unwrap(), peer.port());
+        assert_eq!(r.internal(other), None);
+        drop(server_side);
+        assert_eq!(r.finish_all(&[9]).len(), 1);
+        assert_eq!(r.internal(peer), None, "forgotten once the connection ended");
     }
 }

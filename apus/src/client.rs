@@ -6,13 +6,17 @@
 //! PROPOSE  1: payload                            -> APPLIED | NOT_LEADER | FAILED
 //! STATUS   2: (empty)                            -> STATUS
 //! DUMP     3: (empty)                            -> IDS
+//! CHECK    4: (empty)                            -> APPLIED (the CHECK entry) | NOT_LEADER | FAILED
+//! LAST_CHECK 5: (empty)                          -> CHECKED
 //! APPLIED  11: index u64 | output
 //! NOT_LEADER 12: leader u8 (255 = unknown)
 //! FAILED   13: reason (UTF-8)
 //! STATUS   14: role u8 | term u64 | leader u8 | commit u64 | last u64 |
 //!              applied u64 | recovering u8 | entries u64 | digest u64 |
-//!              divergences u64 | fenced_writes u64 | revocations u64 | transport u8
+//!              outputs_differed u64 | fenced_writes u64 | revocations u64 | transport u8 |
+//!              last_check u64
 //! IDS      15: count u64 | id u64 ...
+//! CHECKED  16: index u64 | ok u8 | digest or error (UTF-8)   (index 0: no check yet)
 //! ```
 //!
 //! The port is meant for loopback and administration (it carries no
@@ -33,11 +37,14 @@ pub const MAX_FRAME: usize = 16 << 20;
 const PROPOSE: u8 = 1;
 const STATUS: u8 = 2;
 const DUMP: u8 = 3;
+const CHECK: u8 = 4;
+const LAST_CHECK: u8 = 5;
 const APPLIED: u8 = 11;
 const NOT_LEADER: u8 = 12;
 const FAILED: u8 = 13;
 const STATUS_REPLY: u8 = 14;
 const IDS: u8 = 15;
+const CHECKED: u8 = 16;
 
 /// A request from a client.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,6 +55,10 @@ pub enum Request {
     Status,
     /// List the ids of every applied entry (first 8 bytes of each payload).
     Dump,
+    /// Put a consistency check into the log (`apus check`, on the leader).
+    Check,
+    /// The replica's last consistency check.
+    LastCheck,
 }
 
 /// A replica's status as reported to clients.
@@ -71,15 +82,18 @@ pub struct RemoteStatus {
     pub entries: u64,
     /// Digest of the applied data entries, in order.
     pub digest: u64,
-    /// Replayed connections whose output differed from the leader's
-    /// (`apus run`).
-    pub divergences: u64,
+    /// Replayed connections whose replies differed from the leader's
+    /// (`apus run`). Servers put times and nonces in replies, so this is
+    /// not a verdict on their state: `apus check` compares state.
+    pub outputs_differed: u64,
     /// This replica's ring writes its peers refused (fabric transport).
     pub fenced_writes: u64,
     /// Ring grants this replica revoked (fabric transport).
     pub revocations: u64,
     /// The transport it runs ([`TransportKind::Auto`]: still choosing).
     pub transport: TransportKind,
+    /// The log index of the last consistency check it recorded (0: none).
+    pub last_check: u64,
 }
 
 /// A reply to a client.
@@ -100,6 +114,13 @@ pub enum Reply {
     Status(RemoteStatus),
     /// Applied ids.
     Ids(Vec<u64>),
+    /// A replica's last consistency check.
+    Checked {
+        /// The CHECK entry's index (0: no check yet).
+        index: u64,
+        /// The digest the server's command printed, or why there is none.
+        digest: Result<String, String>,
+    },
 }
 
 /// A malformed frame.
@@ -160,6 +181,8 @@ impl Request {
             Request::Propose(p) => frame(PROPOSE, p),
             Request::Status => frame(STATUS, &[]),
             Request::Dump => frame(DUMP, &[]),
+            Request::Check => frame(CHECK, &[]),
+            Request::LastCheck => frame(LAST_CHECK, &[]),
         }
     }
 
@@ -169,7 +192,9 @@ impl Request {
             PROPOSE => Ok(Request::Propose(body)),
             STATUS if body.is_empty() => Ok(Request::Status),
             DUMP if body.is_empty() => Ok(Request::Dump),
-            STATUS | DUMP => Err(ProtocolError::Body(kind)),
+            CHECK if body.is_empty() => Ok(Request::Check),
+            LAST_CHECK if body.is_empty() => Ok(Request::LastCheck),
+            STATUS | DUMP | CHECK | LAST_CHECK => Err(ProtocolError::Body(kind)),
             other => Err(ProtocolError::Type(other)),
         }
     }
@@ -200,10 +225,11 @@ impl Reply {
                 b.push(u8::from(s.recovering));
                 b.extend_from_slice(&s.entries.to_le_bytes());
                 b.extend_from_slice(&s.digest.to_le_bytes());
-                for v in [s.divergences, s.fenced_writes, s.revocations] {
+                for v in [s.outputs_differed, s.fenced_writes, s.revocations] {
                     b.extend_from_slice(&v.to_le_bytes());
                 }
                 b.push(s.transport.code());
+                b.extend_from_slice(&s.last_check.to_le_bytes());
                 frame(STATUS_REPLY, &b)
             }
             Reply::Ids(ids) => {
@@ -212,6 +238,16 @@ impl Reply {
                     b.extend_from_slice(&id.to_le_bytes());
                 }
                 frame(IDS, &b)
+            }
+            Reply::Checked { index, digest } => {
+                let mut b = index.to_le_bytes().to_vec();
+                let (ok, text) = match digest {
+                    Ok(d) => (1, d),
+                    Err(e) => (0, e),
+                };
+                b.push(ok);
+                b.extend_from_slice(text.as_bytes());
+                frame(CHECKED, &b)
             }
         }
     }
@@ -226,7 +262,7 @@ impl Reply {
             }),
             NOT_LEADER if b.len() == 1 => Ok(Reply::NotLeader(node(b[0]))),
             FAILED => Ok(Reply::Failed(String::from_utf8_lossy(&b).into_owned())),
-            STATUS_REPLY if b.len() == 1 + 8 + 1 + 24 + 1 + 40 + 1 => {
+            STATUS_REPLY if b.len() == 1 + 8 + 1 + 24 + 1 + 40 + 1 + 8 => {
                 let role = match b[0] {
                     0 => Role::Follower,
                     1 => Role::Candidate,
@@ -243,10 +279,11 @@ impl Reply {
                     recovering: b[34] != 0,
                     entries: u64_at(&b, 35),
                     digest: u64_at(&b, 43),
-                    divergences: u64_at(&b, 51),
+                    outputs_differed: u64_at(&b, 51),
                     fenced_writes: u64_at(&b, 59),
                     revocations: u64_at(&b, 67),
                     transport: TransportKind::from_code(b[75]).ok_or_else(bad)?,
+                    last_check: u64_at(&b, 76),
                 }))
             }
             IDS if b.len() >= 8 => {
@@ -256,7 +293,14 @@ impl Reply {
                 }
                 Ok(Reply::Ids((0..n).map(|i| u64_at(&b, 8 + i * 8)).collect()))
             }
-            APPLIED | NOT_LEADER | STATUS_REPLY | IDS => Err(bad()),
+            CHECKED if b.len() >= 9 => {
+                let text = String::from_utf8_lossy(&b[9..]).into_owned();
+                Ok(Reply::Checked {
+                    index: u64_at(&b, 0),
+                    digest: if b[8] == 1 { Ok(text) } else { Err(text) },
+                })
+            }
+            APPLIED | NOT_LEADER | STATUS_REPLY | IDS | CHECKED => Err(bad()),
             other => Err(ProtocolError::Type(other)),
         }
     }
@@ -310,12 +354,21 @@ mod tests {
                 recovering: true,
                 entries: 7,
                 digest: 0xdead,
-                divergences: 2,
+                outputs_differed: 2,
                 fenced_writes: 3,
                 revocations: 4,
                 transport: TransportKind::Verbs,
+                last_check: 12,
             }),
             Reply::Ids(vec![1, 2, 3]),
+            Reply::Checked {
+                index: 12,
+                digest: Ok("d41d8cd9".into()),
+            },
+            Reply::Checked {
+                index: 0,
+                digest: Err("no digest command".into()),
+            },
         ];
         for r in replies {
             let f = r.encode();
@@ -326,6 +379,8 @@ mod tests {
             Request::Propose(b"x".to_vec()),
             Request::Status,
             Request::Dump,
+            Request::Check,
+            Request::LastCheck,
         ] {
             let f = q.encode();
             let (k, b) = read_frame(&mut f.as_slice()).unwrap().unwrap();

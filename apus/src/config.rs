@@ -13,6 +13,8 @@
 //! poll = "hybrid"                     # spin | hybrid | park
 //! tls_ca = "certs/ca.pem"             # quic: the cluster CA (`apus certs` makes one)
 //! follower_clients = "refuse"         # `apus run`: refuse | serve (unreplicated, to inspect)
+//! digest = ["redis-cli", "-p", "{port}", "DEBUG", "DIGEST"]  # `apus check`: the server's state digest
+//! digest_timeout_ms = 10000           # `apus check`: how long the digest command may take
 //!
 //! [engine]                            # optional; defaults shown
 //! ring_capacity = 4194304
@@ -26,7 +28,8 @@
 //! id = 0
 //! address = "127.0.0.1:7100"          # replication traffic
 //! client = "127.0.0.1:7200"           # clients and `apus status`
-//! app = "127.0.0.1:6379"              # `apus run`: where this replica's server listens
+//! app = "127.0.0.1:6379"              # `apus run`: where this replica's server listens (IPv4)
+//! server_dir = "/var/lib/redis"       # `apus run`: the server's own data (restored pristine at every start)
 //! data_dir = "/var/lib/apus/0"
 //! tls_cert = "certs/n0.pem"           # quic: this replica's certificate...
 //! tls_key = "certs/n0.key"            # ...and key
@@ -228,6 +231,8 @@ struct RawCluster {
     tls_ca: Option<PathBuf>,
     #[serde(default)]
     follower_clients: FollowerClients,
+    digest: Option<Vec<String>>,
+    digest_timeout_ms: Option<u64>,
     provider: Option<String>,
     domain: Option<String>,
     device: Option<String>,
@@ -252,6 +257,7 @@ struct RawReplica {
     address: String,
     client: Option<String>,
     app: Option<String>,
+    server_dir: Option<PathBuf>,
     data_dir: PathBuf,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -268,8 +274,23 @@ pub struct ReplicaSpec {
     pub client: Option<SocketAddr>,
     /// Where the replicated server listens (`apus run`).
     pub app: Option<SocketAddr>,
+    /// The replicated server's own data directory (`apus run`): its first
+    /// contents are kept as the pristine state, and every start of the
+    /// server (a rebuild included) begins from a copy of them, since the
+    /// log is replayed into it from the beginning.
+    pub server_dir: Option<PathBuf>,
     /// Where it keeps its log and hard state.
     pub data_dir: PathBuf,
+}
+
+/// How `apus check` reads a replicated server's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DigestCommand {
+    /// The program and its arguments; `{port}` and `{host}` are replaced by
+    /// the address the command must connect to.
+    pub argv: Vec<String>,
+    /// How long it may run.
+    pub timeout: Duration,
 }
 
 /// A validated cluster configuration.
@@ -295,6 +316,8 @@ pub struct ClusterConfig {
     pub verbs: Option<VerbsSettings>,
     /// What a follower does with real clients (`apus run`).
     pub follower_clients: FollowerClients,
+    /// The server's digest command (`apus check`), if configured.
+    pub digest: Option<DigestCommand>,
     /// Engine settings shared by every replica (its `id` is replica 0's;
     /// see [`ClusterConfig::engine_for`]).
     pub engine: ReplicaConfig,
@@ -456,8 +479,24 @@ impl ClusterConfig {
                     if !seen_addr.insert(a) {
                         return err(f("app"), format!("{a} is used twice"));
                     }
+                    if a.is_ipv6() {
+                        return err(
+                            f("app"),
+                            format!(
+                                "{a}: IPv6 is not supported (followers replay into their server \
+                                 over IPv4 loopback); give the server an IPv4 address"
+                            ),
+                        );
+                    }
                     Some(a)
                 }
+                None => None,
+            };
+            let server_dir = match &r.server_dir {
+                Some(d) if d.as_os_str().is_empty() => {
+                    return err(f("server_dir"), "must not be empty");
+                }
+                Some(d) => Some(rel(d.clone())),
                 None => None,
             };
             if r.data_dir.as_os_str().is_empty() {
@@ -468,6 +507,7 @@ impl ClusterConfig {
                 address,
                 client,
                 app,
+                server_dir,
                 data_dir: rel(r.data_dir.clone()),
             });
         }
@@ -561,6 +601,24 @@ impl ClusterConfig {
                 })
             }
         };
+        let digest = match (c.digest, c.digest_timeout_ms) {
+            (None, None) => None,
+            (None, Some(_)) => return err("cluster.digest_timeout_ms", "applies with digest only"),
+            (Some(argv), _) if argv.is_empty() || argv[0].is_empty() => {
+                return err("cluster.digest", "must name a program, e.g. [\"redis-cli\", \"-p\", \"{port}\", \"DEBUG\", \"DIGEST\"]");
+            }
+            (Some(argv), _) if !argv.iter().any(|a| a.contains("{port}")) => {
+                return err(
+                    "cluster.digest",
+                    "must connect to {port}: apus runs it against the replica's server through a port of its own",
+                );
+            }
+            (Some(_), Some(0)) => return err("cluster.digest_timeout_ms", "must be at least 1"),
+            (Some(argv), ms) => Some(DigestCommand {
+                argv,
+                timeout: Duration::from_millis(ms.unwrap_or(10_000)),
+            }),
+        };
         let mut engine = ReplicaConfig::new(NodeId(0), replicas.len());
         engine.durability = durability;
         let e = raw.engine;
@@ -602,6 +660,7 @@ impl ClusterConfig {
             fabric,
             verbs,
             follower_clients: c.follower_clients,
+            digest,
             engine,
         })
     }
@@ -667,6 +726,22 @@ data_dir = "/abs/d1"
         assert_eq!(c.replicas[1].data_dir, Path::new("/abs/d1"));
         assert_eq!(c.engine_for(NodeId(1)).unwrap().id, NodeId(1));
         assert_eq!(c.engine_for(NodeId(2)).unwrap_err().field, "--id");
+        assert_eq!(c.digest, None);
+        let with_app = GOOD.replacen(
+            "poll = \"spin\"",
+            "poll = \"spin\"\ndigest = [\"redis-cli\", \"-p\", \"{port}\", \"DEBUG\", \"DIGEST\"]",
+            1,
+        )
+        .replacen(
+            "data_dir = \"d0\"",
+            "data_dir = \"d0\"\napp = \"127.0.0.1:6379\"\nserver_dir = \"s0\"",
+            1,
+        );
+        let c = ClusterConfig::parse(&with_app, Some(Path::new("/etc/apus"))).unwrap();
+        let d = c.digest.clone().unwrap();
+        assert_eq!(d.argv[2], "{port}");
+        assert_eq!(d.timeout, Duration::from_secs(10));
+        assert_eq!(c.replicas[0].server_dir.as_deref(), Some(Path::new("/etc/apus/s0")));
         assert!(
             !format!("{c:?}").contains("0123456789abcdef"),
             "secret leaked into Debug"
@@ -765,6 +840,31 @@ data_dir = "/abs/d1"
                 "data_dir = \"d0\"",
                 "data_dir = \"\"",
                 "replica[0].data_dir",
+            ),
+            (
+                "data_dir = \"d0\"",
+                "data_dir = \"d0\"\napp = \"[::1]:6379\"",
+                "replica[0].app",
+            ),
+            (
+                "data_dir = \"d0\"",
+                "data_dir = \"d0\"\nserver_dir = \"\"",
+                "replica[0].server_dir",
+            ),
+            (
+                "poll = \"spin\"",
+                "poll = \"spin\"\ndigest = []",
+                "cluster.digest",
+            ),
+            (
+                "poll = \"spin\"",
+                "poll = \"spin\"\ndigest = [\"redis-cli\", \"DEBUG\", \"DIGEST\"]",
+                "cluster.digest",
+            ),
+            (
+                "poll = \"spin\"",
+                "poll = \"spin\"\ndigest_timeout_ms = 5",
+                "cluster.digest_timeout_ms",
             ),
         ];
         for (from, to, field) in cases {

@@ -57,6 +57,7 @@ pub mod negotiate;
 pub mod node;
 pub mod service;
 pub mod storage;
+pub mod supervisor;
 
 pub use config::{
     ClusterConfig, ConfigError, FollowerClients, Fsync, PollPolicy, TlsPaths, TransportKind,

@@ -65,6 +65,9 @@ pub struct Entry<'a> {
     pub conn: u64,
     /// The proposed bytes.
     pub payload: &'a [u8],
+    /// Whether it was proposed through this node in this run, and its
+    /// proposer is answered with what `apply` returns.
+    pub proposed_here: bool,
 }
 
 /// A proposal that committed and was applied on this node.
@@ -185,18 +188,22 @@ impl Waiter {
         self.thread.unpark();
     }
 
-    /// Spins briefly, then parks until completed or `deadline`.
-    fn wait(&self, deadline: Instant) -> Result<Applied, ProposeError> {
+    /// Spins briefly, then parks until completed or `deadline` (none: until
+    /// completed).
+    fn wait(&self, deadline: Option<Instant>) -> Result<Applied, ProposeError> {
         let spin_until = Instant::now() + PROPOSER_SPIN;
         while !self.done.load(Ordering::Acquire) {
             let now = Instant::now();
-            if now >= deadline {
+            if deadline.is_some_and(|d| now >= d) {
                 return Err(ProposeError::Timeout);
             }
             if now < spin_until {
                 std::hint::spin_loop();
             } else {
-                thread::park_timeout(deadline - now);
+                // Parks are bounded so a missed unpark costs a second, not
+                // the proposal.
+                let park = deadline.map_or(Duration::from_secs(1), |d| d - now);
+                thread::park_timeout(park.min(Duration::from_secs(1)));
             }
         }
         self.result
@@ -402,6 +409,34 @@ impl Node {
         conn: u64,
         payload: &[u8],
     ) -> Result<Applied, ProposeError> {
+        self.propose_until(kind, conn, payload, Some(Instant::now() + self.propose_timeout))
+    }
+
+    /// [`propose_entry`](Self::propose_entry) without a timeout: waits until
+    /// the outcome is known. It returns `Ok` once the entry is applied here,
+    /// and an error only when the entry is known never to commit
+    /// (`NotLeader`, `TooLarge`, `Lost`) or the node stopped; never
+    /// `Timeout`. For callers that must not act on an unknown outcome: the
+    /// interception library, whose server must see exactly the input that
+    /// commits.
+    pub fn propose_resolved(
+        &self,
+        kind: EntryKind,
+        conn: u64,
+        payload: &[u8],
+    ) -> Result<Applied, ProposeError> {
+        let r = self.propose_until(kind, conn, payload, None);
+        debug_assert!(r != Err(ProposeError::Timeout), "no deadline, no timeout");
+        r
+    }
+
+    fn propose_until(
+        &self,
+        kind: EntryKind,
+        conn: u64,
+        payload: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<Applied, ProposeError> {
         if let Some(why) = self.stopped() {
             return Err(ProposeError::Stopped(why));
         }
@@ -411,7 +446,6 @@ impl Node {
                 max: self.shared.max_payload,
             });
         }
-        let deadline = Instant::now() + self.propose_timeout;
         let waiter = Waiter::new();
         let mut req = Request {
             kind,
@@ -424,7 +458,7 @@ impl Node {
                 Ok(()) => break,
                 Err(back) => {
                     // Queue full: the engine is behind. Wait for room.
-                    if Instant::now() >= deadline {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(ProposeError::Timeout);
                     }
                     if let Some(why) = self.stopped() {
@@ -950,6 +984,7 @@ fn apply_loop<S: StateMachine>(shared: Arc<Shared>, mut sm: S) {
                 kind: item.kind,
                 conn: item.conn,
                 payload: &item.payload,
+                proposed_here: item.waiter.is_some(),
             };
             let output = sm.apply(&entry);
             shared.applied.store(item.index, Ordering::Release);

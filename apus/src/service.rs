@@ -139,16 +139,22 @@ fn serve_one(mut s: TcpStream, node: &Node, register: &Register) -> io::Result<(
                     recovering: st.recovering,
                     entries: r.entries,
                     digest: r.digest,
-                    divergences: 0,
+                    outputs_differed: 0,
                     fenced_writes: st.fencing.fenced_writes,
                     revocations: st.fencing.revocations,
                     transport: st.transport,
+                    last_check: 0,
                 })
             }
             Request::Dump => {
                 let r = register.0.lock().unwrap_or_else(|p| p.into_inner());
                 Reply::Ids(r.ids.clone())
             }
+            Request::Check | Request::LastCheck => Reply::Failed(
+                "`apus check` reads a replicated server's state (`apus run`); `apus node` \
+                 reports its register's digest in STATUS"
+                    .into(),
+            ),
         };
         s.write_all(&reply.encode())?;
     }

@@ -134,9 +134,9 @@ pub fn run_demo(args: &[String]) -> Result<ExitCode> {
         f.new_leader, f.election_ms, f.first_ack_ms
     );
     for (i, (st, digest)) in statuses.iter().zip(&digests).enumerate() {
-        let (role, applied, div) = (st.role.to_string(), st.applied, st.divergences);
+        let (role, applied, div) = (st.role.to_string(), st.applied, st.outputs_differed);
         println!(
-            "  n{i}  {role:<9} applied {applied:>8}  divergences {div}  {digest}{}",
+            "  n{i}  {role:<9} applied {applied:>8}  outputs differed {div}  {digest}{}",
             if i == f.victim {
                 "   (restarted, rebuilt from the log)"
             } else {

@@ -592,14 +592,16 @@ impl AppCluster {
             );
             thread::sleep(Duration::from_millis(100));
         };
-        let divergences: u64 = alive
+        // These servers put no nonces or clocks in their replies: every
+        // replayed connection must have answered exactly as on the leader.
+        let differed: u64 = alive
             .iter()
             .filter_map(|&i| self.replica_status(i))
-            .map(|s| s.divergences)
+            .map(|s| s.outputs_differed)
             .sum();
         ensure!(
-            divergences == 0,
-            "{divergences} divergences reported (replies differed between replicas); logs in {}",
+            differed == 0,
+            "{differed} replayed connections answered differently from the leader; logs in {}",
             self.dir.display()
         );
         Ok(format!(
@@ -1241,7 +1243,6 @@ fn misconfiguration(cluster: &mut AppCluster, leader: usize) -> Result<Vec<Strin
         .env("LD_PRELOAD", &lib)
         .env("APUS_CONFIG", &cluster.config)
         .env("APUS_ID", "9")
-        .env("APUS_PARENT", std::process::id().to_string())
         .stdin(Stdio::null())
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
@@ -1253,6 +1254,21 @@ fn misconfiguration(cluster: &mut AppCluster, leader: usize) -> Result<Vec<Strin
         out.status
     );
     done.push(format!("preloaded with APUS_ID=9: {}", err.trim()));
+    // Preloaded by hand, with a good id but no `apus run` to supervise it.
+    let out = tools::own(&cluster.bins.resp_kv)
+        .args(["--port", &spare.to_string()])
+        .env("LD_PRELOAD", &lib)
+        .env("APUS_CONFIG", &cluster.config)
+        .env("APUS_ID", "0")
+        .stdin(Stdio::null())
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(78) && err.contains("only under `apus run`"),
+        "a server preloaded without `apus run` should stop at once with status 78: {} {err}",
+        out.status
+    );
+    done.push(format!("preloaded without apus run: {}", err.trim()));
     // A second process claiming a running replica's id: its app port is free
     // but its replication address is taken. The library must stop it before
     // it serves anyone rather than let it run unreplicated.

@@ -7,6 +7,7 @@
 //! apus run    --config C --id N -- SERVER ARGS...   run a server replicated by the interception library
 //! apus leader --config C            print the leader's application address
 //! apus fence-check --config C --id N   (N stopped) check every peer refuses N's log writes
+//! apus check  --config C            every replica's server digest at one log position
 //! ```
 
 use std::net::SocketAddr;
@@ -19,6 +20,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use apus::client::{Client, Reply, Request};
 use apus::service::{Register, serve_clients};
+use apus::supervisor::pristine::Pristine;
+use apus::supervisor::run::{ServerSpec, supervise};
 use apus::{ClusterConfig, Node, TransportKind};
 use apus_core::NodeId;
 
@@ -29,6 +32,10 @@ usage:
   apus run    --config FILE --id N -- SERVER [ARGS...]
                                      run SERVER replicated (it must listen on replica[N].app)
   apus leader --config FILE          print the current leader's application address
+  apus check  --config FILE [--timeout-ms MS]
+                                     put a consistency check into the log; every replica runs
+                                     the server's digest command (cluster.digest) at that point;
+                                     prints each digest, exits 1 if they differ
   apus certs  --config FILE [--force]
                                      generate the CA and every replica's certificate and key
                                      at the paths FILE names (transport = \"quic\")
@@ -100,9 +107,27 @@ fn main() -> ExitCode {
         "node" => node(&args),
         "status" => status(&args),
         "certs" => certs(&args),
-        "run" => run(&args),
+        "run" => {
+            return match run(&args) {
+                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                Err(e) => {
+                    eprintln!("apus: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         "leader" => leader(&args),
         "fence-check" => fence_check(&args),
+        "check" => {
+            return match check(&args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("apus: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -205,7 +230,7 @@ fn status(args: &Args) -> Result<()> {
         .max()
         .unwrap_or(0);
     println!(
-        "{:<4} {:<10} {:>6} {:>7} {:>10} {:>10} {:>10} {:>8} {:>11}  {:<9}",
+        "{:<4} {:<10} {:>6} {:>7} {:>10} {:>10} {:>10} {:>8} {:>10} {:>10}  {:<9}",
         "id",
         "role",
         "term",
@@ -214,13 +239,14 @@ fn status(args: &Args) -> Result<()> {
         "last",
         "applied",
         "lag",
-        "divergences",
+        "last check",
+        "outputs≠",
         "transport"
     );
     for (id, addr, st) in rows {
         match st {
             Some(s) => println!(
-                "{:<4} {:<10} {:>6} {:>7} {:>10} {:>10} {:>10} {:>8} {:>11}  {:<9}{}",
+                "{:<4} {:<10} {:>6} {:>7} {:>10} {:>10} {:>10} {:>8} {:>10} {:>10}  {:<9}{}",
                 id.to_string(),
                 s.role.to_string(),
                 s.term,
@@ -229,7 +255,8 @@ fn status(args: &Args) -> Result<()> {
                 s.last_index,
                 s.applied,
                 top.saturating_sub(s.applied),
-                s.divergences,
+                if s.last_check == 0 { "-".to_string() } else { s.last_check.to_string() },
+                s.outputs_differed,
                 match s.transport {
                     apus::TransportKind::Auto => "choosing".to_string(),
                     t => t.to_string(),
@@ -246,6 +273,11 @@ fn status(args: &Args) -> Result<()> {
             ),
         }
     }
+    println!(
+        "last check: the log index of the replica's last `apus check`; outputs≠: replayed \
+         connections whose replies differed from the leader's (nonces and clocks in replies \
+         do that too: `apus check` compares state)"
+    );
     Ok(())
 }
 
@@ -321,7 +353,7 @@ fn intercept_lib() -> Result<PathBuf> {
     }
 }
 
-fn run(args: &Args) -> Result<()> {
+fn run(args: &Args) -> Result<i32> {
     let config_path = args.config.as_ref().context("--config FILE is required")?;
     let config = load(args)?;
     let id = args.id.context("--id N is required")?;
@@ -331,59 +363,111 @@ fn run(args: &Args) -> Result<()> {
             config.replicas.len()
         )
     })?;
-    if spec.app.is_none() {
+    let Some(app) = spec.app else {
         bail!("replica[{id}].app: `apus run` needs the address the server listens on");
-    }
-    let (program, rest) = args
-        .server
-        .split_first()
-        .context("give the server command after --")?;
-    let lib = intercept_lib()?;
-    let preload = match std::env::var("LD_PRELOAD") {
-        Ok(existing) if !existing.is_empty() => format!("{}:{existing}", lib.display()),
-        _ => lib.display().to_string(),
     };
+    if args.server.is_empty() {
+        bail!("give the server command after --");
+    }
+    let library = intercept_lib()?;
     let config_abs = std::fs::canonicalize(config_path)?;
-    let mut command = std::process::Command::new(program);
-    // SAFETY: prctl is async-signal-safe and touches no memory of ours. The
-    // server dies with `apus run` (even by SIGKILL), so a supervisor that
-    // kills one never leaves an unsupervised replica behind.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
+    let pristine = match &spec.server_dir {
+        Some(dir) => Some(
+            Pristine::prepare(dir, &spec.data_dir.join("pristine-server")).with_context(|| {
+                format!("replica[{id}].server_dir: keeping a pristine copy of {}", dir.display())
+            })?,
+        ),
+        None => None,
+    };
+    supervise(&ServerSpec {
+        argv: args.server.clone(),
+        env: vec![
+            ("APUS_CONFIG".into(), config_abs.display().to_string()),
+            ("APUS_ID".into(), id.to_string()),
+        ],
+        library,
+        app_port: app.port(),
+        pristine,
+    })
+}
+
+/// `apus check`: `true` when every replica recorded the same digest.
+fn check(args: &Args) -> Result<bool> {
+    let config = load(args)?;
+    let digest = config
+        .digest
+        .as_ref()
+        .context("cluster.digest is not set: name the server's digest command, e.g. digest = [\"redis-cli\", \"-p\", \"{port}\", \"DEBUG\", \"DIGEST\"]")?;
+    let patience = digest.timeout + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + patience.max(args.timeout);
+    // The leader puts the CHECK into the log; it answers once the entry is
+    // applied there (its own digest taken).
+    let (leader, index) = 'search: loop {
+        let mut last_error = String::from("no leader reachable");
+        for r in &config.replicas {
+            let Some(addr) = r.client else { continue };
+            let Ok(mut c) = Client::connect(addr, patience) else {
+                continue;
+            };
+            match c.call(&Request::Check) {
+                Ok(Reply::Applied { index, .. }) => break 'search (r.id, index),
+                Ok(Reply::NotLeader(_)) => {}
+                Ok(Reply::Failed(why)) => last_error = why,
+                Ok(other) => last_error = format!("unexpected answer {other:?}"),
+                Err(e) => last_error = e.to_string(),
             }
-            Ok(())
-        });
-    }
-    let mut child = command
-        .args(rest)
-        .env("LD_PRELOAD", preload)
-        .env("APUS_CONFIG", &config_abs)
-        .env("APUS_ID", id.to_string())
-        .env("APUS_PARENT", std::process::id().to_string())
-        .spawn()
-        .with_context(|| format!("starting {program}"))?;
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-    }
-    loop {
-        if let Some(status) = child.try_wait()? {
-            if status.success() {
-                return Ok(());
-            }
-            bail!("{program} exited with {status}");
         }
-        if STOP.swap(false, Ordering::SeqCst) {
-            // SAFETY: signalling our own child by its pid.
-            unsafe {
-                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        if std::time::Instant::now() > deadline {
+            bail!("could not put a check into the log: {last_error}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!("check at log index {index} (put in by {leader}):");
+    let mut digests = Vec::new();
+    for r in &config.replicas {
+        let result = loop {
+            let got = r.client.and_then(|addr| {
+                let mut c = Client::connect(addr, Duration::from_secs(2)).ok()?;
+                match c.call(&Request::LastCheck).ok()? {
+                    Reply::Checked { index: i, digest } if i >= index => Some((i, digest)),
+                    _ => None,
+                }
+            });
+            match got {
+                Some(g) => break Some(g),
+                None if std::time::Instant::now() > deadline => break None,
+                None => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        match result {
+            Some((i, Ok(d))) if i == index => {
+                println!("  {}: {d}", r.id);
+                digests.push(Some(d));
+            }
+            Some((i, Ok(_))) => {
+                println!("  {}: superseded by a later check at {i}", r.id);
+                digests.push(None);
+            }
+            Some((_, Err(why))) => {
+                println!("  {}: no digest: {why}", r.id);
+                digests.push(None);
+            }
+            None => {
+                println!("  {}: did not record the check in time (down, or behind)", r.id);
+                digests.push(None);
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
+    let all_there = digests.iter().all(Option::is_some);
+    let equal = all_there && digests.windows(2).all(|w| w[0] == w[1]);
+    if equal {
+        println!("check: PASS (every replica holds the same state at {index})");
+    } else if all_there {
+        println!("check: FAIL: the replicas' digests differ");
+    } else {
+        println!("check: FAIL: not every replica produced a digest");
+    }
+    Ok(equal)
 }
 
 fn leader(args: &Args) -> Result<()> {
