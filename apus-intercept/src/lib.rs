@@ -349,8 +349,10 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
     }
 }
 
+/// The holder's machinery, for its own threads: they start while it is
+/// being built, and wait here until it is.
 fn holder_apus() -> &'static Apus {
-    &HOLDER.get().expect("started before its threads").apus
+    &HOLDER.wait().apus
 }
 
 /// Follows the node's role: a new leader first ends the connections it was
