@@ -221,30 +221,6 @@ pub fn find_leader(status: &[SocketAddr]) -> Option<usize> {
     (0..status.len()).find(|&i| status_at(status[i]).is_some_and(|s| s.role == Role::Leader))
 }
 
-/// Pids of the processes whose parent is `parent`.
-fn children_of(parent: u32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    // "pid (comm) state ppid ...": comm may hold spaces.
-                    let rest = &s[s.rfind(')')? + 1..];
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(parent)
-        })
-        .collect()
-}
-
-fn sigkill(pid: i32) -> Result<()> {
-    signal(pid, "KILL")
-}
-
 /// Sends `SIG<name>` to `pid` (KILL, STOP, CONT).
 pub fn signal(pid: i32, name: &str) -> Result<()> {
     let sig = match name {
@@ -417,20 +393,40 @@ impl AppCluster {
         self.start_with(i, None)
     }
 
-    /// SIGKILLs replica `i`'s server process (not `apus run`, which then
-    /// exits by itself).
+    /// The processes of replica `i`'s server (every descendant of its
+    /// `apus run`: daemons and forked workers too).
+    pub fn server_pids(&self, i: usize) -> Vec<u32> {
+        self.runs[i]
+            .as_ref()
+            .map(|r| apus::supervisor::tree::descendants(r.id()))
+            .unwrap_or_default()
+    }
+
+    /// SIGKILLs every process of replica `i`'s server at once, as a host
+    /// crash would (not `apus run`, which then exits by itself).
     pub fn kill(&mut self, i: usize) -> Result<()> {
+        let servers = self.server_pids(i);
         let Some(mut run) = self.runs[i].take() else {
             return Ok(());
         };
-        let servers = children_of(run.id());
         if servers.is_empty() {
             let _ = run.kill();
         }
         for pid in servers {
-            sigkill(pid)?;
+            let _ = signal(pid as i32, "KILL");
         }
         run.wait()?;
+        Ok(())
+    }
+
+    /// Freezes (`STOP`) or resumes (`CONT`) every process of replica `i`'s
+    /// server, as a VM stall or a long GC pause would.
+    pub fn freeze(&self, i: usize, stop: bool) -> Result<()> {
+        let pids = self.server_pids(i);
+        ensure!(!pids.is_empty(), "replica n{i} has no server processes");
+        for pid in pids {
+            signal(pid as i32, if stop { "STOP" } else { "CONT" })?;
+        }
         Ok(())
     }
 
@@ -443,7 +439,7 @@ impl AppCluster {
     }
 
     /// Fails if `apus run` of a replica that should be running has exited.
-    fn check_alive(&mut self, alive: &[usize]) -> Result<()> {
+    pub fn check_alive(&mut self, alive: &[usize]) -> Result<()> {
         for &i in alive {
             if let Some(r) = self.runs[i].as_mut()
                 && let Some(st) = r.try_wait()?
@@ -1116,6 +1112,141 @@ pub fn failover_under_load(
     })
 }
 
+/// One pause of the leader: frozen until another replica leads, resumed,
+/// and back as a working follower.
+#[derive(Debug)]
+pub struct Rejoin {
+    pub victim: usize,
+    pub new_leader: usize,
+    /// From the freeze until the new leader was elected.
+    pub deposed_ms: f64,
+    /// From the resume until the old leader followed the new one and had
+    /// applied everything committed when it resumed.
+    pub rejoin_ms: f64,
+    /// Whether `apus run` rebuilt its server on the way.
+    pub rebuilt: bool,
+}
+
+/// Runs the INCR load and, `rounds` times, freezes the leader's server
+/// (every process, SIGSTOP) until another replica leads, resumes it, and
+/// waits until it is a follower that has caught up. Then stops the load;
+/// every client's counter must match on every replica.
+pub fn pause_under_load(
+    cluster: &mut AppCluster,
+    clients: usize,
+    rounds: usize,
+) -> Result<(Vec<Rejoin>, Vec<Tally>)> {
+    let traffic = Traffic::new(cluster, false);
+    let workers = start_incr_clients(cluster, &traffic, clients)?;
+    let all: Vec<usize> = (0..REPLICAS).collect();
+    let mut rejoins = Vec::new();
+    let result = (|| -> Result<()> {
+        for _ in 0..rounds {
+            thread::sleep(Duration::from_millis(700));
+            let victim = cluster.leader().context("no leader under load")?;
+            let old_term = cluster.replica_status(victim).map_or(0, |s| s.term);
+            let rebuilds_before = count_in_log(&cluster.dir.join(format!("n{victim}.log")), "asks for a rebuild");
+            cluster.freeze(victim, true)?;
+            let frozen = Instant::now();
+            let new_leader = loop {
+                if let Some(l) = (0..REPLICAS).filter(|&i| i != victim).find(|&i| {
+                    cluster
+                        .replica_status(i)
+                        .is_some_and(|s| s.role == Role::Leader && s.term > old_term)
+                }) {
+                    break l;
+                }
+                if frozen.elapsed() > Duration::from_secs(30) {
+                    cluster.freeze(victim, false)?;
+                    bail!("no new leader within 30 s of freezing n{victim}");
+                }
+                thread::sleep(Duration::from_millis(1));
+            };
+            let deposed_ms = frozen.elapsed().as_secs_f64() * 1e3;
+            // Let the new leader commit for a while: the old one must catch up.
+            thread::sleep(Duration::from_millis(300));
+            cluster.freeze(victim, false)?;
+            let resumed = Instant::now();
+            let target = cluster
+                .replica_status(new_leader)
+                .context("the new leader stopped answering")?
+                .commit;
+            loop {
+                cluster.check_alive(&all)?;
+                let caught_up = cluster.replica_status(victim).is_some_and(|v| {
+                    v.role != Role::Leader && v.term > old_term && v.applied >= target
+                });
+                if caught_up {
+                    break;
+                }
+                ensure!(
+                    resumed.elapsed() < Duration::from_secs(60),
+                    "n{victim}, paused while leading and resumed, did not rejoin as a working \
+                     follower within 60 s (status {:?}; it must apply up to {target}); logs in {}",
+                    cluster.replica_status(victim),
+                    cluster.dir.display()
+                );
+                thread::sleep(Duration::from_millis(5));
+            }
+            rejoins.push(Rejoin {
+                victim,
+                new_leader,
+                deposed_ms,
+                rejoin_ms: resumed.elapsed().as_secs_f64() * 1e3,
+                rebuilt: count_in_log(&cluster.dir.join(format!("n{victim}.log")), "asks for a rebuild")
+                    > rebuilds_before,
+            });
+        }
+        thread::sleep(Duration::from_millis(500));
+        Ok(())
+    })();
+    traffic.stop();
+    let tallies: Vec<Tally> = workers
+        .into_iter()
+        .map(|w| {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("an INCR client panicked"))
+        })
+        .collect::<Result<_>>()?;
+    result?;
+    let errors = traffic.errors();
+    ensure!(errors.is_empty(), "{}", errors.join("\n"));
+    Ok((rejoins, tallies))
+}
+
+fn count_in_log(log: &Path, what: &str) -> usize {
+    std::fs::read_to_string(log).map_or(0, |t| t.matches(what).count())
+}
+
+/// The pause phase of an end-to-end check: two pauses of the leader under
+/// INCR load, then every replica equal and every counter right.
+pub fn pause_phase(cluster: &mut AppCluster) -> Result<Vec<String>> {
+    let all: Vec<usize> = (0..REPLICAS).collect();
+    cluster.wait_ready(&all, Duration::from_secs(30))?;
+    let (rejoins, tallies) = pause_under_load(cluster, INCR_CLIENTS, 2)?;
+    let mut lines: Vec<String> = rejoins
+        .iter()
+        .map(|r| {
+            format!(
+                "leader n{} paused: n{} elected {:.0} ms later; n{} resumed and caught up as a follower in {:.0} ms{}",
+                r.victim,
+                r.new_leader,
+                r.deposed_ms,
+                r.victim,
+                r.rejoin_ms,
+                if r.rebuilt { " (its server rebuilt from the log)" } else { "" }
+            )
+        })
+        .collect();
+    lines.push(format!("after the pauses: {}", cluster.compare(&all)?));
+    check_counters(cluster, &all, &tallies)?;
+    let acked: u64 = tallies.iter().map(|t| t.acked).sum();
+    lines.push(format!(
+        "{acked} acknowledged INCRs from {INCR_CLIENTS} clients: every replica agrees with every client"
+    ));
+    Ok(lines)
+}
+
 /// Reads from `s` until the server closes the connection or `within` passes;
 /// `true` if it closed.
 fn read_until_closed(s: &mut TcpStream, within: Duration) -> bool {
@@ -1577,6 +1708,9 @@ pub fn run_e2e(args: &[String]) -> Result<ExitCode> {
             "  after the misconfigured replicas: {}",
             cluster.compare(&all)?
         );
+    }
+    for line in pause_phase(&mut cluster)? {
+        println!("  pause: {line}");
     }
     let f = failover_under_load(
         &mut cluster,
