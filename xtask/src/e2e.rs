@@ -1163,8 +1163,23 @@ pub fn pause_under_load(
                 thread::sleep(Duration::from_millis(1));
             };
             let deposed_ms = frozen.elapsed().as_secs_f64() * 1e3;
-            // Let the new leader commit for a while: the old one must catch up.
-            thread::sleep(Duration::from_millis(300));
+            // The new leader must serve the clients (one paused earlier once
+            // kept its server threads waiting for ever), and commit for a
+            // while: the old one must catch up.
+            let acked = traffic.acked.load(Ordering::SeqCst);
+            let serving = Instant::now();
+            while traffic.acked.load(Ordering::SeqCst) < acked + 100 {
+                if serving.elapsed() > Duration::from_secs(20) {
+                    cluster.freeze(victim, false)?;
+                    bail!(
+                        "the new leader n{new_leader} answered only {} INCRs in 20 s; logs in {}",
+                        traffic.acked.load(Ordering::SeqCst) - acked,
+                        cluster.dir.display()
+                    );
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            thread::sleep(Duration::from_millis(200));
             cluster.freeze(victim, false)?;
             let resumed = Instant::now();
             let target = cluster
@@ -1218,12 +1233,13 @@ fn count_in_log(log: &Path, what: &str) -> usize {
     std::fs::read_to_string(log).map_or(0, |t| t.matches(what).count())
 }
 
-/// The pause phase of an end-to-end check: two pauses of the leader under
-/// INCR load, then every replica equal and every counter right.
+/// The pause phase of an end-to-end check: three pauses of the leader
+/// under INCR load (so a replica paused before leads again at least once),
+/// then every replica equal and every counter right.
 pub fn pause_phase(cluster: &mut AppCluster) -> Result<Vec<String>> {
     let all: Vec<usize> = (0..REPLICAS).collect();
     cluster.wait_ready(&all, Duration::from_secs(30))?;
-    let (rejoins, tallies) = pause_under_load(cluster, INCR_CLIENTS, 2)?;
+    let (rejoins, tallies) = pause_under_load(cluster, INCR_CLIENTS, 3)?;
     let mut lines: Vec<String> = rejoins
         .iter()
         .map(|r| {
