@@ -213,6 +213,20 @@ impl Replay {
         }
         // SAFETY: `fd` is a fresh socket we own; TcpStream closes it.
         let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        // Its port may be bound again while the connection lingers in
+        // TIME_WAIT after it ended (by anyone with SO_REUSEADDR): the server
+        // must then see a client like any other (see `internal`).
+        let one: libc::c_int = 1;
+        // SAFETY: setting an option on our own socket from a valid int.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&raw const one).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
         let mut local: libc::sockaddr_in = sockaddr_in(std::net::Ipv4Addr::LOCALHOST, 0);
         let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
         // SAFETY: `local` is a valid sockaddr_in of `len` bytes.

@@ -194,13 +194,29 @@ impl ServerKind {
         v
     }
 
+    /// The server's digest command for `apus check` (`cluster.digest`).
+    pub fn digest(self) -> Option<&'static [&'static str]> {
+        match self {
+            ServerKind::Redis => Some(&["redis-cli", "-p", "{port}", "DEBUG", "DIGEST"]),
+            ServerKind::RespKv => Some(&["redis-cli", "-p", "{port}", "DIGEST"]),
+            // memcached has no digest of its values; the harness reads
+            // every key it wrote instead.
+            ServerKind::Memcached => None,
+        }
+    }
+
     /// Installs Debian's packages for the server and its clients when they
     /// are missing.
     pub fn ensure_installed(self) -> Result<()> {
         let programs: &[&str] = match self {
-            ServerKind::Redis => &["redis-server", "redis-benchmark", "redis-check-rdb"],
+            ServerKind::Redis => &[
+                "redis-server",
+                "redis-benchmark",
+                "redis-check-rdb",
+                "redis-cli",
+            ],
             ServerKind::Memcached => &["memcached"],
-            ServerKind::RespKv => return Ok(()),
+            ServerKind::RespKv => &["redis-cli"],
         };
         tools::ensure(programs)?;
         Ok(())
@@ -279,11 +295,20 @@ impl AppCluster {
              poll = \"park\"\n\
              # followers answer the harness directly, to compare their state\n\
              follower_clients = \"serve\"\n\
+             {digest}\
              [engine]\n\
              heartbeat_us = 2000\n\
              election_timeout_us = 50000\n",
             kind.name(),
-            std::process::id()
+            std::process::id(),
+            digest = match kind.digest() {
+                Some(argv) => {
+                    let path = tools::path(argv[0])?;
+                    let rest: Vec<String> = argv[1..].iter().map(|a| format!("{a:?}")).collect();
+                    format!("digest = [{:?}, {}]\n", path.display().to_string(), rest.join(", "))
+                }
+                None => String::new(),
+            }
         );
         // QUIC: certificates per replica, made by `apus certs` below.
         let quic = transport.contains("\"quic\"");
@@ -600,12 +625,45 @@ impl AppCluster {
             "{differed} replayed connections answered differently from the leader; logs in {}",
             self.dir.display()
         );
+        let check = if alive.len() == REPLICAS && self.kind.digest().is_some() {
+            format!("; apus check: {}", self.check()?)
+        } else {
+            String::new()
+        };
         Ok(format!(
-            "{} replicas at commit {}: {}",
+            "{} replicas at commit {}: {}{check}",
             alive.len(),
             st[0].commit,
             snaps[0]
         ))
+    }
+
+    /// `apus check`: every replica's digest at one log position; they
+    /// must be equal. Returns the digest.
+    pub fn check(&self) -> Result<String> {
+        let out = tools::own(&self.bins.apus)
+            .args(["check", "--config"])
+            .arg(&self.config)
+            .output()
+            .context("running apus check")?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && stdout.contains("check: PASS"),
+            "apus check failed ({}): {stdout}{}; logs in {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.dir.display()
+        );
+        // "  n0: <digest>" per replica: they are equal, so the first says it.
+        let digest = stdout
+            .lines()
+            .find_map(|l| {
+                let (id, d) = l.trim().split_once(": ")?;
+                id.strip_prefix('n')?.parse::<u8>().ok()?;
+                Some(d.to_string())
+            })
+            .unwrap_or_default();
+        Ok(digest)
     }
 
     /// A connection to the current leader's server.
@@ -1501,6 +1559,141 @@ fn misconfiguration(cluster: &mut AppCluster, leader: usize) -> Result<Vec<Strin
     Ok(done)
 }
 
+/// Whether a socket other than one in TIME_WAIT holds local port `port`.
+fn port_held(port: u16) -> bool {
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|text| {
+        text.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local = f.get(1).and_then(|a| a.rsplit_once(':'));
+            local.is_some_and(|(_, p)| u16::from_str_radix(p, 16) == Ok(port))
+                && f.get(3).is_some_and(|st| *st != "06")
+        })
+    })
+}
+
+/// Local ports of established loopback connections to `port` (the client
+/// sides, as `/proc/net/tcp` lists them).
+fn clients_of(port: u16) -> Vec<u16> {
+    let Ok(text) = std::fs::read_to_string("/proc/net/tcp") else {
+        return Vec::new();
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (local, remote, state) = (f.get(1)?, f.get(2)?, f.get(3)?);
+            let rport = u16::from_str_radix(remote.rsplit_once(':')?.1, 16).ok()?;
+            let (lip, lport) = local.rsplit_once(':')?;
+            (*state == "01" && rport == port && lip == "0100007F")
+                .then(|| u16::from_str_radix(lport, 16).ok())?
+        })
+        .collect()
+}
+
+/// A TCP connection to `to` from 127.0.0.1:`port` (SO_REUSEADDR, so a port
+/// whose last connection is in TIME_WAIT can be bound again).
+fn connect_from(port: u16, to: SocketAddr) -> Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor we own; results checked.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(ip.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let local = sin(std::net::Ipv4Addr::LOCALHOST, port);
+        ensure!(
+            libc::bind(fd, (&raw const local).cast(), len) == 0,
+            "bind 127.0.0.1:{port}: {}",
+            std::io::Error::last_os_error()
+        );
+        let SocketAddr::V4(to) = to else {
+            bail!("IPv4 only")
+        };
+        let remote = sin(*to.ip(), to.port());
+        ensure!(
+            libc::connect(fd, (&raw const remote).cast(), len) == 0,
+            "connect to {to}: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(stream)
+    }
+}
+
+/// A client that binds the port one of a follower's replay connections
+/// used (once the replay has ended) is a client like any other: the
+/// follower, which refuses clients here, must refuse it. (Replay
+/// connections were once recognised by port alone, and entries were never
+/// removed: such a client was served unreplicated.)
+fn old_replay_port(cluster: &mut AppCluster, leader: usize) -> Result<String> {
+    let all: Vec<usize> = (0..REPLICAS).collect();
+    let f = (0..REPLICAS).find(|&i| i != leader).expect("three replicas");
+    let refusing = cluster.dir.join("refusing.toml");
+    let text = std::fs::read_to_string(&cluster.config)?.replace(
+        "follower_clients = \"serve\"",
+        "follower_clients = \"refuse\"",
+    );
+    std::fs::write(&refusing, text)?;
+    cluster.kill(f)?;
+    let dir = cluster.server_dir(f);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    cluster.start_with(f, Some(&refusing))?;
+    cluster.wait_converged(&all, Duration::from_secs(60))?;
+    let mut c = RespConn::connect(cluster.apps[leader], Duration::from_secs(2))?;
+    c.call(&[b"SET", b"replay-port-probe", b"1"])?;
+    cluster.remember_key("replay-port-probe");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let port = loop {
+        if let Some(&p) = clients_of(cluster.apps[f].port()).first() {
+            break p;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "n{f} opened no replay connection for a client of the leader"
+        );
+        thread::sleep(Duration::from_millis(10));
+    };
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while port_held(port) {
+        ensure!(
+            Instant::now() < deadline,
+            "n{f}'s replay connection from port {port} did not end"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut s = connect_from(port, cluster.apps[f])?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let _ = s.write_all(b"*1\r\n$4\r\nPING\r\n");
+    let mut buf = [0u8; 64];
+    let served = matches!(s.read(&mut buf), Ok(n) if n > 0);
+    ensure!(
+        !served,
+        "n{f} served a client from 127.0.0.1:{port}, a port its replay used before, unreplicated"
+    );
+    cluster.kill(f)?;
+    cluster.restart_empty(f)?;
+    Ok(format!(
+        "a client from 127.0.0.1:{port} (n{f}'s replay connection used it before) was refused by n{f}"
+    ))
+}
+
 struct Options {
     server: ServerKind,
     requests: u64,
@@ -1724,6 +1917,8 @@ pub fn run_e2e(args: &[String]) -> Result<ExitCode> {
             "  after the misconfigured replicas: {}",
             cluster.compare(&all)?
         );
+        let leader = cluster.wait_ready(&all, Duration::from_secs(10))?;
+        println!("  replay port: {}", old_replay_port(&mut cluster, leader)?);
     }
     for line in pause_phase(&mut cluster)? {
         println!("  pause: {line}");
