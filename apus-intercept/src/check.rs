@@ -1,4 +1,5 @@
-//! `apus check`: the server's own digest command, run at a log position.
+//! Commands the library runs against its own server: `apus check`'s digest
+//! at a log position, and the readiness probe replay waits for.
 //!
 //! The command (`cluster.digest`, e.g. `redis-cli -p {port} DEBUG DIGEST`)
 //! connects to `{port}`: a port of the library's own, which relays each
@@ -15,15 +16,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use apus::config::DigestCommand;
+use apus::config::ServerCommand;
 
 use crate::replay::Replay;
 
 /// Largest digest kept (the rest of the output is cut).
 const MAX_DIGEST: usize = 4096;
 
+/// Marks the exit status the wrapper shell prints after the command.
+const EXIT_MARK: &str = "\napus-exit:";
+
 /// Runs `cmd` against the server behind `replay` and returns what it printed.
-pub fn run_digest(cmd: &DigestCommand, replay: &Replay) -> Result<String, String> {
+///
+/// The command runs under `sh`, which prints its exit status: a server may
+/// reap every child itself (PostgreSQL's postmaster does), so `waitpid`
+/// cannot be relied on; the output's end is.
+pub fn run_command(cmd: &ServerCommand, replay: &Replay) -> Result<String, String> {
     let proxy = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("digest relay: {e}"))?;
     let port = proxy.local_addr().map_err(|e| e.to_string())?.port();
     proxy.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -35,9 +43,10 @@ pub fn run_digest(cmd: &DigestCommand, replay: &Replay) -> Result<String, String
                 .replace("{host}", "127.0.0.1")
         })
         .collect();
-    let mut command = Command::new(&argv[0]);
+    let mut command = Command::new("/bin/sh");
     command
-        .args(&argv[1..])
+        .args(["-c", "\"$@\"; printf '\\napus-exit:%s\\n' \"$?\"", "sh"])
+        .args(&argv)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -54,58 +63,82 @@ pub fn run_digest(cmd: &DigestCommand, replay: &Replay) -> Result<String, String
     let mut child = command
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", argv[0]))?;
+    let pid = child.id();
+    let read_all = |r: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let out = read_all(child.stdout.take().map(|o| Box::new(o) as Box<dyn Read + Send>));
+    let err = read_all(child.stderr.take().map(|e| Box::new(e) as Box<dyn Read + Send>));
+    // The child is reaped by whoever reaps it (the server or `Child`'s
+    // drop never waits); only its output is read.
+    drop(child);
     let deadline = Instant::now() + cmd.timeout;
     let stop = Arc::new(AtomicBool::new(false));
     let mut relays = Vec::new();
-    let status = loop {
+    let result = loop {
         match proxy.accept() {
             Ok((client, _)) => match replay.connect_check() {
                 Ok((server, local)) => {
                     let stop = stop.clone();
-                    relays.push((local, thread::spawn(move || relay(client, server, &stop))));
+                    relays.push((
+                        local,
+                        thread::spawn(move || crate::inside(|| relay(client, server, &stop))),
+                    ));
                 }
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!("cannot connect to the server: {e}"));
-                }
+                Err(e) => break Err(format!("cannot connect to the server: {e}")),
             },
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(format!("digest relay: {e}")),
+            Err(e) => break Err(format!("digest relay: {e}")),
         }
-        match child.try_wait() {
-            Ok(Some(st)) => break st,
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(2)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                stop.store(true, Ordering::SeqCst);
-                return Err(format!(
-                    "{} did not finish within {:?} (a single-threaded leader under load cannot \
-                     answer while its next input waits for this check; retry when it is quieter)",
-                    argv[0], cmd.timeout
-                ));
-            }
-            Err(e) => return Err(e.to_string()),
+        if out.is_finished() {
+            break Ok(());
         }
+        if Instant::now() >= deadline {
+            break Err(format!(
+                "{} did not finish within {:?} (a single-threaded leader under load cannot \
+                 answer while its next input waits for this check; retry when it is quieter)",
+                argv[0], cmd.timeout
+            ));
+        }
+        thread::sleep(Duration::from_millis(2));
     };
+    if result.is_err() {
+        // SAFETY: signalling the shell we started (its process group is
+        // the server's, so only it).
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
     stop.store(true, Ordering::SeqCst);
     for (local, r) in relays {
         let _ = r.join();
         replay.forget_internal(local);
     }
-    let mut out = String::new();
-    let mut err = String::new();
-    if let Some(mut o) = child.stdout.take() {
-        let _ = o.read_to_string(&mut out);
+    // Reap the shell unless the server did (a zombie per check otherwise).
+    for _ in 0..50 {
+        // SAFETY: waitpid on our own child's pid, status not needed.
+        let r = unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) };
+        if r != 0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(2));
     }
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
+    result?;
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
+    let (printed, status) = out
+        .rsplit_once(EXIT_MARK)
+        .ok_or_else(|| format!("{} ended without its exit status: {}", argv[0], err.trim()))?;
+    if status.trim() != "0" {
+        return Err(format!("{} failed (exit {}): {}", argv[0], status.trim(), err.trim()));
     }
-    if !status.success() {
-        return Err(format!("{} failed ({status}): {}", argv[0], err.trim()));
-    }
-    let mut digest = out.trim().to_string();
+    let mut digest = printed.trim().to_string();
     digest.truncate(MAX_DIGEST);
     Ok(digest)
 }
@@ -142,7 +175,7 @@ fn relay(client: TcpStream, server: TcpStream, stop: &AtomicBool) {
         return;
     };
     thread::scope(|s| {
-        s.spawn(|| pump(client, s2, stop));
+        s.spawn(|| crate::inside(|| pump(client, s2, stop)));
         pump(server, c2, stop);
     });
 }

@@ -20,6 +20,8 @@
 //!                                                        -> OK | FAILED
 //! CLOSE    4  conn u64 | out_bytes u64 | out_hash u64    -> OK
 //! CONSUMED 5  replay u64 | n u64                         -> OK
+//! IDLE     6  replay u64 | consumed u64                  -> OK
+//! WAITS    7  conn u64                                   -> OK
 //! ```
 //!
 //! A child whose channel ends (it exited) has its connections closed in the
@@ -44,6 +46,8 @@ const ACCEPT: u8 = 2;
 const INPUT: u8 = 3;
 const CLOSE: u8 = 4;
 const CONSUMED: u8 = 5;
+const IDLE: u8 = 6;
+const WAITS: u8 = 7;
 const OK: u8 = 10;
 const FAILED: u8 = 11;
 const VERDICT: u8 = 12;
@@ -95,6 +99,20 @@ pub enum Request {
         replay: u64,
         /// Bytes.
         n: u64,
+    },
+    /// The child asks for more of replay connection `replay`, having read
+    /// `consumed` bytes of it and nothing being left.
+    Idle {
+        /// Replayed connection id.
+        replay: u64,
+        /// Bytes it has read in all.
+        consumed: u64,
+    },
+    /// The child waits for more of replicated connection `conn`: it has
+    /// finished with everything it read.
+    Waits {
+        /// Connection id.
+        conn: u64,
     },
 }
 
@@ -168,6 +186,15 @@ impl Request {
                 put_u64(&mut b, *replay);
                 put_u64(&mut b, *n);
             }
+            Request::Idle { replay, consumed } => {
+                b.push(IDLE);
+                put_u64(&mut b, *replay);
+                put_u64(&mut b, *consumed);
+            }
+            Request::Waits { conn } => {
+                b.push(WAITS);
+                put_u64(&mut b, *conn);
+            }
         }
         let len = (b.len() - 4) as u32;
         b[..4].copy_from_slice(&len.to_le_bytes());
@@ -200,6 +227,13 @@ impl Request {
             CONSUMED if b.len() == 16 => Request::Consumed {
                 replay: u64_at(b, 0)?,
                 n: u64_at(b, 8)?,
+            },
+            IDLE if b.len() == 16 => Request::Idle {
+                replay: u64_at(b, 0)?,
+                consumed: u64_at(b, 8)?,
+            },
+            WAITS if b.len() == 8 => Request::Waits {
+                conn: u64_at(b, 0)?,
             },
             _ => return None,
         })
@@ -260,12 +294,19 @@ fn verdict_decode(b: &[u8]) -> Option<Verdict> {
 pub trait Handler: Send + Sync + 'static {
     /// A child accepted a connection.
     fn accept(&self, app: bool, peer: Option<SocketAddr>) -> Verdict;
-    /// A child read input; `false` when it could not be replicated.
-    fn input(&self, conn: u64, data: &[u8]) -> bool;
+    /// Child `pid` read input; `false` when it could not be replicated.
+    fn input(&self, conn: u64, data: &[u8], pid: u32) -> bool;
+    /// A child waits for more input on connection `conn`.
+    fn waits(&self, conn: u64);
     /// A connection a child used has ended.
     fn close(&self, conn: u64, out: StreamHash);
-    /// A child read replayed input.
-    fn consumed(&self, replay: u64, n: u64);
+    /// Child `pid` read replayed input (it has been answered already: it
+    /// runs).
+    fn consumed(&self, replay: u64, n: u64, pid: u32);
+    /// Child `pid`, whose input on `conn` came through, has been answered.
+    fn answered(&self, conn: u64, pid: u32);
+    /// A child asks for more replayed input, having read `consumed` bytes.
+    fn idle(&self, replay: u64, consumed: u64);
 }
 
 /// One child process connected to the holder.
@@ -368,6 +409,8 @@ fn session(mut s: UnixStream, token: &[u8; 16], h: &dyn Handler, sessions: &Sess
         let Some(req) = Request::decode(kind, &body) else {
             break;
         };
+        // What to tell the holder once the child has its answer (and runs).
+        let mut after: Option<Box<dyn FnOnce()>> = None;
         let reply = match req {
             Request::Accept { app, peer, .. } => verdict_encode(h.accept(app, peer)),
             Request::Input {
@@ -380,7 +423,9 @@ fn session(mut s: UnixStream, token: &[u8; 16], h: &dyn Handler, sessions: &Sess
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(conn, (fd, out));
-                if h.input(conn, &data) {
+                let pid = me.pid;
+                after = Some(Box::new(move || h.answered(conn, pid)));
+                if h.input(conn, &data, pid) {
                     frame(OK, &[])
                 } else {
                     frame(FAILED, &[])
@@ -395,12 +440,24 @@ fn session(mut s: UnixStream, token: &[u8; 16], h: &dyn Handler, sessions: &Sess
                 frame(OK, &[])
             }
             Request::Consumed { replay, n } => {
-                h.consumed(replay, n);
+                let pid = me.pid;
+                after = Some(Box::new(move || h.consumed(replay, n, pid)));
+                frame(OK, &[])
+            }
+            Request::Idle { replay, consumed } => {
+                h.idle(replay, consumed);
+                frame(OK, &[])
+            }
+            Request::Waits { conn } => {
+                h.waits(conn);
                 frame(OK, &[])
             }
         };
         if s.write_all(&reply).is_err() {
             break;
+        }
+        if let Some(f) = after {
+            f();
         }
     }
     // The child is gone (or broke the protocol): the connections it used
@@ -518,6 +575,16 @@ pub fn consumed(addr: &Address, replay: u64, n: u64) -> io::Result<()> {
     call(addr, &Request::Consumed { replay, n }).map(|_| ())
 }
 
+/// A child waits for more input on replicated connection `conn`.
+pub fn waits(addr: &Address, conn: u64) -> io::Result<()> {
+    call(addr, &Request::Waits { conn }).map(|_| ())
+}
+
+/// A child waits for more replayed input, having read `consumed` bytes.
+pub fn idle(addr: &Address, replay: u64, consumed: u64) -> io::Result<()> {
+    call(addr, &Request::Idle { replay, consumed }).map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -551,6 +618,11 @@ mod tests {
                 out: StreamHash { bytes: 8, hash: 9 },
             },
             Request::Consumed { replay: 2, n: 100 },
+            Request::Idle {
+                replay: 2,
+                consumed: 100,
+            },
+            Request::Waits { conn: 5 },
         ];
         for r in reqs {
             let f = r.encode();
@@ -575,11 +647,14 @@ mod tests {
         fn accept(&self, app: bool, _: Option<SocketAddr>) -> Verdict {
             if app { Verdict::Replicate(7) } else { Verdict::Reject }
         }
-        fn input(&self, _: u64, data: &[u8]) -> bool {
+        fn input(&self, _: u64, data: &[u8], _: u32) -> bool {
             data != b"bad"
         }
+        fn waits(&self, _: u64) {}
         fn close(&self, _: u64, _: StreamHash) {}
-        fn consumed(&self, _: u64, _: u64) {}
+        fn consumed(&self, _: u64, _: u64, _: u32) {}
+        fn answered(&self, _: u64, _: u32) {}
+        fn idle(&self, _: u64, _: u64) {}
     }
 
     #[test]

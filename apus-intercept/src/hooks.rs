@@ -241,8 +241,13 @@ fn note_replay_read(fd: c_int, n: ssize_t) {
     {
         let e = errno();
         inside(|| match proc() {
-            Proc::Holder(_) => REGISTRY.consumed(id, n as u64),
+            Proc::Holder(_) => {
+                REGISTRY.consumed(id, n as u64, 0);
+            }
             Proc::Child(addr) => {
+                // Counted here too: the child's own total, for `idle`.
+                REGISTRY.consumed(id, n as u64, 0);
+                REGISTRY.say_idle(fd, true);
                 if let Err(e) = child::consumed(addr, id, n as u64) {
                     refuse(&format!(
                         "a forked process of the server read replayed input but cannot reach the \
@@ -254,6 +259,36 @@ fn note_replay_read(fd: c_int, n: ssize_t) {
         });
         set_errno(e);
     }
+}
+
+/// A forked process about to read a replay connection with nothing left to
+/// read has finished with everything it read: it says so (once per wait),
+/// so replay can keep a concurrent server's execution close to log order
+/// (see `replay::Turnstile`).
+fn before_replay_read(fd: c_int) {
+    if in_hook() {
+        return;
+    }
+    let Some(id) = REGISTRY.replay_conn(fd) else {
+        return;
+    };
+    let e = errno();
+    inside(|| {
+        let Proc::Child(addr) = proc() else { return };
+        let mut unread: c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut unread) };
+        if r == 0 && unread == 0 && REGISTRY.say_idle(fd, false) {
+            let total = REGISTRY.progress(id).consumed;
+            if let Err(e) = child::idle(addr, id, total) {
+                refuse(&format!(
+                    "a forked process of the server waits for replayed input but cannot reach \
+                     the process that replicates it: {e}"
+                ));
+            }
+        }
+    });
+    set_errno(e);
 }
 
 /// The replicated connection behind `fd`, if this call must be replicated.
@@ -306,11 +341,12 @@ fn replicate_input(fd: c_int, conn: u64, data: &[u8]) -> Result<(), ()> {
     let out = REGISTRY
         .with(conn, |c| {
             c.used = true;
+            c.waits_said = false;
             c.out
         })
         .unwrap_or_default();
     let ok = match proc() {
-        Proc::Holder(a) => a.input(conn, data).map_err(|e| {
+        Proc::Holder(a) => a.input(conn, data, 0).map_err(|e| {
             tracing::warn!(fd, conn, error = %e, "input could not be replicated: closing the connection");
         }),
         Proc::Child(addr) => match child::input(addr, conn, fd, out, data) {
@@ -362,8 +398,30 @@ unsafe fn after_input(
     }
 }
 
-fn broken(conn: u64) -> bool {
-    inside(|| REGISTRY.with(conn, |c| c.broken).unwrap_or(true))
+/// Whether connection `conn` can no longer be replicated (its reads report
+/// end of stream). In a forked process, a read with nothing left to read
+/// also tells the holder this process has finished with what it read
+/// (see `replay::Turnstile`).
+fn broken(fd: c_int, conn: u64) -> bool {
+    inside(|| {
+        let (broken, said) = REGISTRY
+            .with(conn, |c| (c.broken, std::mem::replace(&mut c.waits_said, true)))
+            .unwrap_or((true, true));
+        if !broken
+            && !said
+            && let Proc::Child(addr) = proc()
+        {
+            let mut unread: c_int = 0;
+            // SAFETY: FIONREAD writes one int.
+            let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut unread) };
+            if r == 0 && unread == 0 {
+                let _ = child::waits(addr, conn);
+            } else {
+                REGISTRY.with(conn, |c| c.waits_said = false);
+            }
+        }
+        broken
+    })
 }
 
 /// Intercepted `read`.
@@ -373,12 +431,13 @@ fn broken(conn: u64) -> bool {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, count: size_t) -> ssize_t {
     let Some(conn) = replicated(fd) else {
+        before_replay_read(fd);
         // SAFETY: forwarded unchanged.
         let n = unsafe { real::read(fd, buf, count) };
         note_replay_read(fd, n);
         return n;
     };
-    if broken(conn) {
+    if broken(fd, conn) {
         return 0;
     }
     // SAFETY: forwarded unchanged.
@@ -414,6 +473,9 @@ pub unsafe extern "C" fn __read_chk(
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, len: size_t, flags: c_int) -> ssize_t {
     let conn = replicated(fd).filter(|_| flags & libc::MSG_PEEK == 0);
     let Some(conn) = conn else {
+        if flags & libc::MSG_PEEK == 0 {
+            before_replay_read(fd);
+        }
         // SAFETY: forwarded unchanged.
         let n = unsafe { real::recv(fd, buf, len, flags) };
         if flags & libc::MSG_PEEK == 0 {
@@ -421,7 +483,7 @@ pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, len: size_t, flags: c
         }
         return n;
     };
-    if broken(conn) {
+    if broken(fd, conn) {
         return 0;
     }
     // SAFETY: forwarded unchanged.
@@ -465,6 +527,9 @@ pub unsafe extern "C" fn recvfrom(
 ) -> ssize_t {
     let conn = replicated(fd).filter(|_| flags & libc::MSG_PEEK == 0);
     let Some(conn) = conn else {
+        if flags & libc::MSG_PEEK == 0 {
+            before_replay_read(fd);
+        }
         // SAFETY: forwarded unchanged.
         let n = unsafe { real::recvfrom(fd, buf, len, flags, addr, alen) };
         if flags & libc::MSG_PEEK == 0 {
@@ -472,7 +537,7 @@ pub unsafe extern "C" fn recvfrom(
         }
         return n;
     };
-    if broken(conn) {
+    if broken(fd, conn) {
         return 0;
     }
     // SAFETY: forwarded unchanged.
@@ -515,12 +580,13 @@ fn iov_total(iov: *const iovec, n: usize) -> usize {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
     let Some(conn) = replicated(fd) else {
+        before_replay_read(fd);
         // SAFETY: forwarded unchanged.
         let got = unsafe { real::readv(fd, iov, n) };
         note_replay_read(fd, got);
         return got;
     };
-    if broken(conn) {
+    if broken(fd, conn) {
         return 0;
     }
     // SAFETY: forwarded unchanged.
@@ -538,6 +604,9 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
     let conn = replicated(fd).filter(|_| flags & libc::MSG_PEEK == 0 && !msg.is_null());
     let Some(conn) = conn else {
+        if flags & libc::MSG_PEEK == 0 {
+            before_replay_read(fd);
+        }
         // SAFETY: forwarded unchanged.
         let n = unsafe { real::recvmsg(fd, msg, flags) };
         if flags & libc::MSG_PEEK == 0 {
@@ -545,7 +614,7 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
         }
         return n;
     };
-    if broken(conn) {
+    if broken(fd, conn) {
         return 0;
     }
     // SAFETY: forwarded unchanged.
@@ -582,7 +651,7 @@ pub unsafe extern "C" fn recvmmsg(
         }
         return r;
     };
-    if broken(conn) {
+    if broken(fd, conn) {
         return 0;
     }
     // SAFETY: forwarded unchanged.

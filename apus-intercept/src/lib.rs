@@ -288,6 +288,7 @@ fn start() -> Holder {
         nonce,
         &REGISTRY,
         s.config.digest.clone(),
+        s.config.ready.clone(),
     ));
     let node = match Node::start(&s.config, s.id, Replayer(replay.clone())) {
         Ok(n) => n,
@@ -408,7 +409,7 @@ fn take_over(a: &Apus) {
             bytes_out: out.bytes,
             hash_out: out.hash,
         };
-        if let Err(e) = a.replicate(EntryKind::Close, id, &close.encode()) {
+        if let Err(e) = a.replicate(EntryKind::Close, id, &close.encode(), 0) {
             warn!(conn = id, error = %e, "could not replicate the close of a replayed connection");
         }
     }
@@ -555,12 +556,20 @@ impl Apus {
     /// Replicates an entry and holds the caller until it is committed and
     /// its turn (log order) has come. Waits for the outcome however long it
     /// takes: an error means the entry will never commit.
-    fn replicate(&self, kind: EntryKind, conn: u64, payload: &[u8]) -> Result<u64, ProposeError> {
+    /// `by` is the forked process it is for (0: this process's own
+    /// threads), see [`Turnstile::pass`](replay::Turnstile::pass).
+    fn replicate(
+        &self,
+        kind: EntryKind,
+        conn: u64,
+        payload: &[u8],
+        by: u32,
+    ) -> Result<u64, ProposeError> {
         self.unresolved.fetch_add(1, Ordering::SeqCst);
         let r = self.node.propose_resolved(kind, conn, payload);
         self.unresolved.fetch_sub(1, Ordering::SeqCst);
         let applied = r?;
-        self.replay.turnstile.pass(applied.index);
+        self.replay.turnstile.pass(applied.index, conn, by);
         Ok(applied.index)
     }
 
@@ -582,7 +591,7 @@ impl Apus {
             origin: self.replay.nonce,
             tag: NEXT_TAG.fetch_add(1, Ordering::Relaxed),
         };
-        match self.replicate(EntryKind::Connect, 0, &connect.encode()) {
+        match self.replicate(EntryKind::Connect, 0, &connect.encode(), 0) {
             Ok(index) => Verdict::Replicate(index),
             Err(_) => Verdict::Reject,
         }
@@ -607,12 +616,12 @@ impl Apus {
 
     /// Replicates what a read of connection `conn` returned (empty: end of
     /// stream), in entries of at most `max_payload` bytes.
-    fn input(&self, conn: u64, data: &[u8]) -> Result<(), ProposeError> {
+    fn input(&self, conn: u64, data: &[u8], by: u32) -> Result<(), ProposeError> {
         if data.is_empty() {
-            return self.replicate(EntryKind::Data, conn, &[]).map(|_| ());
+            return self.replicate(EntryKind::Data, conn, &[], by).map(|_| ());
         }
         data.chunks(self.max_payload)
-            .try_for_each(|chunk| self.replicate(EntryKind::Data, conn, chunk).map(|_| ()))
+            .try_for_each(|chunk| self.replicate(EntryKind::Data, conn, chunk, by).map(|_| ()))
     }
 
     /// Replicates the end of connection `conn`, with what the server wrote.
@@ -621,7 +630,7 @@ impl Apus {
             bytes_out: out.bytes,
             hash_out: out.hash,
         };
-        let _ = self.replicate(EntryKind::Close, conn, &close.encode());
+        let _ = self.replicate(EntryKind::Close, conn, &close.encode(), 0);
     }
 
     /// `apus check` on the leader: a CHECK entry, answered once applied
@@ -632,7 +641,7 @@ impl Apus {
         }
         let mut tag = [0u8; 8];
         let _ = getrandom::fill(&mut tag);
-        match self.replicate(EntryKind::Check, 0, &tag) {
+        match self.replicate(EntryKind::Check, 0, &tag, 0) {
             Ok(index) => Reply::Applied {
                 index,
                 output: Vec::new(),
@@ -678,15 +687,27 @@ impl child::Handler for ChildRequests {
         if app { a.accept_app(peer) } else { a.accept_other() }
     }
 
-    fn input(&self, conn: u64, data: &[u8]) -> bool {
-        holder_apus().input(conn, data).is_ok()
+    fn input(&self, conn: u64, data: &[u8], pid: u32) -> bool {
+        holder_apus().input(conn, data, pid).is_ok()
+    }
+
+    fn waits(&self, conn: u64) {
+        holder_apus().replay.turnstile.idle(conn);
     }
 
     fn close(&self, conn: u64, out: StreamHash) {
         holder_apus().close(conn, out);
     }
 
-    fn consumed(&self, replay: u64, n: u64) {
-        REGISTRY.consumed(replay, n);
+    fn consumed(&self, replay: u64, n: u64, pid: u32) {
+        REGISTRY.consumed(replay, n, pid);
+    }
+
+    fn answered(&self, conn: u64, _: u32) {
+        holder_apus().replay.turnstile.answered(conn);
+    }
+
+    fn idle(&self, replay: u64, consumed: u64) {
+        REGISTRY.idle(replay, consumed);
     }
 }

@@ -6,7 +6,7 @@
 //! straight through at the cost of one atomic load.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,9 @@ pub struct Conn {
     pub fds: u32,
     /// This process has read from it or written to it.
     pub used: bool,
+    /// A forked process told the holder it waits for more input on it
+    /// (until its next read returns some).
+    pub waits_said: bool,
     /// [`forks`] when it was registered: a process that forked since may
     /// have handed it to a child.
     pub fork_gen: u64,
@@ -59,9 +62,25 @@ pub struct Registry {
     /// Server-side descriptors of replay connections (followers), by fd:
     /// the connection id they replay.
     replay_ids: Box<[AtomicU64]>,
-    /// Bytes the server has read from each replay connection.
-    consumed: Mutex<HashMap<u64, u64>>,
+    /// How far the server has got with each replay connection.
+    consumed: Mutex<HashMap<u64, Progress>>,
     consumed_changed: Condvar,
+    /// Replay descriptors on which this process has said it waits for
+    /// input (children, see [`Registry::idle`]), until it reads again.
+    idle_said: Box<[AtomicBool]>,
+}
+
+/// A replay connection, as the server reads it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes the server has read.
+    pub consumed: u64,
+    /// What it had read when it last asked for more with nothing left to
+    /// read: it had finished with everything up to there.
+    pub idle_at: u64,
+    /// The forked process of the server that reads it (0: this one), which
+    /// runs concurrently with the others.
+    pub reader: u32,
 }
 
 impl std::fmt::Debug for Registry {
@@ -78,6 +97,7 @@ impl Default for Registry {
             replay_ids: (0..MAX_FD).map(|_| AtomicU64::new(0)).collect(),
             consumed: Mutex::new(HashMap::new()),
             consumed_changed: Condvar::new(),
+            idle_said: (0..MAX_FD).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 }
@@ -207,24 +227,75 @@ impl Registry {
         }
     }
 
-    /// The server read `n` bytes of replay connection `id`.
-    pub fn consumed(&self, id: u64, n: u64) {
-        *self
-            .consumed
+    /// The server read `n` bytes of replay connection `id` (in forked
+    /// process `reader`; 0: this one). Returns what it has read in all.
+    pub fn consumed(&self, id: u64, n: u64, reader: u32) -> u64 {
+        let total = {
+            let mut c = self.consumed.lock().unwrap_or_else(|p| p.into_inner());
+            let p = c.entry(id).or_default();
+            p.consumed += n;
+            if reader != 0 {
+                p.reader = reader;
+            }
+            p.consumed
+        };
+        self.consumed_changed.notify_all();
+        total
+    }
+
+    /// The server asked for more of replay connection `id` with nothing
+    /// left to read, after reading `total` bytes.
+    pub fn idle(&self, id: u64, total: u64) {
+        {
+            let mut c = self.consumed.lock().unwrap_or_else(|p| p.into_inner());
+            let p = c.entry(id).or_default();
+            p.idle_at = p.idle_at.max(total);
+        }
+        self.consumed_changed.notify_all();
+    }
+
+    /// The progress of replay connection `id`.
+    pub fn progress(&self, id: u64) -> Progress {
+        self.consumed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(id)
-            .or_default() += n;
-        self.consumed_changed.notify_all();
+            .get(&id)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Whether this process should say it waits for input on replay
+    /// descriptor `fd` (once per wait: `reading` clears it).
+    pub fn say_idle(&self, fd: i32, reading: bool) -> bool {
+        let Some(flag) = usize::try_from(fd).ok().and_then(|i| self.idle_said.get(i)) else {
+            return false;
+        };
+        if reading {
+            flag.store(false, Ordering::Relaxed);
+            false
+        } else {
+            !flag.swap(true, Ordering::Relaxed)
+        }
+    }
+
+    /// Waits until the server has finished with the first `target` bytes of
+    /// replay connection `id` (asked for more after them); `false` on
+    /// timeout.
+    pub fn wait_idle(&self, id: u64, target: u64, timeout: Duration) -> bool {
+        self.wait_for(id, timeout, |p| p.idle_at >= target)
     }
 
     /// Waits until the server has read `target` bytes of replay connection
     /// `id`; `false` on timeout.
     pub fn wait_consumed(&self, id: u64, target: u64, timeout: Duration) -> bool {
+        self.wait_for(id, timeout, |p| p.consumed >= target)
+    }
+
+    fn wait_for(&self, id: u64, timeout: Duration, done: impl Fn(&Progress) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         let mut c = self.consumed.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if c.get(&id).copied().unwrap_or(0) >= target {
+            if done(&c.get(&id).copied().unwrap_or_default()) {
                 return true;
             }
             let now = Instant::now();

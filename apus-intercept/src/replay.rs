@@ -23,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use apus::config::DigestCommand;
+use apus::config::ServerCommand;
 use apus::{Entry, StateMachine};
 use apus_core::EntryKind;
 use tracing::{debug, info, warn};
@@ -38,43 +38,125 @@ const DRAIN_WAIT: Duration = Duration::from_secs(5);
 const CONNECT_WAIT: Duration = Duration::from_secs(30);
 /// How often replay says it is still waiting for the server to read.
 const CONSUME_NOTE_EVERY: Duration = Duration::from_secs(10);
+/// The longest the next input waits for a forked process of the server to
+/// finish with the one it got before (see [`Turnstile`]): a statement that
+/// runs longer than this lets the next one start.
+pub const STATEMENT_WAIT: Duration = Duration::from_secs(1);
+/// How long a forked process may sleep with replayed input unread before
+/// replay goes on without it (see `Replay::replay_data`).
+const BLOCKED_READER: Duration = Duration::from_millis(50);
+
+/// Whether process `pid` is running or runnable (or in uninterruptible
+/// I/O), as opposed to asleep: blocked on a lock, or waiting for input.
+pub fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rfind(')')
+            .and_then(|i| s[i + 1..].split_whitespace().next())
+            .is_some_and(|state| matches!(state, "R" | "D"))
+    })
+}
 
 /// Releases server threads in log order.
+///
+/// For a server whose connections run in different processes (PostgreSQL's
+/// backends), reading in log order is not enough: two backends released a
+/// microsecond apart race for the same row lock, the replicas' runs go
+/// different ways, and a follower's replay can wait for ever for input its
+/// blocked backend cannot read. So an input read by one forked process is
+/// released only once the process released before it (for another
+/// connection) has stopped running: it waits for more input, or sleeps
+/// (blocked on a lock, as it would be on every replica), or
+/// [`STATEMENT_WAIT`] has passed. Followers replay by the same rule
+/// (`Replay::replay_data`), so every run executes what it read in log order
+/// up to the statements that block.
 #[derive(Debug, Default)]
 pub struct Turnstile {
-    waiting: Mutex<BTreeSet<u64>>,
+    state: Mutex<TurnState>,
     turn: Condvar,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Released {
+    conn: u64,
+    by: u32,
+    at: Instant,
+    answered: bool,
+}
+
+#[derive(Debug, Default)]
+struct TurnState {
+    /// Own entries applied, whose threads have not come through yet.
+    waiting: BTreeSet<u64>,
+    /// The last one through: its connection, the forked process it was
+    /// for (0: this process), when, and whether that process has been
+    /// answered (is runnable) yet.
+    last: Option<Released>,
+    /// Connections whose process waits for more input.
+    idle: HashSet<u64>,
 }
 
 impl Turnstile {
     /// Entry `index` of ours was applied: its thread will come through.
     pub fn note(&self, index: u64) {
-        self.waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(index);
+        lock(&self.state).waiting.insert(index);
     }
 
-    /// Waits until every own entry before `index` has come through, then
-    /// lets `index` through.
-    pub fn pass(&self, index: u64) {
-        let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+    /// Connection `conn`'s process waits for more input: it has finished
+    /// with what it read.
+    pub fn idle(&self, conn: u64) {
+        lock(&self.state).idle.insert(conn);
+        self.turn.notify_all();
+    }
+
+    /// The forked process whose input on `conn` came through last has been
+    /// answered: from now on it runs, or sleeps because it is blocked.
+    pub fn answered(&self, conn: u64) {
+        if let Some(r) = lock(&self.state).last.as_mut().filter(|r| r.conn == conn) {
+            r.answered = true;
+        }
+        self.turn.notify_all();
+    }
+
+    /// Waits until every own entry before `index` has come through (and,
+    /// for a forked process `by`, see above), then lets `index` through.
+    pub fn pass(&self, index: u64, conn: u64, by: u32) {
+        let mut st = lock(&self.state);
         let since = Instant::now();
         let mut noted = false;
-        while let Some(&first) = w.first().filter(|&&first| first < index) {
+        loop {
+            let earlier = st.waiting.first().is_some_and(|&first| first < index);
+            let racing = by != 0
+                && st.last.is_some_and(|r| {
+                    r.by != 0
+                        && r.by != by
+                        && r.conn != conn
+                        && !st.idle.contains(&r.conn)
+                        && r.at.elapsed() < STATEMENT_WAIT
+                        && (!r.answered || running(r.by))
+                });
+            if !earlier && !racing {
+                break;
+            }
             if !noted && since.elapsed() > Duration::from_secs(10) {
                 // Every own entry's proposer passes here, so this is a bug.
-                warn!(index, first, "a server thread has waited 10 s for an earlier entry's thread");
+                warn!(index, "a server thread has waited 10 s for an earlier entry's thread");
                 noted = true;
             }
             let (g, _) = self
                 .turn
-                .wait_timeout(w, Duration::from_millis(100))
+                .wait_timeout(st, Duration::from_millis(if racing { 1 } else { 100 }))
                 .unwrap_or_else(|p| p.into_inner());
-            w = g;
+            st = g;
         }
-        w.remove(&index);
-        drop(w);
+        st.waiting.remove(&index);
+        st.idle.remove(&conn);
+        st.last = Some(Released {
+            conn,
+            by,
+            at: Instant::now(),
+            answered: by == 0,
+        });
+        drop(st);
         self.turn.notify_all();
     }
 }
@@ -118,7 +200,10 @@ pub struct Replay {
     /// Releases our server's threads in log order.
     pub turnstile: Turnstile,
     /// The digest command (`apus check`).
-    digest: Option<DigestCommand>,
+    digest: Option<ServerCommand>,
+    /// The readiness probe, and whether it has succeeded in this run.
+    ready: Option<ServerCommand>,
+    server_ready: AtomicBool,
     conns: Mutex<HashMap<u64, Replayed>>,
     /// Addresses of the library's live connections into the server.
     internal: Mutex<HashMap<SocketAddr, Internal>>,
@@ -129,6 +214,10 @@ pub struct Replay {
     pub outputs_differed: AtomicU64,
     /// Entries replayed into the local server.
     pub replayed: AtomicU64,
+    /// Entries replay went on past, their reader (a forked process) being
+    /// blocked: where concurrent transactions may commit in another order
+    /// than on the leader.
+    pub passed_blocked: AtomicU64,
     /// The last consistency check.
     pub last_check: Mutex<Option<CheckResult>>,
 }
@@ -151,7 +240,8 @@ impl Replay {
         app: SocketAddr,
         nonce: u64,
         registry: &'static Registry,
-        digest: Option<DigestCommand>,
+        digest: Option<ServerCommand>,
+        ready: Option<ServerCommand>,
     ) -> Replay {
         Replay {
             app,
@@ -159,11 +249,14 @@ impl Replay {
             registry,
             turnstile: Turnstile::default(),
             digest,
+            ready,
+            server_ready: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             internal: Mutex::new(HashMap::new()),
             own: Mutex::new(HashSet::new()),
             outputs_differed: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
+            passed_blocked: AtomicU64::new(0),
             last_check: Mutex::new(None),
         }
     }
@@ -255,7 +348,29 @@ impl Replay {
         Ok((stream, me))
     }
 
+    /// Waits (once per run) until the server answers as the leader's did
+    /// when its clients connected: a server that listens before it is
+    /// ready (PostgreSQL while it starts up) would turn replayed
+    /// connections away.
+    fn wait_ready(&self) {
+        let Some(cmd) = &self.ready else { return };
+        if self.server_ready.load(Ordering::Acquire) {
+            return;
+        }
+        let since = Instant::now();
+        let mut next_note = CONSUME_NOTE_EVERY;
+        while let Err(e) = crate::check::run_command(cmd, self) {
+            if since.elapsed() >= next_note {
+                warn!(error = %e, "the local server is not ready yet (cluster.ready); replay waits");
+                next_note += CONSUME_NOTE_EVERY;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        self.server_ready.store(true, Ordering::Release);
+    }
+
     fn replay_connect(&self, id: u64) {
+        self.wait_ready();
         let (stream, local) = match self.connect(Internal::Replay(id)) {
             Ok(s) => s,
             Err(e) => {
@@ -315,13 +430,30 @@ impl Replay {
         // over (the leader's server did the same, deterministically).
         let since = Instant::now();
         let mut next_note = CONSUME_NOTE_EVERY;
+        let mut asleep_since: Option<Instant> = None;
         while !self
             .registry
-            .wait_consumed(id, target, Duration::from_millis(50))
+            .wait_consumed(id, target, Duration::from_millis(10))
         {
             if drained.load(Ordering::Acquire) {
                 debug!(conn = id, "the local server closed a replayed connection with input unread");
                 return;
+            }
+            // A forked process that sleeps with input waiting is blocked
+            // on something else (a lock its backend took in another order
+            // than the leader's, which a later entry releases): replay goes
+            // on, or it would wait for ever. It reads this input when it
+            // wakes. A single-process server is never passed over.
+            let reader = self.registry.progress(id).reader;
+            if reader != 0 && !running(reader) {
+                let at = *asleep_since.get_or_insert_with(Instant::now);
+                if at.elapsed() >= BLOCKED_READER {
+                    self.passed_blocked.fetch_add(1, Ordering::Relaxed);
+                    debug!(conn = id, pid = reader, "replay goes on past a blocked backend");
+                    return;
+                }
+            } else {
+                asleep_since = None;
             }
             if since.elapsed() >= next_note {
                 warn!(
@@ -331,6 +463,16 @@ impl Replay {
                 );
                 next_note += CONSUME_NOTE_EVERY;
             }
+        }
+        // A forked process runs what it read before the next entry goes
+        // in, unless it blocks (see `Turnstile`).
+        let reader = self.registry.progress(id).reader;
+        if reader != 0 {
+            let since = Instant::now();
+            while since.elapsed() < STATEMENT_WAIT
+                && running(reader)
+                && !self.registry.wait_idle(id, target, Duration::from_millis(1))
+            {}
         }
     }
 
@@ -394,9 +536,10 @@ impl Replay {
     /// Runs the digest command at log position `index` (every earlier
     /// entry has been read by the server) and records the result.
     fn check(&self, index: u64) {
+        self.wait_ready();
         let digest = match &self.digest {
             None => Err("no digest command configured (cluster.digest)".to_string()),
-            Some(cmd) => crate::check::run_digest(cmd, self),
+            Some(cmd) => crate::check::run_command(cmd, self),
         };
         match &digest {
             Ok(d) => info!(index, digest = %d, "check: digest recorded"),
@@ -501,8 +644,8 @@ mod tests {
             .map(|i| {
                 let t = t.clone();
                 thread::spawn(move || {
-                    t.pass(i);
-                    let left = t.waiting.lock().unwrap().clone();
+                    t.pass(i, i, 0);
+                    let left = t.state.lock().unwrap().waiting.clone();
                     assert!(left.iter().all(|&w| w > i), "{i} passed before {left:?}");
                 })
             })
@@ -510,12 +653,45 @@ mod tests {
         for h in handles {
             h.join().unwrap();
         }
-        assert!(t.waiting.lock().unwrap().is_empty());
+        assert!(t.state.lock().unwrap().waiting.is_empty());
+    }
+
+    #[test]
+    fn a_forked_process_is_released_once_the_one_before_it_is_done() {
+        let t = Arc::new(Turnstile::default());
+        t.note(1);
+        t.note(2);
+        // Entry 1 goes to a process that runs.
+        let mut busy = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        t.pass(1, 10, busy.id());
+        t.answered(10);
+        // Entry 2, for another process and connection, waits until
+        // connection 10 is idle (or the process sleeps, or STATEMENT_WAIT).
+        let t2 = t.clone();
+        let h = thread::spawn(move || {
+            let at = Instant::now();
+            t2.pass(2, 20, 200);
+            at.elapsed()
+        });
+        thread::sleep(Duration::from_millis(5));
+        t.idle(10);
+        let waited = h.join().unwrap();
+        assert!(waited >= Duration::from_millis(4), "passed after {waited:?}");
+        assert!(waited < STATEMENT_WAIT, "passed after {waited:?}");
+        busy.kill().unwrap();
+        busy.wait().unwrap();
+        // This process's own threads never wait for that.
+        t.note(3);
+        t.pass(3, 30, 0);
+        assert!(t.state.lock().unwrap().waiting.is_empty());
     }
 
     fn replay() -> Replay {
         static REG: std::sync::LazyLock<Registry> = std::sync::LazyLock::new(Registry::default);
-        Replay::new("127.0.0.1:1".parse().unwrap(), 7, &REG, None)
+        Replay::new("127.0.0.1:1".parse().unwrap(), 7, &REG, None, None)
     }
 
     fn entry(index: u64, kind: EntryKind, conn: u64, payload: &[u8], here: bool) -> Entry<'_> {
@@ -538,25 +714,25 @@ mod tests {
         let mut sm = Replayer(r.clone());
         let ours = Connect { origin: 7, tag: 1 }.encode();
         sm.apply(&entry(1, EntryKind::Connect, 0, &ours, true));
-        r.turnstile.pass(1);
+        r.turnstile.pass(1, 0, 0);
         sm.apply(&entry(2, EntryKind::Data, 1, b"GET a", true));
-        r.turnstile.pass(2);
+        r.turnstile.pass(2, 1, 0);
         // Another leader ends our connection in its term.
         let close = Close::default().encode();
         sm.apply(&entry(3, EntryKind::Close, 1, &close, false));
-        assert!(r.turnstile.waiting.lock().unwrap().is_empty());
+        assert!(r.turnstile.state.lock().unwrap().waiting.is_empty());
         assert!(!lock(&r.own).contains(&1));
         // Our next proposal passes at once.
         sm.apply(&entry(4, EntryKind::Noop, 0, &[], true));
-        r.turnstile.pass(4);
-        assert!(r.turnstile.waiting.lock().unwrap().is_empty());
+        r.turnstile.pass(4, 0, 0);
+        assert!(r.turnstile.state.lock().unwrap().waiting.is_empty());
     }
 
     #[test]
     fn internal_connections_are_known_by_full_address_while_alive() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         static REG: std::sync::LazyLock<Registry> = std::sync::LazyLock::new(Registry::default);
-        let r = Replay::new(l.local_addr().unwrap(), 7, &REG, None);
+        let r = Replay::new(l.local_addr().unwrap(), 7, &REG, None, None);
         r.replay_connect(9);
         let (server_side, peer) = l.accept().unwrap();
         assert_eq!(r.internal(peer), Some(Internal::Replay(9)));

@@ -15,6 +15,7 @@
 //! follower_clients = "refuse"         # `apus run`: refuse | serve (unreplicated, to inspect)
 //! digest = ["redis-cli", "-p", "{port}", "DEBUG", "DIGEST"]  # `apus check`: the server's state digest
 //! digest_timeout_ms = 10000           # `apus check`: how long the digest command may take
+//! ready = ["pg_isready", "-h", "{host}", "-p", "{port}"]  # `apus run`: succeeds once the server is up
 //!
 //! [engine]                            # optional; defaults shown
 //! ring_capacity = 4194304
@@ -233,6 +234,7 @@ struct RawCluster {
     follower_clients: FollowerClients,
     digest: Option<Vec<String>>,
     digest_timeout_ms: Option<u64>,
+    ready: Option<Vec<String>>,
     provider: Option<String>,
     domain: Option<String>,
     device: Option<String>,
@@ -283,11 +285,13 @@ pub struct ReplicaSpec {
     pub data_dir: PathBuf,
 }
 
-/// How `apus check` reads a replicated server's state.
+/// A command the interception library runs against its own server
+/// (`cluster.digest`, `cluster.ready`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DigestCommand {
+pub struct ServerCommand {
     /// The program and its arguments; `{port}` and `{host}` are replaced by
-    /// the address the command must connect to.
+    /// the address the command must connect to (the library relays it to
+    /// the server, which takes it for the library's own connection).
     pub argv: Vec<String>,
     /// How long it may run.
     pub timeout: Duration,
@@ -317,7 +321,10 @@ pub struct ClusterConfig {
     /// What a follower does with real clients (`apus run`).
     pub follower_clients: FollowerClients,
     /// The server's digest command (`apus check`), if configured.
-    pub digest: Option<DigestCommand>,
+    pub digest: Option<ServerCommand>,
+    /// A command that succeeds once the server answers like the leader's
+    /// (PostgreSQL: `pg_isready`); replay waits for it after every start.
+    pub ready: Option<ServerCommand>,
     /// Engine settings shared by every replica (its `id` is replica 0's;
     /// see [`ClusterConfig::engine_for`]).
     pub engine: ReplicaConfig,
@@ -614,9 +621,22 @@ impl ClusterConfig {
                 );
             }
             (Some(_), Some(0)) => return err("cluster.digest_timeout_ms", "must be at least 1"),
-            (Some(argv), ms) => Some(DigestCommand {
+            (Some(argv), ms) => Some(ServerCommand {
                 argv,
                 timeout: Duration::from_millis(ms.unwrap_or(10_000)),
+            }),
+        };
+        let ready = match c.ready {
+            None => None,
+            Some(argv) if argv.is_empty() || argv[0].is_empty() => {
+                return err("cluster.ready", "must name a program, e.g. [\"pg_isready\", \"-h\", \"{host}\", \"-p\", \"{port}\"]");
+            }
+            Some(argv) if !argv.iter().any(|a| a.contains("{port}")) => {
+                return err("cluster.ready", "must connect to {port}");
+            }
+            Some(argv) => Some(ServerCommand {
+                argv,
+                timeout: Duration::from_secs(5),
             }),
         };
         let mut engine = ReplicaConfig::new(NodeId(0), replicas.len());
@@ -661,6 +681,7 @@ impl ClusterConfig {
             verbs,
             follower_clients: c.follower_clients,
             digest,
+            ready,
             engine,
         })
     }

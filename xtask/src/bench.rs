@@ -804,7 +804,8 @@ fn bare_app(
     let dir = out.join(format!("{}-bare", kind.name()));
     std::fs::create_dir_all(&dir)?;
     let addr = PortPool::default().tcp()?;
-    let argv = kind.command(bins, addr.port(), &dir);
+    kind.prepare(&dir, addr.port())?;
+    let argv = kind.command(bins, addr.port(), &dir)?;
     let mut child = crate::tools::server(&argv[0])?
         .args(&argv[1..])
         .stdin(Stdio::null())

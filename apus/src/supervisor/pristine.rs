@@ -38,6 +38,9 @@ impl Pristine {
                 ));
             }
             remove(copy)?;
+            if let Some(parent) = copy.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
             copy_tree(server_dir, copy)?;
             std::fs::write(&marker, b"")?;
         }

@@ -29,6 +29,10 @@ use hdrhistogram::Histogram;
 use crate::{cargo, root, run, tools};
 use apus_bench::appclient::{AppConn, FNV_OFFSET, Protocol, Resp, RespConn, XorShift, fnv1a};
 
+mod postgres;
+pub mod servers;
+pub use servers::ServerKind;
+
 pub const REPLICAS: usize = 3;
 /// Concurrent clients of the INCR failover load.
 const INCR_CLIENTS: usize = 8;
@@ -112,117 +116,6 @@ impl PortPool {
     }
 }
 
-/// The servers the checks know how to run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ServerKind {
-    Redis,
-    Memcached,
-    RespKv,
-}
-
-impl ServerKind {
-    pub fn parse(s: &str) -> Result<ServerKind> {
-        Ok(match s {
-            "redis" => ServerKind::Redis,
-            "memcached" => ServerKind::Memcached,
-            "resp-kv" => ServerKind::RespKv,
-            other => bail!("--server {other:?}: known servers are redis, memcached and resp-kv"),
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ServerKind::Redis => "redis",
-            ServerKind::Memcached => "memcached",
-            ServerKind::RespKv => "resp-kv",
-        }
-    }
-
-    pub fn protocol(self) -> Protocol {
-        match self {
-            ServerKind::Memcached => Protocol::Memcached,
-            ServerKind::Redis | ServerKind::RespKv => Protocol::Resp,
-        }
-    }
-
-    /// The server's command line, listening on 127.0.0.1:`port`.
-    pub fn command(self, bins: &Binaries, port: u16, dir: &Path) -> Vec<String> {
-        let port = port.to_string();
-        let v: Vec<String> = match self {
-            ServerKind::Redis => vec![
-                "redis-server".into(),
-                "--bind".into(),
-                "127.0.0.1".into(),
-                "--port".into(),
-                port,
-                "--save".into(),
-                String::new(),
-                "--appendonly".into(),
-                "no".into(),
-                "--dir".into(),
-                dir.display().to_string(),
-                "--enable-debug-command".into(),
-                "local".into(),
-                "--protected-mode".into(),
-                "no".into(),
-            ],
-            // One worker thread: the order in which a multi-threaded server
-            // reads from different connections is not replicated.
-            ServerKind::Memcached => {
-                let mut v: Vec<String> = [
-                    "memcached",
-                    "-t",
-                    "1",
-                    "-U",
-                    "0",
-                    "-l",
-                    "127.0.0.1",
-                    "-m",
-                    "64",
-                    "-p",
-                ]
-                .map(String::from)
-                .into();
-                v.push(port);
-                if tools::running_as_root() {
-                    v.extend(["-u".into(), "root".into()]);
-                }
-                v
-            }
-            ServerKind::RespKv => vec![bins.resp_kv.display().to_string(), "--port".into(), port],
-        };
-        v
-    }
-
-    /// The server's digest command for `apus check` (`cluster.digest`).
-    pub fn digest(self) -> Option<&'static [&'static str]> {
-        match self {
-            ServerKind::Redis => Some(&["redis-cli", "-p", "{port}", "DEBUG", "DIGEST"]),
-            ServerKind::RespKv => Some(&["redis-cli", "-p", "{port}", "DIGEST"]),
-            // memcached has no digest of its values; the harness reads
-            // every key it wrote instead.
-            ServerKind::Memcached => None,
-        }
-    }
-
-    /// Installs Debian's packages for the server and its clients when they
-    /// are missing.
-    pub fn ensure_installed(self) -> Result<()> {
-        let programs: &[&str] = match self {
-            ServerKind::Redis => &[
-                "redis-server",
-                "redis-benchmark",
-                "redis-check-rdb",
-                "redis-cli",
-            ],
-            ServerKind::Memcached => &["memcached"],
-            ServerKind::RespKv => &["redis-cli"],
-        };
-        tools::ensure(programs)?;
-        Ok(())
-    }
-}
-
 /// A status reply from a replica's client address, if it answers.
 pub fn status_at(addr: SocketAddr) -> Option<RemoteStatus> {
     let mut c = Client::connect(addr, Duration::from_millis(300)).ok()?;
@@ -296,16 +189,23 @@ impl AppCluster {
              # followers answer the harness directly, to compare their state\n\
              follower_clients = \"serve\"\n\
              {digest}\
+             {ready}\
              [engine]\n\
              heartbeat_us = 2000\n\
              election_timeout_us = 50000\n",
             kind.name(),
             std::process::id(),
-            digest = match kind.digest() {
+            digest = match kind.digest()? {
                 Some(argv) => {
-                    let path = tools::path(argv[0])?;
-                    let rest: Vec<String> = argv[1..].iter().map(|a| format!("{a:?}")).collect();
-                    format!("digest = [{:?}, {}]\n", path.display().to_string(), rest.join(", "))
+                    let quoted: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
+                    format!("digest = [{}]\n", quoted.join(", "))
+                }
+                None => String::new(),
+            },
+            ready = match kind.ready_command()? {
+                Some(argv) => {
+                    let quoted: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
+                    format!("ready = [{}]\n", quoted.join(", "))
                 }
                 None => String::new(),
             }
@@ -322,18 +222,23 @@ impl AppCluster {
             let (client, app) = (pool.tcp()?, pool.tcp()?);
             cfg += &format!(
                 "[[replica]]\nid = {i}\naddress = \"{address}\"\nclient = \"{client}\"\n\
-                 app = \"{app}\"\ndata_dir = \"n{i}\"\n"
+                 app = \"{app}\"\nserver_dir = \"server{i}\"\ndata_dir = \"n{i}\"\n"
             );
             if quic {
                 cfg += &format!("tls_cert = \"certs/n{i}.pem\"\ntls_key = \"certs/n{i}.key\"\n");
             }
-            std::fs::create_dir_all(dir.join(format!("server{i}")))?;
+            kind.prepare(&dir.join(format!("server{i}")), app.port())?;
+            std::fs::create_dir_all(dir.join(format!("n{i}")))?;
             apps.push(app);
             status.push(client);
         }
         let config = dir.join("cluster.toml");
         std::fs::write(&config, cfg)?;
         drop(pool);
+        if kind == ServerKind::Postgres {
+            // The node inside the server keeps its files beside them.
+            servers::chown_postgres(&dir)?;
+        }
         if quic {
             run(
                 "apus certs",
@@ -374,26 +279,24 @@ impl AppCluster {
         self.dir.join(format!("server{i}"))
     }
 
-    /// Restarts replica `i` as a replacement machine would: an empty server
-    /// directory (a restarted server must start empty, since the log is
-    /// replayed into it from the beginning), APUS's saved term and vote kept.
+    /// Restarts replica `i` as a replacement machine would: `apus run`
+    /// starts the server from its pristine directory (`server_dir`), since
+    /// the log is replayed into it from the beginning; APUS's saved term
+    /// and vote are kept.
     pub fn restart_empty(&mut self, i: usize) -> Result<()> {
-        let dir = self.server_dir(i);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
         self.start(i)
     }
 
     /// The `apus run` command for replica `i` with `config`.
-    pub fn run_command(&self, i: usize, config: &Path, app_port: u16) -> Command {
+    pub fn run_command(&self, i: usize, config: &Path, app_port: u16) -> Result<Command> {
         let mut c = tools::own(&self.bins.apus);
         c.args(["run", "--config"])
             .arg(config)
             .args(["--id", &i.to_string(), "--"])
-            .args(self.kind.command(&self.bins, app_port, &self.server_dir(i)))
+            .args(self.kind.command(&self.bins, app_port, &self.server_dir(i))?)
             .env("APUS_LOG", "info")
             .stdin(Stdio::null());
-        c
+        Ok(c)
     }
 
     /// Starts replica `i` (with another config, if given), logging to
@@ -405,7 +308,7 @@ impl AppCluster {
             .open(self.dir.join(format!("n{i}.log")))?;
         let config = config.unwrap_or(&self.config).to_path_buf();
         let child = self
-            .run_command(i, &config, self.apps[i].port())
+            .run_command(i, &config, self.apps[i].port())?
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -583,6 +486,10 @@ impl AppCluster {
                     keys.len()
                 ))
             }
+            other => bail!(
+                "{}: the harness reads its state with `apus check` only",
+                other.name()
+            ),
         }
     }
 
@@ -591,6 +498,15 @@ impl AppCluster {
     /// through the last replayed bytes, so a mismatch is retried briefly.
     pub fn compare(&mut self, alive: &[usize]) -> Result<String> {
         let st = self.wait_converged(alive, Duration::from_secs(180))?;
+        if self.kind.protocol().is_none() {
+            // The server's own digest command, at one log position.
+            let digest = self.check()?;
+            return Ok(format!(
+                "{} replicas at commit {}: apus check: {digest}",
+                alive.len(),
+                st[0].commit
+            ));
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         let snaps = loop {
             let snaps: Vec<String> = alive
@@ -625,7 +541,7 @@ impl AppCluster {
             "{differed} replayed connections answered differently from the leader; logs in {}",
             self.dir.display()
         );
-        let check = if alive.len() == REPLICAS && self.kind.digest().is_some() {
+        let check = if alive.len() == REPLICAS && self.kind.digest()?.is_some() {
             format!("; apus check: {}", self.check()?)
         } else {
             String::new()
@@ -666,11 +582,28 @@ impl AppCluster {
         Ok(digest)
     }
 
+    /// Waits until replica `i`'s server answers (it may still be starting,
+    /// or the node taking over).
+    pub fn wait_serving(&self, i: usize, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        while !self.kind.ready(self.apps[i]) {
+            ensure!(
+                Instant::now() < deadline,
+                "n{i}'s {} does not answer at {}; logs in {}",
+                self.kind.name(),
+                self.apps[i],
+                self.dir.display()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
     /// A connection to the current leader's server.
     pub fn leader_conn(&self) -> Result<AppConn> {
         let l = self.leader().context("no leader")?;
         Ok(AppConn::connect(
-            self.kind.protocol(),
+            self.kind.kv_protocol()?,
             self.apps[l],
             Duration::from_secs(2),
         )?)
@@ -692,16 +625,17 @@ impl Drop for AppCluster {
 }
 
 /// The server alone, for the baseline.
-struct BareServer {
+pub(crate) struct BareServer {
     child: Child,
     addr: SocketAddr,
 }
 
 impl BareServer {
-    fn start(kind: ServerKind, bins: &Binaries, dir: &Path) -> Result<BareServer> {
+    pub(crate) fn start(kind: ServerKind, bins: &Binaries, dir: &Path) -> Result<BareServer> {
         let addr = free_addr()?;
         std::fs::create_dir_all(dir)?;
-        let argv = kind.command(bins, addr.port(), dir);
+        kind.prepare(dir, addr.port())?;
+        let argv = kind.command(bins, addr.port(), dir)?;
         let log = std::fs::File::create(dir.join("server.log"))?;
         let mut cmd = tools::server(&argv[0])?;
         cmd.args(&argv[1..])
@@ -714,10 +648,7 @@ impl BareServer {
         let mut s = BareServer { child, addr };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if AppConn::connect(kind.protocol(), addr, Duration::from_millis(200))
-                .and_then(|mut c| c.get("ready-probe"))
-                .is_ok()
-            {
+            if kind.ready(addr) {
                 return Ok(s);
             }
             if let Some(st) = s.child.try_wait()? {
@@ -907,9 +838,9 @@ pub struct Tally {
 }
 
 impl Traffic {
-    pub fn new(cluster: &AppCluster, with_sets: bool) -> Arc<Traffic> {
-        Arc::new(Traffic {
-            protocol: cluster.kind.protocol(),
+    pub fn new(cluster: &AppCluster, with_sets: bool) -> Result<Arc<Traffic>> {
+        Ok(Arc::new(Traffic {
+            protocol: cluster.kind.kv_protocol()?,
             apps: cluster.apps.clone(),
             status: cluster.status.clone(),
             with_sets,
@@ -921,7 +852,7 @@ impl Traffic {
             before_kill: Mutex::new(latency_histogram()),
             recovered: AtomicU64::new(0),
             errors: Mutex::new(Vec::new()),
-        })
+        }))
     }
 
     pub fn take_window(&self) -> Histogram<u64> {
@@ -1059,7 +990,7 @@ fn incr_client(tr: &Traffic, t: usize) -> Tally {
 pub fn check_counters(cluster: &AppCluster, alive: &[usize], tallies: &[Tally]) -> Result<()> {
     for &i in alive {
         let mut c = AppConn::connect(
-            cluster.kind.protocol(),
+            cluster.kind.kv_protocol()?,
             cluster.apps[i],
             Duration::from_secs(2),
         )?;
@@ -1103,7 +1034,7 @@ pub fn failover_under_load(
     after: Duration,
     mut tick: impl FnMut(&AppCluster, &Traffic, Option<(usize, usize)>),
 ) -> Result<Failover> {
-    let traffic = Traffic::new(cluster, with_sets);
+    let traffic = Traffic::new(cluster, with_sets)?;
     let workers = start_incr_clients(cluster, &traffic, clients)?;
     let started = Instant::now();
     while started.elapsed() < before {
@@ -1194,81 +1125,28 @@ pub fn pause_under_load(
     clients: usize,
     rounds: usize,
 ) -> Result<(Vec<Rejoin>, Vec<Tally>)> {
-    let traffic = Traffic::new(cluster, false);
+    let traffic = Traffic::new(cluster, false)?;
     let workers = start_incr_clients(cluster, &traffic, clients)?;
-    let all: Vec<usize> = (0..REPLICAS).collect();
     let mut rejoins = Vec::new();
     let result = (|| -> Result<()> {
         for _ in 0..rounds {
             thread::sleep(Duration::from_millis(700));
-            let victim = cluster.leader().context("no leader under load")?;
-            let old_term = cluster.replica_status(victim).map_or(0, |s| s.term);
-            let rebuilds_before = count_in_log(&cluster.dir.join(format!("n{victim}.log")), "asks for a rebuild");
-            cluster.freeze(victim, true)?;
-            let frozen = Instant::now();
-            let new_leader = loop {
-                if let Some(l) = (0..REPLICAS).filter(|&i| i != victim).find(|&i| {
-                    cluster
-                        .replica_status(i)
-                        .is_some_and(|s| s.role == Role::Leader && s.term > old_term)
-                }) {
-                    break l;
-                }
-                if frozen.elapsed() > Duration::from_secs(30) {
-                    cluster.freeze(victim, false)?;
-                    bail!("no new leader within 30 s of freezing n{victim}");
-                }
-                thread::sleep(Duration::from_millis(1));
-            };
-            let deposed_ms = frozen.elapsed().as_secs_f64() * 1e3;
             // The new leader must serve the clients (one paused earlier once
-            // kept its server threads waiting for ever), and commit for a
-            // while: the old one must catch up.
-            let acked = traffic.acked.load(Ordering::SeqCst);
-            let serving = Instant::now();
-            while traffic.acked.load(Ordering::SeqCst) < acked + 100 {
-                if serving.elapsed() > Duration::from_secs(20) {
-                    cluster.freeze(victim, false)?;
-                    bail!(
+            // kept its server threads waiting for ever).
+            rejoins.push(pause_and_rejoin(cluster, |cluster, new_leader| {
+                let acked = traffic.acked.load(Ordering::SeqCst);
+                let serving = Instant::now();
+                while traffic.acked.load(Ordering::SeqCst) < acked + 100 {
+                    ensure!(
+                        serving.elapsed() < Duration::from_secs(20),
                         "the new leader n{new_leader} answered only {} INCRs in 20 s; logs in {}",
                         traffic.acked.load(Ordering::SeqCst) - acked,
                         cluster.dir.display()
                     );
+                    thread::sleep(Duration::from_millis(5));
                 }
-                thread::sleep(Duration::from_millis(5));
-            }
-            thread::sleep(Duration::from_millis(200));
-            cluster.freeze(victim, false)?;
-            let resumed = Instant::now();
-            let target = cluster
-                .replica_status(new_leader)
-                .context("the new leader stopped answering")?
-                .commit;
-            loop {
-                cluster.check_alive(&all)?;
-                let caught_up = cluster.replica_status(victim).is_some_and(|v| {
-                    v.role != Role::Leader && v.term > old_term && v.applied >= target
-                });
-                if caught_up {
-                    break;
-                }
-                ensure!(
-                    resumed.elapsed() < Duration::from_secs(60),
-                    "n{victim}, paused while leading and resumed, did not rejoin as a working \
-                     follower within 60 s (status {:?}; it must apply up to {target}); logs in {}",
-                    cluster.replica_status(victim),
-                    cluster.dir.display()
-                );
-                thread::sleep(Duration::from_millis(5));
-            }
-            rejoins.push(Rejoin {
-                victim,
-                new_leader,
-                deposed_ms,
-                rejoin_ms: resumed.elapsed().as_secs_f64() * 1e3,
-                rebuilt: count_in_log(&cluster.dir.join(format!("n{victim}.log")), "asks for a rebuild")
-                    > rebuilds_before,
-            });
+                Ok(())
+            })?);
         }
         thread::sleep(Duration::from_millis(500));
         Ok(())
@@ -1287,6 +1165,90 @@ pub fn pause_under_load(
     Ok((rejoins, tallies))
 }
 
+/// Freezes the leader's server until another replica leads, has
+/// `serving` check the new leader while it is frozen, resumes it, and waits
+/// until it follows the new leader and has applied everything committed
+/// when it resumed.
+pub fn pause_and_rejoin(
+    cluster: &mut AppCluster,
+    serving: impl FnOnce(&AppCluster, usize) -> Result<()>,
+) -> Result<Rejoin> {
+    let all: Vec<usize> = (0..REPLICAS).collect();
+    let victim = cluster.leader().context("no leader to pause")?;
+    let old_term = cluster.replica_status(victim).map_or(0, |s| s.term);
+    let log = cluster.dir.join(format!("n{victim}.log"));
+    let rebuilds_before = count_in_log(&log, "asks for a rebuild");
+    cluster.freeze(victim, true)?;
+    let frozen = Instant::now();
+    let outcome = (|| -> Result<(usize, f64)> {
+        let new_leader = loop {
+            if let Some(l) = (0..REPLICAS).filter(|&i| i != victim).find(|&i| {
+                cluster
+                    .replica_status(i)
+                    .is_some_and(|s| s.role == Role::Leader && s.term > old_term)
+            }) {
+                break l;
+            }
+            ensure!(
+                frozen.elapsed() < Duration::from_secs(30),
+                "no new leader within 30 s of freezing n{victim}"
+            );
+            thread::sleep(Duration::from_millis(1));
+        };
+        let deposed_ms = frozen.elapsed().as_secs_f64() * 1e3;
+        serving(cluster, new_leader)?;
+        // Let the new leader commit for a while: the old one must catch up.
+        thread::sleep(Duration::from_millis(200));
+        Ok((new_leader, deposed_ms))
+    })();
+    cluster.freeze(victim, false)?;
+    let (new_leader, deposed_ms) = outcome?;
+    let resumed = Instant::now();
+    let target = cluster
+        .replica_status(new_leader)
+        .context("the new leader stopped answering")?
+        .commit;
+    loop {
+        cluster.check_alive(&all)?;
+        let caught_up = cluster.replica_status(victim).is_some_and(|v| {
+            v.role != Role::Leader && v.term > old_term && v.applied >= target
+        });
+        if caught_up {
+            break;
+        }
+        ensure!(
+            resumed.elapsed() < Duration::from_secs(60),
+            "n{victim}, paused while leading and resumed, did not rejoin as a working \
+             follower within 60 s (status {:?}; it must apply up to {target}); logs in {}",
+            cluster.replica_status(victim),
+            cluster.dir.display()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    Ok(Rejoin {
+        victim,
+        new_leader,
+        deposed_ms,
+        rejoin_ms: resumed.elapsed().as_secs_f64() * 1e3,
+        rebuilt: count_in_log(&log, "asks for a rebuild") > rebuilds_before,
+    })
+}
+
+impl std::fmt::Display for Rejoin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "leader n{} paused: n{} elected {:.0} ms later; n{} resumed and caught up as a follower in {:.0} ms{}",
+            self.victim,
+            self.new_leader,
+            self.deposed_ms,
+            self.victim,
+            self.rejoin_ms,
+            if self.rebuilt { " (its server rebuilt from the log)" } else { "" }
+        )
+    }
+}
+
 fn count_in_log(log: &Path, what: &str) -> usize {
     std::fs::read_to_string(log).map_or(0, |t| t.matches(what).count())
 }
@@ -1298,20 +1260,7 @@ pub fn pause_phase(cluster: &mut AppCluster) -> Result<Vec<String>> {
     let all: Vec<usize> = (0..REPLICAS).collect();
     cluster.wait_ready(&all, Duration::from_secs(30))?;
     let (rejoins, tallies) = pause_under_load(cluster, INCR_CLIENTS, 3)?;
-    let mut lines: Vec<String> = rejoins
-        .iter()
-        .map(|r| {
-            format!(
-                "leader n{} paused: n{} elected {:.0} ms later; n{} resumed and caught up as a follower in {:.0} ms{}",
-                r.victim,
-                r.new_leader,
-                r.deposed_ms,
-                r.victim,
-                r.rejoin_ms,
-                if r.rebuilt { " (its server rebuilt from the log)" } else { "" }
-            )
-        })
-        .collect();
+    let mut lines: Vec<String> = rejoins.iter().map(Rejoin::to_string).collect();
     lines.push(format!("after the pauses: {}", cluster.compare(&all)?));
     check_counters(cluster, &all, &tallies)?;
     let acked: u64 = tallies.iter().map(|t| t.acked).sum();
@@ -1348,7 +1297,7 @@ fn read_until_closed(s: &mut TcpStream, within: Duration) -> bool {
 fn bad_input(cluster: &AppCluster) -> Result<String> {
     let l = cluster.leader().context("no leader")?;
     let addr = cluster.apps[l];
-    let protocol = cluster.kind.protocol();
+    let protocol = cluster.kind.kv_protocol()?;
     // Garbage: printable noise and binary bytes on one connection, starting
     // with a letter (a leading 0x80 would select memcached's binary protocol).
     let mut rng = XorShift::new(42);
@@ -1410,7 +1359,7 @@ fn misconfiguration(cluster: &mut AppCluster, leader: usize) -> Result<Vec<Strin
     let spare = free_addr()?.port();
     // A replica id the cluster does not have.
     let out = cluster
-        .run_command(7, &cluster.config.clone(), spare)
+        .run_command(7, &cluster.config.clone(), spare)?
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(
@@ -1432,7 +1381,7 @@ fn misconfiguration(cluster: &mut AppCluster, leader: usize) -> Result<Vec<Strin
         })
         .collect();
     std::fs::write(&bad, text)?;
-    let out = cluster.run_command(0, &bad, spare).output()?;
+    let out = cluster.run_command(0, &bad, spare)?.output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(
         !out.status.success() && err.contains("cluster.transport"),
@@ -1484,7 +1433,7 @@ fn misconfiguration(cluster: &mut AppCluster, leader: usize) -> Result<Vec<Strin
     );
     std::fs::write(&dup, text)?;
     let mut child = cluster
-        .run_command(follower, &dup, spare)
+        .run_command(follower, &dup, spare)?
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -1694,7 +1643,7 @@ fn old_replay_port(cluster: &mut AppCluster, leader: usize) -> Result<String> {
     ))
 }
 
-struct Options {
+pub(crate) struct Options {
     server: ServerKind,
     requests: u64,
     /// `tcp`, or `fabric/<provider>`.
@@ -1703,7 +1652,7 @@ struct Options {
 
 impl Options {
     /// The `[cluster]` lines that choose the transport.
-    fn transport_config(&self) -> String {
+    pub(crate) fn transport_config(&self) -> String {
         match self.transport.strip_prefix("fabric/") {
             None => "transport = \"tcp\"\n".into(),
             Some(p) => {
@@ -1800,6 +1749,9 @@ fn overall(rows: &[LoadFigures]) -> LoadFigures {
 pub fn run_e2e(args: &[String]) -> Result<ExitCode> {
     let o = parse(args)?;
     let kind = o.server;
+    if kind == ServerKind::Postgres {
+        return postgres::run(&o);
+    }
     let name = format!("e2e {}", kind.name());
     kind.ensure_installed()?;
     if o.transport.starts_with("fabric") {
@@ -1818,7 +1770,7 @@ pub fn run_e2e(args: &[String]) -> Result<ExitCode> {
             ServerKind::Redis => redis_benchmark(addr, o.requests),
             _ => Ok(vec![mixed_load(
                 "set/get",
-                kind.protocol(),
+                kind.kv_protocol()?,
                 addr,
                 MIXED_CONNS,
                 o.requests / MIXED_CONNS as u64 / 5,
