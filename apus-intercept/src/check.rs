@@ -73,8 +73,18 @@ pub fn run_command(cmd: &ServerCommand, replay: &Replay) -> Result<String, Strin
             text
         })
     };
-    let out = read_all(child.stdout.take().map(|o| Box::new(o) as Box<dyn Read + Send>));
-    let err = read_all(child.stderr.take().map(|e| Box::new(e) as Box<dyn Read + Send>));
+    let out = read_all(
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn Read + Send>),
+    );
+    let err = read_all(
+        child
+            .stderr
+            .take()
+            .map(|e| Box::new(e) as Box<dyn Read + Send>),
+    );
     // The child is reaped by whoever reaps it (the server or `Child`'s
     // drop never waits); only its output is read.
     drop(child);
@@ -136,11 +146,47 @@ pub fn run_command(cmd: &ServerCommand, replay: &Replay) -> Result<String, Strin
         .rsplit_once(EXIT_MARK)
         .ok_or_else(|| format!("{} ended without its exit status: {}", argv[0], err.trim()))?;
     if status.trim() != "0" {
-        return Err(format!("{} failed (exit {}): {}", argv[0], status.trim(), err.trim()));
+        return Err(format!(
+            "{} failed (exit {}): {}",
+            argv[0],
+            status.trim(),
+            err.trim()
+        ));
     }
     let mut digest = printed.trim().to_string();
     digest.truncate(MAX_DIGEST);
     Ok(digest)
+}
+
+/// Waits until no thread of the server runs: none of this process's own
+/// (the library's, named `apus-*`, aside) and none of `children`'s. A
+/// server that hands what it read to worker threads (slapd) may still be
+/// executing the input before the CHECK entry; its digest must see it done.
+/// Bounded by `within`; three quiet looks in a row are taken as quiet.
+pub fn wait_quiescent(children: &[u32], within: Duration) {
+    let deadline = Instant::now() + within;
+    let mut quiet = 0;
+    while quiet < 3 && Instant::now() < deadline {
+        let busy = std::iter::once(std::process::id())
+            .chain(children.iter().copied())
+            .any(|pid| {
+                let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                    return false;
+                };
+                tasks.flatten().any(|t| {
+                    let dir = t.path();
+                    let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+                    !comm.starts_with("apus-")
+                        && std::fs::read_to_string(dir.join("stat")).is_ok_and(|st| {
+                            st.rfind(')')
+                                .and_then(|i| st[i + 1..].split_whitespace().next())
+                                .is_some_and(|state| matches!(state, "R" | "D"))
+                        })
+                })
+            });
+        quiet = if busy { 0 } else { quiet + 1 };
+        thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Copies bytes both ways until either side ends (or `stop`).

@@ -257,7 +257,10 @@ fn read_frame(s: &mut impl Read) -> io::Result<Option<(u8, Vec<u8>)>> {
     }
     let len = u32::from_le_bytes(len) as usize;
     if len == 0 || len > MAX_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad frame length"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad frame length",
+        ));
     }
     let mut body = vec![0u8; len];
     s.read_exact(&mut body)?;
@@ -298,6 +301,8 @@ pub trait Handler: Send + Sync + 'static {
     fn input(&self, conn: u64, data: &[u8], pid: u32) -> bool;
     /// A child waits for more input on connection `conn`.
     fn waits(&self, conn: u64);
+    /// Children wrote `bytes` more on their replicated connections.
+    fn wrote(&self, bytes: u64);
     /// A connection a child used has ended.
     fn close(&self, conn: u64, out: StreamHash);
     /// Child `pid` read replayed input (it has been answered already: it
@@ -360,11 +365,12 @@ pub fn serve(handler: Arc<dyn Handler>, sessions: Arc<Sessions>) -> io::Result<A
             crate::inside(|| {
                 for stream in listener.incoming().flatten() {
                     let (handler, sessions) = (handler.clone(), sessions.clone());
-                    let _ = std::thread::Builder::new()
-                        .name("apus-child".into())
-                        .spawn(move || {
-                            crate::inside(|| session(stream, &token, &*handler, &sessions))
-                        });
+                    let _ =
+                        std::thread::Builder::new()
+                            .name("apus-child".into())
+                            .spawn(move || {
+                                crate::inside(|| session(stream, &token, &*handler, &sessions))
+                            });
                 }
             })
         })?;
@@ -419,10 +425,13 @@ fn session(mut s: UnixStream, token: &[u8; 16], h: &dyn Handler, sessions: &Sess
                 out,
                 data,
             } => {
-                me.adopted
+                let before = me
+                    .adopted
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(conn, (fd, out));
+                    .insert(conn, (fd, out))
+                    .map_or(0, |(_, o)| o.bytes);
+                h.wrote(out.bytes.saturating_sub(before));
                 let pid = me.pid;
                 after = Some(Box::new(move || h.answered(conn, pid)));
                 if h.input(conn, &data, pid) {
@@ -432,10 +441,13 @@ fn session(mut s: UnixStream, token: &[u8; 16], h: &dyn Handler, sessions: &Sess
                 }
             }
             Request::Close { conn, out } => {
-                me.adopted
+                let before = me
+                    .adopted
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .remove(&conn);
+                    .remove(&conn)
+                    .map_or(0, |(_, o)| o.bytes);
+                h.wrote(out.bytes.saturating_sub(before));
                 h.close(conn, out);
                 frame(OK, &[])
             }
@@ -514,7 +526,9 @@ fn connect(addr: &Address) -> io::Result<UnixStream> {
     s.write_all(&frame(HELLO, &addr.token))?;
     match read_frame(&mut s)? {
         Some((OK, _)) => Ok(s),
-        _ => Err(io::Error::other("the replicating process refused the channel")),
+        _ => Err(io::Error::other(
+            "the replicating process refused the channel",
+        )),
     }
 }
 
@@ -645,12 +659,17 @@ mod tests {
     struct Echo;
     impl Handler for Echo {
         fn accept(&self, app: bool, _: Option<SocketAddr>) -> Verdict {
-            if app { Verdict::Replicate(7) } else { Verdict::Reject }
+            if app {
+                Verdict::Replicate(7)
+            } else {
+                Verdict::Reject
+            }
         }
         fn input(&self, _: u64, data: &[u8], _: u32) -> bool {
             data != b"bad"
         }
         fn waits(&self, _: u64) {}
+        fn wrote(&self, _: u64) {}
         fn close(&self, _: u64, _: StreamHash) {}
         fn consumed(&self, _: u64, _: u64, _: u32) {}
         fn answered(&self, _: u64, _: u32) {}

@@ -8,8 +8,8 @@
 
 use std::net::SocketAddr;
 use std::slice;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use libc::{c_int, c_uint, c_void, iovec, msghdr, size_t, sockaddr, socklen_t, ssize_t};
 
@@ -110,9 +110,9 @@ fn address(fd: c_int, peer: bool) -> Option<Address> {
 /// Whether `fd` listens on the app port (any address family: a server
 /// listening on 127.0.0.1 and ::1 replicates both).
 fn is_app_listener(fd: c_int) -> bool {
-    settings().is_some_and(|s| {
-        matches!(address(fd, false), Some(Address::Inet(a)) if a.port() == s.app.port())
-    })
+    settings().is_some_and(
+        |s| matches!(address(fd, false), Some(Address::Inet(a)) if a.port() == s.app.port()),
+    )
 }
 
 /// Intercepted `listen`: the first process to listen on its app address
@@ -405,7 +405,9 @@ unsafe fn after_input(
 fn broken(fd: c_int, conn: u64) -> bool {
     inside(|| {
         let (broken, said) = REGISTRY
-            .with(conn, |c| (c.broken, std::mem::replace(&mut c.waits_said, true)))
+            .with(conn, |c| {
+                (c.broken, std::mem::replace(&mut c.waits_said, true))
+            })
             .unwrap_or((true, true));
         if !broken
             && !said
@@ -696,7 +698,10 @@ fn after_output(fd: c_int, data: &[u8]) {
         REGISTRY.with(conn, |c| {
             c.used = true;
             c.out.update(data);
-        })
+        });
+        if let Proc::Holder(a) = proc() {
+            a.wrote(data.len() as u64);
+        }
     });
     set_errno(e);
 }
@@ -705,11 +710,7 @@ fn after_output(fd: c_int, data: &[u8]) {
 ///
 /// # Safety
 /// As [`gather`].
-unsafe fn after_output_bufs(
-    fd: c_int,
-    n: ssize_t,
-    bufs: impl Iterator<Item = (*const u8, usize)>,
-) {
+unsafe fn after_output_bufs(fd: c_int, n: ssize_t, bufs: impl Iterator<Item = (*const u8, usize)>) {
     if n > 0 && !in_hook() && REGISTRY.conn(fd).is_some() {
         // SAFETY: the caller's buffers, of which `n` bytes were sent.
         let data = unsafe { gather(bufs, n as usize) };
@@ -903,8 +904,7 @@ pub unsafe extern "C" fn splice(
     let e = errno();
     let mut p = [0 as c_int; 2];
     // SAFETY: pipe2 writes two descriptors into `p`.
-    let copy = if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } == 0
-    {
+    let copy = if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } == 0 {
         // SAFETY: tee between the caller's pipe and ours, without consuming.
         unsafe { libc::tee(input, p[1], len, libc::SPLICE_F_NONBLOCK) }
     } else {

@@ -180,7 +180,11 @@ extern "C" fn load_settings() {
     if LazyLock::force(&SETTINGS).is_some() {
         // SAFETY: registering plain extern "C" functions.
         unsafe {
-            libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child));
+            libc::pthread_atfork(
+                Some(before_fork),
+                Some(after_fork_parent),
+                Some(after_fork_child),
+            );
         }
     }
 }
@@ -257,6 +261,9 @@ struct Apus {
     sessions: Arc<child::Sessions>,
     /// Proposals whose outcome is not known yet.
     unresolved: AtomicUsize,
+    /// What the server has written on its replicated connections (in
+    /// this process and, as they report it, in its forked children).
+    out_total: AtomicU64,
 }
 
 fn start() -> Holder {
@@ -283,21 +290,24 @@ fn start() -> Holder {
         let _ = getrandom::fill(&mut b);
         u64::from_le_bytes(b) | 1
     };
+    let sessions = Arc::new(child::Sessions::default());
     let replay = Arc::new(Replay::new(
         s.app,
         nonce,
         &REGISTRY,
         s.config.digest.clone(),
         s.config.ready.clone(),
+        Some(sessions.clone()),
     ));
     let node = match Node::start(&s.config, s.id, Replayer(replay.clone())) {
         Ok(n) => n,
         Err(e) => refuse(&format!("cannot start replica {}: {e}", s.id.0)),
     };
-    let sessions = Arc::new(child::Sessions::default());
     let children = match child::serve(Arc::new(ChildRequests), sessions.clone()) {
         Ok(a) => a,
-        Err(e) => refuse(&format!("cannot open the channel for forked processes: {e}")),
+        Err(e) => refuse(&format!(
+            "cannot open the channel for forked processes: {e}"
+        )),
     };
     info!(id = %s.id, app = %s.app, "replication started inside the server");
     let apus = Apus {
@@ -308,6 +318,7 @@ fn start() -> Holder {
         follower_clients: s.config.follower_clients,
         sessions,
         unresolved: AtomicUsize::new(0),
+        out_total: AtomicU64::new(0),
     };
     spawn("apus-roles", watch_roles);
     if let Some(addr) = s.config.replicas[s.id.index()].client {
@@ -490,7 +501,13 @@ fn serve_status(listener: std::net::TcpListener) {
                     Ok(Request::Status) => Reply::Status(a.remote_status()),
                     Ok(Request::Check) => a.check(),
                     Ok(Request::LastCheck) => {
-                        match a.replay.last_check.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                        match a
+                            .replay
+                            .last_check
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone()
+                        {
                             Some(c) => Reply::Checked {
                                 index: c.index,
                                 digest: c.digest,
@@ -590,6 +607,7 @@ impl Apus {
         let connect = Connect {
             origin: self.replay.nonce,
             tag: NEXT_TAG.fetch_add(1, Ordering::Relaxed),
+            out: self.out_total.load(Ordering::SeqCst),
         };
         match self.replicate(EntryKind::Connect, 0, &connect.encode(), 0) {
             Ok(index) => Verdict::Replicate(index),
@@ -617,11 +635,22 @@ impl Apus {
     /// Replicates what a read of connection `conn` returned (empty: end of
     /// stream), in entries of at most `max_payload` bytes.
     fn input(&self, conn: u64, data: &[u8], by: u32) -> Result<(), ProposeError> {
+        let out = self.out_total.load(Ordering::SeqCst);
         if data.is_empty() {
-            return self.replicate(EntryKind::Data, conn, &[], by).map(|_| ());
+            return self
+                .replicate(EntryKind::Data, conn, &payload::data(out, &[]), by)
+                .map(|_| ());
         }
-        data.chunks(self.max_payload)
-            .try_for_each(|chunk| self.replicate(EntryKind::Data, conn, chunk, by).map(|_| ()))
+        data.chunks(self.max_payload - payload::DATA_HEADER)
+            .try_for_each(|chunk| {
+                self.replicate(EntryKind::Data, conn, &payload::data(out, chunk), by)
+                    .map(|_| ())
+            })
+    }
+
+    /// The server wrote `bytes` on its replicated connections.
+    fn wrote(&self, bytes: u64) {
+        self.out_total.fetch_add(bytes, Ordering::SeqCst);
     }
 
     /// Replicates the end of connection `conn`, with what the server wrote.
@@ -684,7 +713,11 @@ struct ChildRequests;
 impl child::Handler for ChildRequests {
     fn accept(&self, app: bool, peer: Option<SocketAddr>) -> Verdict {
         let a = holder_apus();
-        if app { a.accept_app(peer) } else { a.accept_other() }
+        if app {
+            a.accept_app(peer)
+        } else {
+            a.accept_other()
+        }
     }
 
     fn input(&self, conn: u64, data: &[u8], pid: u32) -> bool {
@@ -693,6 +726,10 @@ impl child::Handler for ChildRequests {
 
     fn waits(&self, conn: u64) {
         holder_apus().replay.turnstile.idle(conn);
+    }
+
+    fn wrote(&self, bytes: u64) {
+        holder_apus().wrote(bytes);
     }
 
     fn close(&self, conn: u64, out: StreamHash) {

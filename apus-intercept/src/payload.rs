@@ -1,9 +1,19 @@
 //! What the interception library puts in log entries.
 //!
-//! * CONNECT: `origin u64 | tag u64` — who proposed it (the proposing node's
-//!   incarnation nonce) and which accept it was, so a node recognises its own
-//!   connections when it applies them. The connection id is the entry's index.
-//! * DATA: the bytes the server's read returned, as they were.
+//! * CONNECT: `origin u64 | tag u64 | out u64` — who proposed it (the
+//!   proposing node's incarnation nonce) and which accept it was, so a node
+//!   recognises its own connections when it applies them; and `out`, below.
+//!   The connection id is the entry's index.
+//! * DATA: `out u64 | bytes`: the bytes the server's read returned, as they
+//!   were.
+//!
+//! `out` is what the leader's server had written, on all the connections
+//! that leader accepted, when the accept or read happened. A follower gives
+//! its server the entry only once its server has answered as much on those
+//! connections: a reply the leader's server sent before it read this input
+//! (a response to the client's previous request, on another connection
+//! too) has happened on the follower as well, even if the server ran the
+//! request on a worker thread.
 //! * CLOSE: `bytes_out u64 | hash_out u64` — what the leader's server had
 //!   written on the connection, for the followers' divergence check.
 
@@ -14,6 +24,24 @@ pub struct Connect {
     pub origin: u64,
     /// Distinguishes this node's accepts.
     pub tag: u64,
+    /// The leader's output so far (see the module docs).
+    pub out: u64,
+}
+
+/// Bytes in front of a DATA entry's input.
+pub const DATA_HEADER: usize = 8;
+
+/// A DATA payload: the leader's output so far, then the input.
+pub fn data(out: u64, input: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(DATA_HEADER + input.len());
+    b.extend_from_slice(&out.to_le_bytes());
+    b.extend_from_slice(input);
+    b
+}
+
+/// A DATA payload's output count and input; `None` if too short.
+pub fn split_data(payload: &[u8]) -> Option<(u64, &[u8])> {
+    (payload.len() >= DATA_HEADER).then(|| (u64_at(payload, 0), &payload[DATA_HEADER..]))
 }
 
 /// A CLOSE payload.
@@ -31,17 +59,19 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 
 impl Connect {
     /// Encodes.
-    pub fn encode(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
+    pub fn encode(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
         b[..8].copy_from_slice(&self.origin.to_le_bytes());
-        b[8..].copy_from_slice(&self.tag.to_le_bytes());
+        b[8..16].copy_from_slice(&self.tag.to_le_bytes());
+        b[16..].copy_from_slice(&self.out.to_le_bytes());
         b
     }
-    /// Decodes; `None` unless exactly 16 bytes.
+    /// Decodes; `None` unless exactly 24 bytes.
     pub fn decode(b: &[u8]) -> Option<Connect> {
-        (b.len() == 16).then(|| Connect {
+        (b.len() == 24).then(|| Connect {
             origin: u64_at(b, 0),
             tag: u64_at(b, 8),
+            out: u64_at(b, 16),
         })
     }
 }
@@ -99,8 +129,15 @@ mod tests {
 
     #[test]
     fn round_trips_and_rejects_bad_sizes() {
-        let c = Connect { origin: 7, tag: 9 };
+        let c = Connect {
+            origin: 7,
+            tag: 9,
+            out: 11,
+        };
         assert_eq!(Connect::decode(&c.encode()), Some(c));
+        assert_eq!(split_data(&data(5, b"GET")), Some((5, &b"GET"[..])));
+        assert_eq!(split_data(&data(5, b"")), Some((5, &b""[..])));
+        assert_eq!(split_data(&[1, 2, 3]), None);
         let x = Close {
             bytes_out: 10,
             hash_out: 11,

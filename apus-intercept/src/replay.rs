@@ -139,7 +139,10 @@ impl Turnstile {
             }
             if !noted && since.elapsed() > Duration::from_secs(10) {
                 // Every own entry's proposer passes here, so this is a bug.
-                warn!(index, "a server thread has waited 10 s for an earlier entry's thread");
+                warn!(
+                    index,
+                    "a server thread has waited 10 s for an earlier entry's thread"
+                );
                 noted = true;
             }
             let (g, _) = self
@@ -169,6 +172,21 @@ struct Replayed {
     written: u64,
     out: Arc<Mutex<StreamHash>>,
     drained: Arc<AtomicBool>,
+    /// What the server answered on the connections of this one's leader
+    /// (see [`crate::payload`]), shared with their drain threads.
+    answered: Arc<Answered>,
+}
+
+/// What the local server answered on one leader incarnation's replayed
+/// connections.
+#[derive(Debug, Default)]
+struct Answered {
+    /// Bytes drained.
+    bytes: AtomicU64,
+    /// How much less than the leader's this server answered where a wait
+    /// timed out (its replies differed): later waits allow for it, so one
+    /// difference costs one wait, not one per entry.
+    shortfall: AtomicU64,
 }
 
 /// A connection into the local server that the library made itself.
@@ -201,6 +219,9 @@ pub struct Replay {
     pub turnstile: Turnstile,
     /// The digest command (`apus check`).
     digest: Option<ServerCommand>,
+    /// The holder's forked children (their threads must be quiet for a
+    /// check).
+    children: Option<Arc<crate::child::Sessions>>,
     /// The readiness probe, and whether it has succeeded in this run.
     ready: Option<ServerCommand>,
     server_ready: AtomicBool,
@@ -210,6 +231,9 @@ pub struct Replay {
     /// Connections this node accepted (their CONNECT carried our nonce),
     /// until their CLOSE.
     own: Mutex<HashSet<u64>>,
+    /// What the local server answered on the replayed connections of each
+    /// leader incarnation (by its nonce).
+    answered: Mutex<HashMap<u64, Arc<Answered>>>,
     /// Replayed connections whose output differed from the leader's.
     pub outputs_differed: AtomicU64,
     /// Entries replayed into the local server.
@@ -242,6 +266,7 @@ impl Replay {
         registry: &'static Registry,
         digest: Option<ServerCommand>,
         ready: Option<ServerCommand>,
+        children: Option<Arc<crate::child::Sessions>>,
     ) -> Replay {
         Replay {
             app,
@@ -249,11 +274,13 @@ impl Replay {
             registry,
             turnstile: Turnstile::default(),
             digest,
+            children,
             ready,
             server_ready: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             internal: Mutex::new(HashMap::new()),
             own: Mutex::new(HashSet::new()),
+            answered: Mutex::new(HashMap::new()),
             outputs_differed: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             passed_blocked: AtomicU64::new(0),
@@ -369,8 +396,38 @@ impl Replay {
         self.server_ready.store(true, Ordering::Release);
     }
 
-    fn replay_connect(&self, id: u64) {
+    /// Waits until the local server has answered `out` bytes on the
+    /// connections of `counter`'s leader, as the leader's had when it read
+    /// the entry about to go in: so a reply that came before that input on
+    /// the leader (to an earlier request, of this client or another) has
+    /// come here too, even from a worker thread. Bounded by
+    /// [`STATEMENT_WAIT`]: a server whose replies are shorter here (they
+    /// differed) is not waited for longer.
+    fn wait_answered(&self, a: &Answered, out: u64) {
+        let since = Instant::now();
+        let target = out.saturating_sub(a.shortfall.load(Ordering::Relaxed));
+        while a.bytes.load(Ordering::Acquire) < target {
+            if since.elapsed() >= STATEMENT_WAIT {
+                let short = target - a.bytes.load(Ordering::Acquire);
+                a.shortfall.fetch_add(short, Ordering::Relaxed);
+                debug!(
+                    short,
+                    "the local server answered less than the leader's had; going on"
+                );
+                return;
+            }
+            thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    fn counter(&self, origin: u64) -> Arc<Answered> {
+        lock(&self.answered).entry(origin).or_default().clone()
+    }
+
+    fn replay_connect(&self, id: u64, connect: Connect) {
         self.wait_ready();
+        let answered = self.counter(connect.origin);
+        self.wait_answered(&answered, connect.out);
         let (stream, local) = match self.connect(Internal::Replay(id)) {
             Ok(s) => s,
             Err(e) => {
@@ -382,10 +439,10 @@ impl Replay {
         let drained = Arc::new(AtomicBool::new(false));
         match stream.try_clone() {
             Ok(reader) => {
-                let (o, d) = (out.clone(), drained.clone());
+                let (o, d, a) = (out.clone(), drained.clone(), answered.clone());
                 if thread::Builder::new()
                     .name(format!("apus-drain-{id}"))
-                    .spawn(move || crate::inside(|| drain(reader, &o, &d)))
+                    .spawn(move || crate::inside(|| drain(reader, &o, &d, &a)))
                     .is_err()
                 {
                     warn!(conn = id, "cannot spawn a drain thread");
@@ -402,14 +459,19 @@ impl Replay {
                 written: 0,
                 out,
                 drained,
+                answered,
             },
         );
     }
 
-    fn replay_data(&self, id: u64, data: &[u8]) {
+    fn replay_data(&self, id: u64, out: u64, data: &[u8]) {
+        let Some(answered) = lock(&self.conns).get(&id).map(|c| c.answered.clone()) else {
+            debug!(conn = id, "data for a connection that is not replayed here");
+            return;
+        };
+        self.wait_answered(&answered, out);
         let mut conns = lock(&self.conns);
         let Some(c) = conns.get_mut(&id) else {
-            debug!(conn = id, "data for a connection that is not replayed here");
             return;
         };
         if data.is_empty() {
@@ -436,7 +498,10 @@ impl Replay {
             .wait_consumed(id, target, Duration::from_millis(10))
         {
             if drained.load(Ordering::Acquire) {
-                debug!(conn = id, "the local server closed a replayed connection with input unread");
+                debug!(
+                    conn = id,
+                    "the local server closed a replayed connection with input unread"
+                );
                 return;
             }
             // A forked process that sleeps with input waiting is blocked
@@ -449,7 +514,11 @@ impl Replay {
                 let at = *asleep_since.get_or_insert_with(Instant::now);
                 if at.elapsed() >= BLOCKED_READER {
                     self.passed_blocked.fetch_add(1, Ordering::Relaxed);
-                    debug!(conn = id, pid = reader, "replay goes on past a blocked backend");
+                    debug!(
+                        conn = id,
+                        pid = reader,
+                        "replay goes on past a blocked backend"
+                    );
                     return;
                 }
             } else {
@@ -471,7 +540,9 @@ impl Replay {
             let since = Instant::now();
             while since.elapsed() < STATEMENT_WAIT
                 && running(reader)
-                && !self.registry.wait_idle(id, target, Duration::from_millis(1))
+                && !self
+                    .registry
+                    .wait_idle(id, target, Duration::from_millis(1))
             {}
         }
     }
@@ -535,8 +606,20 @@ impl Replay {
 
     /// Runs the digest command at log position `index` (every earlier
     /// entry has been read by the server) and records the result.
+    /// Waits until the server's threads (and its forked processes) are done
+    /// with what replay gave them so far, up to [`STATEMENT_WAIT`].
+    fn wait_quiescent(&self) {
+        let children: Vec<u32> = self
+            .children
+            .as_ref()
+            .map(|c| c.all().iter().map(|s| s.pid).collect())
+            .unwrap_or_default();
+        crate::check::wait_quiescent(&children, STATEMENT_WAIT);
+    }
+
     fn check(&self, index: u64) {
         self.wait_ready();
+        self.wait_quiescent();
         let digest = match &self.digest {
             None => Err("no digest command configured (cluster.digest)".to_string()),
             Some(cmd) => crate::check::run_command(cmd, self),
@@ -563,14 +646,16 @@ impl Replay {
         match e.kind {
             EntryKind::Noop => {}
             EntryKind::Check => self.check(e.index),
-            EntryKind::Connect => {
-                if Connect::decode(e.payload).is_some_and(|c| c.origin == self.nonce) {
+            EntryKind::Connect => match Connect::decode(e.payload) {
+                Some(c) if c.origin == self.nonce => {
                     lock(&self.own).insert(e.index);
-                } else {
-                    self.replay_connect(e.index);
+                }
+                Some(c) => {
+                    self.replay_connect(e.index, c);
                     self.replayed.fetch_add(1, Ordering::Relaxed);
                 }
-            }
+                None => warn!(index = e.index, "a malformed CONNECT entry; not replayed"),
+            },
             // Our own connection: its input is already in our server. (A
             // CLOSE of it from a new leader only ends it in the log.)
             EntryKind::Data | EntryKind::Close if lock(&self.own).contains(&e.conn) => {
@@ -578,10 +663,13 @@ impl Replay {
                     lock(&self.own).remove(&e.conn);
                 }
             }
-            EntryKind::Data => {
-                self.replay_data(e.conn, e.payload);
-                self.replayed.fetch_add(1, Ordering::Relaxed);
-            }
+            EntryKind::Data => match crate::payload::split_data(e.payload) {
+                Some((out, input)) => {
+                    self.replay_data(e.conn, out, input);
+                    self.replayed.fetch_add(1, Ordering::Relaxed);
+                }
+                None => warn!(index = e.index, "a malformed DATA entry; not replayed"),
+            },
             EntryKind::Close => {
                 self.replay_close(e.conn, Close::decode(e.payload));
                 self.replayed.fetch_add(1, Ordering::Relaxed);
@@ -590,13 +678,19 @@ impl Replay {
     }
 }
 
-fn drain(mut reader: TcpStream, out: &Mutex<StreamHash>, drained: &AtomicBool) {
+fn drain(
+    mut reader: TcpStream,
+    out: &Mutex<StreamHash>,
+    drained: &AtomicBool,
+    answered: &Answered,
+) {
     let mut buf = vec![0u8; 64 << 10];
     while let Ok(n) = reader.read(&mut buf) {
         if n == 0 {
             break;
         }
         lock(out).update(&buf[..n]);
+        answered.bytes.fetch_add(n as u64, Ordering::Release);
     }
     drained.store(true, Ordering::Release);
 }
@@ -679,7 +773,10 @@ mod tests {
         thread::sleep(Duration::from_millis(5));
         t.idle(10);
         let waited = h.join().unwrap();
-        assert!(waited >= Duration::from_millis(4), "passed after {waited:?}");
+        assert!(
+            waited >= Duration::from_millis(4),
+            "passed after {waited:?}"
+        );
         assert!(waited < STATEMENT_WAIT, "passed after {waited:?}");
         busy.kill().unwrap();
         busy.wait().unwrap();
@@ -691,7 +788,7 @@ mod tests {
 
     fn replay() -> Replay {
         static REG: std::sync::LazyLock<Registry> = std::sync::LazyLock::new(Registry::default);
-        Replay::new("127.0.0.1:1".parse().unwrap(), 7, &REG, None, None)
+        Replay::new("127.0.0.1:1".parse().unwrap(), 7, &REG, None, None, None)
     }
 
     fn entry(index: u64, kind: EntryKind, conn: u64, payload: &[u8], here: bool) -> Entry<'_> {
@@ -712,7 +809,12 @@ mod tests {
     fn only_entries_proposed_here_wait_in_the_turnstile() {
         let r = Arc::new(replay());
         let mut sm = Replayer(r.clone());
-        let ours = Connect { origin: 7, tag: 1 }.encode();
+        let ours = Connect {
+            origin: 7,
+            tag: 1,
+            out: 0,
+        }
+        .encode();
         sm.apply(&entry(1, EntryKind::Connect, 0, &ours, true));
         r.turnstile.pass(1, 0, 0);
         sm.apply(&entry(2, EntryKind::Data, 1, b"GET a", true));
@@ -732,8 +834,15 @@ mod tests {
     fn internal_connections_are_known_by_full_address_while_alive() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         static REG: std::sync::LazyLock<Registry> = std::sync::LazyLock::new(Registry::default);
-        let r = Replay::new(l.local_addr().unwrap(), 7, &REG, None, None);
-        r.replay_connect(9);
+        let r = Replay::new(l.local_addr().unwrap(), 7, &REG, None, None, None);
+        r.replay_connect(
+            9,
+            Connect {
+                origin: 3,
+                tag: 1,
+                out: 0,
+            },
+        );
         let (server_side, peer) = l.accept().unwrap();
         assert_eq!(r.internal(peer), Some(Internal::Replay(9)));
         // The same port from another address is nobody we know.
@@ -741,6 +850,10 @@ mod tests {
         assert_eq!(r.internal(other), None);
         drop(server_side);
         assert_eq!(r.finish_all(&[9]).len(), 1);
-        assert_eq!(r.internal(peer), None, "forgotten once the connection ended");
+        assert_eq!(
+            r.internal(peer),
+            None,
+            "forgotten once the connection ended"
+        );
     }
 }

@@ -612,7 +612,10 @@ impl ClusterConfig {
             (None, None) => None,
             (None, Some(_)) => return err("cluster.digest_timeout_ms", "applies with digest only"),
             (Some(argv), _) if argv.is_empty() || argv[0].is_empty() => {
-                return err("cluster.digest", "must name a program, e.g. [\"redis-cli\", \"-p\", \"{port}\", \"DEBUG\", \"DIGEST\"]");
+                return err(
+                    "cluster.digest",
+                    "must name a program, e.g. [\"redis-cli\", \"-p\", \"{port}\", \"DEBUG\", \"DIGEST\"]",
+                );
             }
             (Some(argv), _) if !argv.iter().any(|a| a.contains("{port}")) => {
                 return err(
@@ -629,7 +632,10 @@ impl ClusterConfig {
         let ready = match c.ready {
             None => None,
             Some(argv) if argv.is_empty() || argv[0].is_empty() => {
-                return err("cluster.ready", "must name a program, e.g. [\"pg_isready\", \"-h\", \"{host}\", \"-p\", \"{port}\"]");
+                return err(
+                    "cluster.ready",
+                    "must name a program, e.g. [\"pg_isready\", \"-h\", \"{host}\", \"-p\", \"{port}\"]",
+                );
             }
             Some(argv) if !argv.iter().any(|a| a.contains("{port}")) => {
                 return err("cluster.ready", "must connect to {port}");
@@ -762,7 +768,10 @@ data_dir = "/abs/d1"
         let d = c.digest.clone().unwrap();
         assert_eq!(d.argv[2], "{port}");
         assert_eq!(d.timeout, Duration::from_secs(10));
-        assert_eq!(c.replicas[0].server_dir.as_deref(), Some(Path::new("/etc/apus/s0")));
+        assert_eq!(
+            c.replicas[0].server_dir.as_deref(),
+            Some(Path::new("/etc/apus/s0"))
+        );
         assert!(
             !format!("{c:?}").contains("0123456789abcdef"),
             "secret leaked into Debug"

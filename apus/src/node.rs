@@ -409,7 +409,12 @@ impl Node {
         conn: u64,
         payload: &[u8],
     ) -> Result<Applied, ProposeError> {
-        self.propose_until(kind, conn, payload, Some(Instant::now() + self.propose_timeout))
+        self.propose_until(
+            kind,
+            conn,
+            payload,
+            Some(Instant::now() + self.propose_timeout),
+        )
     }
 
     /// [`propose_entry`](Self::propose_entry) without a timeout: waits until

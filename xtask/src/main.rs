@@ -402,7 +402,7 @@ fn test() -> Result<ExitCode> {
             Ok("two surviving replicas hold the same map".into())
         },
     )?;
-    for server in ["resp-kv", "memcached", "redis"] {
+    for server in ["resp-kv", "memcached", "redis", "postgres", "slapd"] {
         step(&format!("cargo xtask e2e --server {server}"), || {
             xtask_expect(&["e2e", "--server", server], &format!("e2e {server}: PASS"))
         })?;

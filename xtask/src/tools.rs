@@ -41,6 +41,8 @@ pub const TOOLS: &[Tool] = &[
     tool("date", "coreutils"),
     tool("chown", "coreutils"),
     tool("md5sum", "coreutils"),
+    tool("sort", "coreutils"),
+    tool("awk", "mawk"),
     tool("setpriv", "util-linux"),
     tool("find", "findutils"),
     tool("gzip", "gzip"),
@@ -103,7 +105,10 @@ pub const PACKAGES: &[&str] = &["libclang-dev", "ibverbs-providers"];
 /// and after it (Debian keeps administrative programs in sbin).
 fn search_dirs(program: &str) -> Vec<PathBuf> {
     let mut dirs = Vec::new();
-    if matches!(program, "initdb" | "postgres" | "pgbench" | "psql" | "pg_isready") {
+    if matches!(
+        program,
+        "initdb" | "postgres" | "pgbench" | "psql" | "pg_isready"
+    ) {
         dirs.push(PathBuf::from("/usr/lib/postgresql/15/bin"));
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -229,8 +234,23 @@ fn install(packages: &[&str]) -> Result<()> {
         packages.join(" ")
     );
     let apt = find("apt-get").context("apt-get not found: this harness needs Debian's apt")?;
+    // Servers are installed to be started by the harnesses, not as system
+    // services: policy-rc.d keeps their packages from starting them.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let placed = !policy.exists()
+        && std::fs::write(policy, "#!/bin/sh\nexit 101\n").is_ok()
+        && std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .is_ok();
+    let result = apt_install(&apt, packages);
+    if placed {
+        let _ = std::fs::remove_file(policy);
+    }
+    result
+}
+
+fn apt_install(apt: &Path, packages: &[&str]) -> Result<()> {
     let install = || {
-        Command::new(&apt)
+        Command::new(apt)
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive")

@@ -255,7 +255,11 @@ fn status(args: &Args) -> Result<()> {
                 s.last_index,
                 s.applied,
                 top.saturating_sub(s.applied),
-                if s.last_check == 0 { "-".to_string() } else { s.last_check.to_string() },
+                if s.last_check == 0 {
+                    "-".to_string()
+                } else {
+                    s.last_check.to_string()
+                },
                 s.outputs_differed,
                 match s.transport {
                     apus::TransportKind::Auto => "choosing".to_string(),
@@ -374,7 +378,10 @@ fn run(args: &Args) -> Result<i32> {
     let pristine = match &spec.server_dir {
         Some(dir) => Some(
             Pristine::prepare(dir, &spec.data_dir.join("pristine-server")).with_context(|| {
-                format!("replica[{id}].server_dir: keeping a pristine copy of {}", dir.display())
+                format!(
+                    "replica[{id}].server_dir: keeping a pristine copy of {}",
+                    dir.display()
+                )
             })?,
         ),
         None => None,
@@ -453,7 +460,10 @@ fn check(args: &Args) -> Result<bool> {
                 digests.push(None);
             }
             None => {
-                println!("  {}: did not record the check in time (down, or behind)", r.id);
+                println!(
+                    "  {}: did not record the check in time (down, or behind)",
+                    r.id
+                );
                 digests.push(None);
             }
         }

@@ -161,7 +161,8 @@ impl Link {
         let (Ok(name), Ok(token)) = (std::env::var(ENV_NAME), std::env::var(ENV_TOKEN)) else {
             return Ok(None);
         };
-        let token = parse_token(&token).ok_or(SupervisorError::Malformed("token is not 32 hex digits"))?;
+        let token =
+            parse_token(&token).ok_or(SupervisorError::Malformed("token is not 32 hex digits"))?;
         Ok(Some(Link { name, token }))
     }
 
@@ -210,11 +211,7 @@ impl Listener {
         read_random(&mut rnd)?;
         let mut token = [0u8; TOKEN_LEN];
         token.copy_from_slice(&rnd[..TOKEN_LEN]);
-        let name = format!(
-            "apus-run/{}/{}",
-            std::process::id(),
-            hex(&rnd[TOKEN_LEN..])
-        );
+        let name = format!("apus-run/{}/{}", std::process::id(), hex(&rnd[TOKEN_LEN..]));
         let listener = UnixListener::bind_addr(&abstract_addr(&name)?)?;
         Ok(Listener {
             listener,

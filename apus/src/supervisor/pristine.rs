@@ -116,9 +116,15 @@ mod tests {
         std::fs::write(server.join("sub/PG_VERSION"), "changed").unwrap();
         std::fs::write(server.join("dump.rdb"), "state").unwrap();
         p.restore().unwrap();
-        assert_eq!(std::fs::read_to_string(server.join("sub/PG_VERSION")).unwrap(), "15\n");
+        assert_eq!(
+            std::fs::read_to_string(server.join("sub/PG_VERSION")).unwrap(),
+            "15\n"
+        );
         assert!(!server.join("dump.rdb").exists());
-        assert_eq!(std::fs::read_to_string(server.join("link")).unwrap(), "15\n");
+        assert_eq!(
+            std::fs::read_to_string(server.join("link")).unwrap(),
+            "15\n"
+        );
         assert_eq!(std::fs::metadata(&server).unwrap().mode() & 0o777, 0o700);
         // A second prepare keeps the first copy, not today's contents.
         std::fs::write(server.join("dump.rdb"), "later").unwrap();

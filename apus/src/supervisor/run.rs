@@ -99,7 +99,10 @@ pub fn supervise(spec: &ServerSpec) -> Result<i32> {
     loop {
         if let Some(p) = &spec.pristine {
             p.restore().with_context(|| {
-                format!("restoring {} from its pristine copy", p.server_dir.display())
+                format!(
+                    "restoring {} from its pristine copy",
+                    p.server_dir.display()
+                )
             })?;
         }
         match incarnation(spec, &env, &rx)? {
@@ -245,7 +248,9 @@ impl Run {
                 let _ = r.answer(answer);
             }
             Message::Started => {
-                if self.holder.as_ref().is_some_and(|(h, _)| *h == r.pid) && r.answer(Answer::Granted).is_ok() {
+                if self.holder.as_ref().is_some_and(|(h, _)| *h == r.pid)
+                    && r.answer(Answer::Granted).is_ok()
+                {
                     eprintln!(
                         "apus run: replication started in pid {} ({})",
                         r.pid,

@@ -183,7 +183,10 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         assert!(!listening_on(port).is_empty());
         assert!(!sockets_of(me).is_disjoint(&listening_on(port)));
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
         assert!(descendants(me).contains(&child.id()));
         assert_eq!(comm(child.id()), "sleep");
         child.kill().unwrap();

@@ -29,6 +29,8 @@ use hdrhistogram::Histogram;
 use crate::{cargo, root, run, tools};
 use apus_bench::appclient::{AppConn, FNV_OFFSET, Protocol, Resp, RespConn, XorShift, fnv1a};
 
+mod flow;
+mod ldap;
 mod postgres;
 pub mod servers;
 pub use servers::ServerKind;
@@ -293,7 +295,10 @@ impl AppCluster {
         c.args(["run", "--config"])
             .arg(config)
             .args(["--id", &i.to_string(), "--"])
-            .args(self.kind.command(&self.bins, app_port, &self.server_dir(i))?)
+            .args(
+                self.kind
+                    .command(&self.bins, app_port, &self.server_dir(i))?,
+            )
             .env("APUS_LOG", "info")
             .stdin(Stdio::null());
         Ok(c)
@@ -616,6 +621,13 @@ impl AppCluster {
 
 impl Drop for AppCluster {
     fn drop(&mut self) {
+        if std::env::var_os("APUS_E2E_KEEP").is_some() {
+            eprintln!(
+                "APUS_E2E_KEEP: leaving the cluster in {} running",
+                self.dir.display()
+            );
+            return;
+        }
         // `apus run` takes its server along (PR_SET_PDEATHSIG).
         for r in self.runs.iter_mut().flatten() {
             let _ = r.kill();
@@ -636,9 +648,10 @@ impl BareServer {
         std::fs::create_dir_all(dir)?;
         kind.prepare(dir, addr.port())?;
         let argv = kind.command(bins, addr.port(), dir)?;
-        let log = std::fs::File::create(dir.join("server.log"))?;
+        let log = std::fs::File::create(dir.with_extension("log"))?;
         let mut cmd = tools::server(&argv[0])?;
         cmd.args(&argv[1..])
+            .args(kind.foreground_args())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -1210,9 +1223,9 @@ pub fn pause_and_rejoin(
         .commit;
     loop {
         cluster.check_alive(&all)?;
-        let caught_up = cluster.replica_status(victim).is_some_and(|v| {
-            v.role != Role::Leader && v.term > old_term && v.applied >= target
-        });
+        let caught_up = cluster
+            .replica_status(victim)
+            .is_some_and(|v| v.role != Role::Leader && v.term > old_term && v.applied >= target);
         if caught_up {
             break;
         }
@@ -1244,7 +1257,11 @@ impl std::fmt::Display for Rejoin {
             self.deposed_ms,
             self.victim,
             self.rejoin_ms,
-            if self.rebuilt { " (its server rebuilt from the log)" } else { "" }
+            if self.rebuilt {
+                " (its server rebuilt from the log)"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -1591,7 +1608,9 @@ fn connect_from(port: u16, to: SocketAddr) -> Result<TcpStream> {
 /// removed: such a client was served unreplicated.)
 fn old_replay_port(cluster: &mut AppCluster, leader: usize) -> Result<String> {
     let all: Vec<usize> = (0..REPLICAS).collect();
-    let f = (0..REPLICAS).find(|&i| i != leader).expect("three replicas");
+    let f = (0..REPLICAS)
+        .find(|&i| i != leader)
+        .expect("three replicas");
     let refusing = cluster.dir.join("refusing.toml");
     let text = std::fs::read_to_string(&cluster.config)?.replace(
         "follower_clients = \"serve\"",
@@ -1749,8 +1768,10 @@ fn overall(rows: &[LoadFigures]) -> LoadFigures {
 pub fn run_e2e(args: &[String]) -> Result<ExitCode> {
     let o = parse(args)?;
     let kind = o.server;
-    if kind == ServerKind::Postgres {
-        return postgres::run(&o);
+    match kind {
+        ServerKind::Postgres => return flow::run(&o, &postgres::Pgbench),
+        ServerKind::Slapd => return flow::run(&o, &ldap::Ldap),
+        _ => {}
     }
     let name = format!("e2e {}", kind.name());
     kind.ensure_installed()?;

@@ -86,7 +86,10 @@ impl ServerKind {
     /// [`protocol`](Self::protocol), for the harness paths that need it.
     pub fn kv_protocol(self) -> Result<Protocol> {
         self.protocol().with_context(|| {
-            format!("the harness's key-value clients do not speak to {}", self.name())
+            format!(
+                "the harness's key-value clients do not speak to {}",
+                self.name()
+            )
         })
     }
 
@@ -98,19 +101,42 @@ impl ServerKind {
         let path = |p: &str| -> Result<String> { Ok(tools::path(p)?.display().to_string()) };
         let v: Vec<String> = match self {
             ServerKind::Redis => [
-                "redis-server", "--bind", "127.0.0.1", "--port", &port, "--save", "",
-                "--appendonly", "no", "--dir", &d, "--enable-debug-command", "local",
-                "--protected-mode", "no",
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &d,
+                "--enable-debug-command",
+                "local",
+                "--protected-mode",
+                "no",
             ]
             .map(String::from)
             .into(),
             // One worker thread: the order in which a multi-threaded server
             // reads from different connections is not replicated.
             ServerKind::Memcached => {
-                let mut v: Vec<String> =
-                    ["memcached", "-t", "1", "-U", "0", "-l", "127.0.0.1", "-m", "64", "-p", &port]
-                        .map(String::from)
-                        .into();
+                let mut v: Vec<String> = [
+                    "memcached",
+                    "-t",
+                    "1",
+                    "-U",
+                    "0",
+                    "-l",
+                    "127.0.0.1",
+                    "-m",
+                    "64",
+                    "-p",
+                    &port,
+                ]
+                .map(String::from)
+                .into();
                 if tools::running_as_root() {
                     v.extend(["-u".into(), "root".into()]);
                 }
@@ -172,15 +198,34 @@ impl ServerKind {
         Ok(v)
     }
 
+    /// Arguments that keep the bare baseline server in the foreground (the
+    /// harness stops it by its pid; under `apus run` it daemonizes).
+    pub fn foreground_args(self) -> &'static [&'static str] {
+        match self {
+            ServerKind::Slapd => &["-d", "0"],
+            _ => &[],
+        }
+    }
+
     /// The server's digest command for `apus check` (`cluster.digest`).
     pub fn digest(self) -> Result<Option<Vec<String>>> {
         let path = |p: &str| -> Result<String> { Ok(tools::path(p)?.display().to_string()) };
-        let shell = |cmd: String| -> Result<Vec<String>> {
-            Ok(vec![path("sh")?, "-c".into(), cmd])
-        };
+        let shell =
+            |cmd: String| -> Result<Vec<String>> { Ok(vec![path("sh")?, "-c".into(), cmd]) };
         Ok(Some(match self {
-            ServerKind::Redis => vec![path("redis-cli")?, "-p".into(), "{port}".into(), "DEBUG".into(), "DIGEST".into()],
-            ServerKind::RespKv => vec![path("redis-cli")?, "-p".into(), "{port}".into(), "DIGEST".into()],
+            ServerKind::Redis => vec![
+                path("redis-cli")?,
+                "-p".into(),
+                "{port}".into(),
+                "DEBUG".into(),
+                "DIGEST".into(),
+            ],
+            ServerKind::RespKv => vec![
+                path("redis-cli")?,
+                "-p".into(),
+                "{port}".into(),
+                "DIGEST".into(),
+            ],
             ServerKind::Postgres => vec![
                 path("psql")?,
                 "-h".into(),
@@ -194,10 +239,15 @@ impl ServerKind {
                 "-Atc".into(),
                 PG_DIGEST.into(),
             ],
-            // Operational attributes (times, CSNs) are left out by -LLL.
+            // Operational attributes (times, CSNs) are left out by -LLL;
+            // entries are sorted (one line each), since concurrent adds may
+            // get their ids in another order on each replica.
             ServerKind::Slapd => shell(format!(
-                "{} -x -H ldap://{{host}}:{{port}} -b {LDAP_BASE} -LLL | {}",
+                "{} -x -H ldap://{{host}}:{{port}} -b {LDAP_BASE} -LLL -o ldif-wrap=no \
+                 | {} 'BEGIN {{ RS = \"\" }} {{ gsub(\"\\n\", \"|\"); print }}' | {} | {}",
                 path("ldapsearch")?,
+                path("awk")?,
+                path("sort")?,
                 path("md5sum")?
             ))?,
             ServerKind::Mariadb => vec![
@@ -239,11 +289,34 @@ impl ServerKind {
     /// The programs the checks run for this server.
     fn programs(self) -> &'static [&'static str] {
         match self {
-            ServerKind::Redis => &["redis-server", "redis-benchmark", "redis-check-rdb", "redis-cli"],
+            ServerKind::Redis => &[
+                "redis-server",
+                "redis-benchmark",
+                "redis-check-rdb",
+                "redis-cli",
+            ],
             ServerKind::Memcached => &["memcached"],
             ServerKind::RespKv => &["redis-cli"],
-            ServerKind::Postgres => &["initdb", "postgres", "pgbench", "psql", "pg_isready", "setpriv"],
-            ServerKind::Slapd => &["slapd", "slapadd", "ldapadd", "ldapmodify", "ldapdelete", "ldapsearch", "sh", "md5sum"],
+            ServerKind::Postgres => &[
+                "initdb",
+                "postgres",
+                "pgbench",
+                "psql",
+                "pg_isready",
+                "setpriv",
+            ],
+            ServerKind::Slapd => &[
+                "slapd",
+                "slapadd",
+                "ldapadd",
+                "ldapmodify",
+                "ldapdelete",
+                "ldapsearch",
+                "sh",
+                "awk",
+                "sort",
+                "md5sum",
+            ],
             ServerKind::Mariadb => &["mariadbd", "mariadb-install-db", "mariadb", "sysbench"],
             ServerKind::Nginx => &["nginx"],
         }
@@ -271,7 +344,16 @@ impl ServerKind {
                     .arg(tools::path("initdb")?)
                     .args(["-D"])
                     .arg(dir)
-                    .args(["-A", "trust", "-U", POSTGRES_USER, "--no-sync", "-E", "UTF8", "--locale=C"])
+                    .args([
+                        "-A",
+                        "trust",
+                        "-U",
+                        POSTGRES_USER,
+                        "--no-sync",
+                        "-E",
+                        "UTF8",
+                        "--locale=C",
+                    ])
                     .stdout(std::process::Stdio::null());
                 crate::run("initdb", &mut c)?;
             }
@@ -299,14 +381,21 @@ impl ServerKind {
                 let ldif = dir.with_extension("ldif");
                 std::fs::write(&ldif, base)?;
                 let mut c = tools::command("slapadd")?;
-                c.arg("-f").arg(dir.with_extension("conf")).arg("-l").arg(&ldif);
+                c.arg("-f")
+                    .arg(dir.with_extension("conf"))
+                    .arg("-l")
+                    .arg(&ldif);
                 crate::run("slapadd", &mut c)?;
             }
             ServerKind::Mariadb => {
                 let mut c = tools::command("mariadb-install-db")?;
                 c.arg("--no-defaults")
                     .arg(format!("--datadir={}", dir.display()))
-                    .args(["--user=root", "--auth-root-authentication-method=normal", "--skip-test-db"])
+                    .args([
+                        "--user=root",
+                        "--auth-root-authentication-method=normal",
+                        "--skip-test-db",
+                    ])
                     .stdout(std::process::Stdio::null());
                 crate::run("mariadb-install-db", &mut c)?;
             }
@@ -314,7 +403,9 @@ impl ServerKind {
                 std::fs::create_dir_all(dir.join("html"))?;
                 std::fs::create_dir_all(dir.join("logs"))?;
                 for i in 0..16 {
-                    let body: String = (0..(i + 1) * 256).map(|n| char::from(b'a' + (n % 26) as u8)).collect();
+                    let body: String = (0..(i + 1) * 256)
+                        .map(|n| char::from(b'a' + (n % 26) as u8))
+                        .collect();
                     std::fs::write(dir.join(format!("html/file{i}.txt")), body)?;
                 }
                 let conf = format!(
@@ -344,7 +435,9 @@ impl ServerKind {
             Some(p) => AppConn::connect(p, addr, t)
                 .and_then(|mut c| c.get("ready-probe"))
                 .is_ok(),
-            None if self == ServerKind::Postgres => psql(addr, "SELECT 1").is_ok_and(|o| o.trim() == "1"),
+            None if self == ServerKind::Postgres => {
+                psql(addr, "SELECT 1").is_ok_and(|o| o.trim() == "1")
+            }
             None => std::net::TcpStream::connect_timeout(&addr, t).is_ok(),
         }
     }
@@ -376,7 +469,12 @@ pub fn chown_postgres(path: &Path) -> Result<()> {
         .args(["-R", &format!("{POSTGRES_USER}:{POSTGRES_USER}")])
         .arg(path)
         .output()?;
-    ensure!(out.status.success(), "chown {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "chown {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
