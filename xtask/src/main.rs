@@ -49,11 +49,14 @@ commands:
                     fabric, verbs: also a paused, deposed leader; fabric: the raw
                     fi_write round trip; auto: the transport settled on, checked
                     against --expect-transport; verbs needs an RDMA device)
-  e2e --server redis|memcached|resp-kv [--requests N] [--transport tcp|fabric [--provider P]]
+  e2e --server redis|memcached|resp-kv|postgres|slapd|mariadb|nginx
+      [--requests N] [--transport tcp|fabric [--provider P]]
                     the server (installed with apt-get when missing) under
                     `apus run` on three replicas: baseline vs replicated load,
-                    state compared on every replica, bad input, BGSAVE
-                    (redis), leader SIGKILL under INCR load, restart
+                    state compared on every replica (apus check), a paused
+                    leader that rejoins, a leader SIGKILL, a restart from the
+                    pristine data directory; redis/memcached/resp-kv also bad
+                    input, BGSAVE (redis) and an INCR load across failovers
   softroce          boots Debian's kernel under qemu with a Soft-RoCE device
                     (rxe0) and runs inside it the apus-rdma tests and the
                     cluster tests over verbs and auto (settling on verbs);
@@ -402,7 +405,15 @@ fn test() -> Result<ExitCode> {
             Ok("two surviving replicas hold the same map".into())
         },
     )?;
-    for server in ["resp-kv", "memcached", "redis", "postgres", "slapd"] {
+    for server in [
+        "resp-kv",
+        "memcached",
+        "redis",
+        "postgres",
+        "slapd",
+        "mariadb",
+        "nginx",
+    ] {
         step(&format!("cargo xtask e2e --server {server}"), || {
             xtask_expect(&["e2e", "--server", server], &format!("e2e {server}: PASS"))
         })?;

@@ -135,7 +135,17 @@ pub fn run(o: &Options, w: &dyn Workload) -> Result<ExitCode> {
     );
     println!("  after the load: {}", cluster.compare(&all)?);
     let rejoin = super::pause_and_rejoin(&mut cluster, |cluster, new_leader| {
-        w.probe(cluster.apps[new_leader])
+        // A new leader turns clients away while it takes over.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match w.probe(cluster.apps[new_leader]) {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context(format!("the new leader n{new_leader} does not serve")));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
     })?;
     println!("  pause: {rejoin}");
     let l = cluster.wait_ready(&all, Duration::from_secs(30))?;

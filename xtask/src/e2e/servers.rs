@@ -416,6 +416,7 @@ impl ServerKind {
                      http {{\n\
                        access_log off;\n\
                        sendfile on;\n\
+                       tcp_nopush on;\n\
                        server {{\n\
                          listen 127.0.0.1:{port};\n\
                          root html;\n\
