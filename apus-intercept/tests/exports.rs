@@ -30,9 +30,11 @@ fn every_hook_is_the_librarys_own() {
         // SAFETY: a symbol lookup in the handle we opened.
         let sym = unsafe { libc::dlsym(handle, c.as_ptr()) };
         assert!(!sym.is_null(), "{name} is not exported");
-        // SAFETY: dladdr fills `info` for an address in a loaded object.
+        // SAFETY: Dl_info is plain data; zeroes are a valid value.
         let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-        assert!(unsafe { libc::dladdr(sym, &mut info) } != 0, "dladdr {name}");
+        // SAFETY: dladdr fills `info` for an address in a loaded object.
+        let found = unsafe { libc::dladdr(sym, &mut info) };
+        assert!(found != 0, "dladdr {name}");
         // SAFETY: dli_fname is a NUL-terminated path owned by the loader.
         let file = unsafe { CStr::from_ptr(info.dli_fname) }.to_string_lossy();
         assert!(

@@ -303,7 +303,7 @@ pub fn own(binary: impl AsRef<OsStr>) -> Command {
     Command::new(binary)
 }
 
-/// A command for a server's argv[0]: an own binary by absolute path, or a
+/// A command for a server's `argv[0]`: an own binary by absolute path, or a
 /// program from the table.
 pub fn server(argv0: &str) -> Result<Command> {
     if Path::new(argv0).is_absolute() {
