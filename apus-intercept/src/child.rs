@@ -30,17 +30,17 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 
+use apus::client::{frame, read_frame};
+
 use crate::Verdict;
 use crate::payload::StreamHash;
 
-/// Largest frame (a DATA chunk plus its header).
-const MAX_FRAME: usize = 1 << 20;
 const HELLO: u8 = 1;
 const ACCEPT: u8 = 2;
 const INPUT: u8 = 3;
@@ -154,13 +154,13 @@ fn peer_at(b: &[u8], at: usize) -> Option<Option<SocketAddr>> {
 
 impl Request {
     fn encode(&self) -> Vec<u8> {
-        let mut b = vec![0, 0, 0, 0];
-        match self {
+        let mut b = Vec::new();
+        let kind = match self {
             Request::Accept { app, fd, peer } => {
-                b.push(ACCEPT);
                 b.push(u8::from(*app));
                 b.extend_from_slice(&fd.to_le_bytes());
                 put_peer(&mut b, *peer);
+                ACCEPT
             }
             Request::Input {
                 conn,
@@ -168,37 +168,35 @@ impl Request {
                 out,
                 data,
             } => {
-                b.push(INPUT);
                 put_u64(&mut b, *conn);
                 b.extend_from_slice(&fd.to_le_bytes());
                 put_u64(&mut b, out.bytes);
                 put_u64(&mut b, out.hash);
                 b.extend_from_slice(data);
+                INPUT
             }
             Request::Close { conn, out } => {
-                b.push(CLOSE);
                 put_u64(&mut b, *conn);
                 put_u64(&mut b, out.bytes);
                 put_u64(&mut b, out.hash);
+                CLOSE
             }
             Request::Consumed { replay, n } => {
-                b.push(CONSUMED);
                 put_u64(&mut b, *replay);
                 put_u64(&mut b, *n);
+                CONSUMED
             }
             Request::Idle { replay, consumed } => {
-                b.push(IDLE);
                 put_u64(&mut b, *replay);
                 put_u64(&mut b, *consumed);
+                IDLE
             }
             Request::Waits { conn } => {
-                b.push(WAITS);
                 put_u64(&mut b, *conn);
+                WAITS
             }
-        }
-        let len = (b.len() - 4) as u32;
-        b[..4].copy_from_slice(&len.to_le_bytes());
-        b
+        };
+        frame(kind, &b)
     }
 
     fn decode(kind: u8, b: &[u8]) -> Option<Request> {
@@ -238,34 +236,6 @@ impl Request {
             _ => return None,
         })
     }
-}
-
-fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(5 + body.len());
-    b.extend_from_slice(&(1 + body.len() as u32).to_le_bytes());
-    b.push(kind);
-    b.extend_from_slice(body);
-    b
-}
-
-fn read_frame(s: &mut impl Read) -> io::Result<Option<(u8, Vec<u8>)>> {
-    let mut len = [0u8; 4];
-    match s.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let len = u32::from_le_bytes(len) as usize;
-    if len == 0 || len > MAX_FRAME {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "bad frame length",
-        ));
-    }
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body)?;
-    let kind = body.remove(0);
-    Ok(Some((kind, body)))
 }
 
 fn verdict_encode(v: Verdict) -> Vec<u8> {

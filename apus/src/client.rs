@@ -137,7 +137,9 @@ pub enum ProtocolError {
     TooLarge(usize),
 }
 
-fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+/// One frame: `len u32 | type u8 | body` (little-endian, `len` counts type
+/// and body). The interception library's channels use the same framing.
+pub fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(5 + body.len());
     f.extend_from_slice(&(1 + body.len() as u32).to_le_bytes());
     f.push(kind);

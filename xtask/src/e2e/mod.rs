@@ -1418,13 +1418,16 @@ fn misconfiguration(cluster: &mut AppCluster, leader: usize) -> Result<Vec<Strin
     // The library itself, without `apus run`'s checks: a server preloaded
     // with an id the config lacks must stop as the library loads.
     let lib = cluster.bins.apus.with_file_name("libapus_intercept.so");
-    let out = tools::own(&cluster.bins.resp_kv)
-        .args(["--port", &spare.to_string()])
-        .env("LD_PRELOAD", &lib)
-        .env("APUS_CONFIG", &cluster.config)
-        .env("APUS_ID", "9")
-        .stdin(Stdio::null())
-        .output()?;
+    let preloaded = |id: &str| {
+        tools::own(&cluster.bins.resp_kv)
+            .args(["--port", &spare.to_string()])
+            .env("LD_PRELOAD", &lib)
+            .env("APUS_CONFIG", &cluster.config)
+            .env("APUS_ID", id)
+            .stdin(Stdio::null())
+            .output()
+    };
+    let out = preloaded("9")?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(
         out.status.code() == Some(78)
@@ -1435,13 +1438,7 @@ fn misconfiguration(cluster: &mut AppCluster, leader: usize) -> Result<Vec<Strin
     );
     done.push(format!("preloaded with APUS_ID=9: {}", err.trim()));
     // Preloaded by hand, with a good id but no `apus run` to supervise it.
-    let out = tools::own(&cluster.bins.resp_kv)
-        .args(["--port", &spare.to_string()])
-        .env("LD_PRELOAD", &lib)
-        .env("APUS_CONFIG", &cluster.config)
-        .env("APUS_ID", "0")
-        .stdin(Stdio::null())
-        .output()?;
+    let out = preloaded("0")?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(
         out.status.code() == Some(78) && err.contains("only under `apus run`"),
