@@ -100,17 +100,18 @@ pub const LIBRARIES: &[(&str, &str)] = &[
 /// for: headers to build with, and libibverbs' providers (plugins).
 pub const PACKAGES: &[&str] = &["libclang-dev", "ibverbs-providers"];
 
-/// Directories searched for a program before `PATH` (PostgreSQL's programs
-/// live in a versioned directory; /usr/bin has only perl wrappers of some)
-/// and after it (Debian keeps administrative programs in sbin).
+/// Directories searched for a program: `PATH`, then sbin (Debian keeps
+/// administrative programs there); PostgreSQL's programs only in their
+/// versioned directory (/usr/bin has perl wrappers of some).
 fn search_dirs(program: &str) -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
     if matches!(
         program,
         "initdb" | "postgres" | "pgbench" | "psql" | "pg_isready"
     ) {
-        dirs.push(PathBuf::from("/usr/lib/postgresql/15/bin"));
+        // Only there: /usr/bin's wrappers stay when the server is removed.
+        return vec![PathBuf::from("/usr/lib/postgresql/15/bin")];
     }
+    let mut dirs = Vec::new();
     let path = std::env::var_os("PATH").unwrap_or_default();
     dirs.extend(std::env::split_paths(&path));
     dirs.extend([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]);
