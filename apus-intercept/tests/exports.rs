@@ -44,7 +44,11 @@ fn every_hook_is_the_librarys_own() {
         .and_then(|deps| deps.parent())
         .unwrap()
         .join("libapus_intercept.so");
-    assert!(lib.is_file(), "{} not built", lib.display());
+    assert!(
+        lib.is_file(),
+        "{} is not built: `cargo build -p apus-intercept` first (cargo xtask test does)",
+        lib.display()
+    );
     let path = CString::new(lib.to_str().unwrap()).unwrap();
     // SAFETY: dlopen of a library built by this workspace; its constructor
     // finds no settings in this environment and does nothing.

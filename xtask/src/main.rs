@@ -309,6 +309,12 @@ fn test() -> Result<ExitCode> {
         Ok(String::new())
     })?;
     step("unit, property and doc tests", || {
+        // apus-intercept's export test opens the cdylib, which `cargo test`
+        // does not build.
+        run(
+            "building the interception library",
+            cargo().args(["build", "--quiet", "--package", "apus-intercept"]),
+        )?;
         run(
             "cargo test",
             cargo().args(["test", "--quiet", "--workspace", "--all-features"]),
