@@ -187,6 +187,21 @@ struct Answered {
     /// timed out (its replies differed): later waits allow for it, so one
     /// difference costs one wait, not one per entry.
     shortfall: AtomicU64,
+    /// The replay thread, while it waits for more (drain threads wake it).
+    waiter: Mutex<Option<thread::Thread>>,
+    waiting: AtomicBool,
+}
+
+impl Answered {
+    /// A drain thread got `n` more bytes.
+    fn add(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst)
+            && let Some(t) = lock(&self.waiter).as_ref()
+        {
+            t.unpark();
+        }
+    }
 }
 
 /// A connection into the local server that the library made itself.
@@ -404,20 +419,29 @@ impl Replay {
     /// [`STATEMENT_WAIT`]: a server whose replies are shorter here (they
     /// differed) is not waited for longer.
     fn wait_answered(&self, a: &Answered, out: u64) {
-        let since = Instant::now();
         let target = out.saturating_sub(a.shortfall.load(Ordering::Relaxed));
-        while a.bytes.load(Ordering::Acquire) < target {
-            if since.elapsed() >= STATEMENT_WAIT {
-                let short = target - a.bytes.load(Ordering::Acquire);
+        if a.bytes.load(Ordering::SeqCst) >= target {
+            return;
+        }
+        // Parked, not polling: on two cores a polling replay starves the
+        // engine threads of this node and of the others.
+        *lock(&a.waiter) = Some(thread::current());
+        a.waiting.store(true, Ordering::SeqCst);
+        let since = Instant::now();
+        while a.bytes.load(Ordering::SeqCst) < target {
+            let waited = since.elapsed();
+            if waited >= STATEMENT_WAIT {
+                let short = target.saturating_sub(a.bytes.load(Ordering::SeqCst));
                 a.shortfall.fetch_add(short, Ordering::Relaxed);
                 debug!(
                     short,
                     "the local server answered less than the leader's had; going on"
                 );
-                return;
+                break;
             }
-            thread::sleep(Duration::from_micros(100));
+            thread::park_timeout((STATEMENT_WAIT - waited).min(Duration::from_millis(10)));
         }
+        a.waiting.store(false, Ordering::SeqCst);
     }
 
     fn counter(&self, origin: u64) -> Arc<Answered> {
@@ -690,7 +714,7 @@ fn drain(
             break;
         }
         lock(out).update(&buf[..n]);
-        answered.bytes.fetch_add(n as u64, Ordering::Release);
+        answered.add(n as u64);
     }
     drained.store(true, Ordering::Release);
 }
