@@ -784,6 +784,13 @@ mod tests {
             .args(["-c", "while :; do :; done"])
             .spawn()
             .unwrap();
+        // Running once it has started its loop (not while it execs).
+        let started = Instant::now();
+        while !(running(busy.id()) && running(busy.id())) {
+            assert!(started.elapsed() < Duration::from_secs(10), "the busy process never ran");
+            thread::sleep(Duration::from_millis(1));
+        }
+        thread::sleep(Duration::from_millis(20));
         t.pass(1, 10, busy.id());
         t.answered(10);
         // Entry 2, for another process and connection, waits until
