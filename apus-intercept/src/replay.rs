@@ -787,7 +787,10 @@ mod tests {
         // Running once it has started its loop (not while it execs).
         let started = Instant::now();
         while !(running(busy.id()) && running(busy.id())) {
-            assert!(started.elapsed() < Duration::from_secs(10), "the busy process never ran");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the busy process never ran"
+            );
             thread::sleep(Duration::from_millis(1));
         }
         thread::sleep(Duration::from_millis(20));
