@@ -68,6 +68,7 @@ fn parse() -> Result<Args> {
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
+            "-h" | "--help" => a.command = "help".into(),
             "--config" => a.config = Some(PathBuf::from(value()?)),
             "--force" => a.force = true,
             "--" => {

@@ -174,9 +174,7 @@ pub fn run(o: &Options, w: &dyn Workload) -> Result<ExitCode> {
     for line in w.finally(&mut cluster)? {
         println!("  {line}");
     }
-    let dir = cluster.dir.clone();
-    drop(cluster);
-    let _ = std::fs::remove_dir_all(&dir);
+    cluster.finish();
     println!("  ({:.0} s in all)", started.elapsed().as_secs_f64());
     let rates: Vec<String> = bare
         .iter()

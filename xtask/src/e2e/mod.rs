@@ -628,6 +628,18 @@ impl AppCluster {
     }
 }
 
+impl AppCluster {
+    /// Stops the cluster and removes its files, unless `APUS_E2E_KEEP` asks
+    /// to keep both for a look.
+    pub fn finish(self) {
+        let dir = self.dir.clone();
+        drop(self);
+        if std::env::var_os("APUS_E2E_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
 impl Drop for AppCluster {
     fn drop(&mut self) {
         if std::env::var_os("APUS_E2E_KEEP").is_some() {
@@ -1939,9 +1951,7 @@ pub fn run_e2e(args: &[String]) -> Result<ExitCode> {
         f.victim,
         replayed_in.elapsed().as_secs_f64()
     );
-    let dir = cluster.dir.clone();
-    drop(cluster);
-    let _ = std::fs::remove_dir_all(&dir);
+    cluster.finish();
     let (b, r) = (overall(&bare_rows), overall(&repl_rows));
     println!("  ({:.0} s in all)", started.elapsed().as_secs_f64());
     println!(
