@@ -145,12 +145,15 @@ impl ServerKind {
             ServerKind::RespKv => vec![bins.resp_kv.display().to_string(), "--port".into(), port],
             ServerKind::Postgres => {
                 let mut v = as_postgres()?;
-                v.extend([path("postgres")?, "-D".into(), d]);
+                v.extend([path("postgres")?, "-D".into(), d.clone()]);
                 for setting in [
                     "listen_addresses=127.0.0.1".to_string(),
-                    // Its UNIX socket beside the data: not replicated, as
-                    // the server is told at start.
-                    format!("unix_socket_directories={}", parent(dir)?),
+                    // Its UNIX socket (not replicated, as the server is
+                    // told at start) in the data directory, which a restart
+                    // restores: a lock file left beside it by a killed
+                    // postmaster whose pid still shows (a zombie nobody
+                    // reaped yet) stopped the restarted one in CI.
+                    format!("unix_socket_directories={d}"),
                     "autovacuum=off".into(),
                     "fsync=off".into(),
                     "full_page_writes=off".into(),
