@@ -660,7 +660,7 @@ impl Drop for AppCluster {
 /// The server alone, for the baseline.
 pub(crate) struct BareServer {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
 }
 
 impl BareServer {
@@ -791,7 +791,7 @@ pub fn latency_histogram() -> Histogram<u64> {
 }
 
 /// A mixed set/get load from `conns` connections over `MIXED_KEYS` keys.
-fn mixed_load(
+pub fn mixed_load(
     label: &str,
     protocol: Protocol,
     addr: SocketAddr,
@@ -1836,6 +1836,8 @@ pub fn run_e2e(args: &[String]) -> Result<ExitCode> {
     }
     let all: Vec<usize> = (0..REPLICAS).collect();
     let leader = cluster.wait_ready(&all, Duration::from_secs(30))?;
+    // A new leader turns clients away until it has taken over.
+    cluster.wait_serving(leader, Duration::from_secs(30))?;
     println!("  n{leader} leads; apps {:?}", cluster.apps);
     for k in 0..MIXED_KEYS {
         cluster.remember_key(&format!("k{k}"));
