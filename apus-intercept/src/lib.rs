@@ -415,7 +415,7 @@ fn watch_roles() {
 /// clients reconnect to it) and replicates each end.
 fn take_over(a: &Apus) {
     let ids = a.replay.replayed_ids();
-    for (id, out) in a.replay.finish_all(&ids, |_| None) {
+    for (id, out) in a.replay.finish_all(&ids) {
         let close = Close {
             bytes_out: out.bytes,
             hash_out: out.hash,

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use apus::client::{Client, RemoteStatus, Reply, Request};
-use apus_core::Role;
+use apus_core::{NodeId, Role};
 use hdrhistogram::Histogram;
 
 use crate::{cargo, root, run, tools};
@@ -301,7 +301,12 @@ impl AppCluster {
                 self.kind
                     .command(&self.bins, app_port, &self.server_dir(i))?,
             )
-            .env("APUS_LOG", "info")
+            // APUS_E2E_LOG: another log filter for the replicas (e.g.
+            // `apus_intercept=debug,info`).
+            .env(
+                "APUS_LOG",
+                std::env::var("APUS_E2E_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null());
         Ok(c)
     }
@@ -402,8 +407,23 @@ impl AppCluster {
                     .filter(|(_, s)| s.as_ref().is_some_and(|s| s.role == Role::Leader))
                     .map(|(&i, _)| i)
                     .collect();
+                // Every replica follows it in its term: a replica still
+                // campaigning alone (started before the others could hear
+                // it) would depose it as soon as it connects.
                 if let [l] = leaders[..] {
-                    return Ok(l);
+                    let term = st[alive
+                        .iter()
+                        .position(|&i| i == l)
+                        .expect("a leader is alive")]
+                    .as_ref()
+                    .map(|s| s.term);
+                    if st
+                        .iter()
+                        .flatten()
+                        .all(|s| s.leader == Some(NodeId(l as u8)) && Some(s.term) == term)
+                    {
+                        return Ok(l);
+                    }
                 }
             }
             ensure!(
