@@ -900,16 +900,12 @@ mod tests {
         assert!(r.turnstile.state.lock().unwrap().waiting.is_empty());
     }
 
-    /// Regression: replay cut a replayed connection 5 s after its CLOSE
-    /// while a PostgreSQL backend, blocked on a row lock, had not answered
-    /// its last statement; its reply failed and its transaction was lost
-    /// (a rebuilt replica differed in CI). A forked reader's connection now
-    /// stays open until the server closes it.
-    #[test]
-    fn a_forked_reader_slow_to_finish_a_closed_connection_is_not_cut_off() {
+    /// A replay of connection 9 into a listener of the test's, accepted:
+    /// the replay, the server's side and the replay's address.
+    fn replaying_connection_9() -> (Replay, std::net::TcpStream, SocketAddr) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        static REG: std::sync::LazyLock<Registry> = std::sync::LazyLock::new(Registry::default);
-        let r = Replay::new(l.local_addr().unwrap(), 7, &REG, None, None, None);
+        let reg: &'static Registry = Box::leak(Box::default());
+        let r = Replay::new(l.local_addr().unwrap(), 7, reg, None, None, None);
         r.replay_connect(
             9,
             Connect {
@@ -918,9 +914,20 @@ mod tests {
                 out: 0,
             },
         );
-        let (mut server_side, _) = l.accept().unwrap();
+        let (server_side, peer) = l.accept().unwrap();
+        (r, server_side, peer)
+    }
+
+    /// Regression: replay cut a replayed connection 5 s after its CLOSE
+    /// while a PostgreSQL backend, blocked on a row lock, had not answered
+    /// its last statement; its reply failed and its transaction was lost
+    /// (a rebuilt replica differed in CI). A forked reader's connection now
+    /// stays open until the server closes it.
+    #[test]
+    fn a_forked_reader_slow_to_finish_a_closed_connection_is_not_cut_off() {
+        let (r, mut server_side, _) = replaying_connection_9();
         // Its reader is a forked process (a backend), asleep.
-        REG.consumed(9, 0, u32::MAX);
+        r.registry.consumed(9, 0, u32::MAX);
         assert_eq!(r.finish_all(&[9]).len(), 1);
         let mut eof = [0u8; 1];
         assert_eq!(server_side.read(&mut eof).unwrap(), 0, "end of stream");
@@ -935,18 +942,7 @@ mod tests {
 
     #[test]
     fn internal_connections_are_known_by_full_address_while_alive() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        static REG: std::sync::LazyLock<Registry> = std::sync::LazyLock::new(Registry::default);
-        let r = Replay::new(l.local_addr().unwrap(), 7, &REG, None, None, None);
-        r.replay_connect(
-            9,
-            Connect {
-                origin: 3,
-                tag: 1,
-                out: 0,
-            },
-        );
-        let (server_side, peer) = l.accept().unwrap();
+        let (r, server_side, peer) = replaying_connection_9();
         assert_eq!(r.internal(peer), Some(Internal::Replay(9)));
         // The same port from another address is nobody we know.
         let other = SocketAddr::new("127.0.0.2".parse().unwrap(), peer.port());
