@@ -1228,6 +1228,21 @@ pub fn pause_and_rejoin(
     serving: impl FnOnce(&AppCluster, usize) -> Result<()>,
 ) -> Result<Rejoin> {
     let all: Vec<usize> = (0..REPLICAS).collect();
+    // A replica restarted in memory mode does not vote until it has caught
+    // up (it forgot whom it voted for): paused before that, the leader
+    // leaves no majority that can elect another, by design.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while all
+        .iter()
+        .any(|&i| cluster.replica_status(i).is_none_or(|s| s.recovering))
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "a replica is still recovering 60 s on; logs in {}",
+            cluster.dir.display()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
     let victim = cluster.leader().context("no leader to pause")?;
     let old_term = cluster.replica_status(victim).map_or(0, |s| s.term);
     let log = cluster.dir.join(format!("n{victim}.log"));
