@@ -39,6 +39,19 @@ fn domain(provider: &str) -> Option<String> {
 }
 
 fn start(provider: &str, me: u8, peers: &[SocketAddr], timeout: Duration) -> Option<Node> {
+    match try_start(provider, me, peers, timeout) {
+        Ok(n) => n,
+        Err(e) => panic!("starting a {provider} transport: {e}"),
+    }
+}
+
+/// [`start`], with the set-up error returned (a port taken meanwhile).
+fn try_start(
+    provider: &str,
+    me: u8,
+    peers: &[SocketAddr],
+    timeout: Duration,
+) -> Result<Option<Node>, apus_fabric::transport::StartError> {
     let region = Region::new(layout().region_len());
     let cfg = FabricConfig {
         me: NodeId(me),
@@ -50,28 +63,43 @@ fn start(provider: &str, me: u8, peers: &[SocketAddr], timeout: Duration) -> Opt
         op_timeout: timeout,
     };
     match FabricTransport::start(cfg, region.clone()) {
-        Ok(t) => Some(Node {
+        Ok(t) => Ok(Some(Node {
             t,
             region,
             events: Vec::new(),
-        }),
+        })),
         Err(apus_fabric::transport::StartError::Fabric(
             e @ apus_fabric::FabricError::LibraryMissing(_),
         )) => {
             eprintln!("SKIPPED: {e}");
-            None
+            Ok(None)
         }
-        Err(e) => panic!("starting a {provider} transport: {e}"),
+        Err(e) => Err(e),
     }
 }
 
 impl Trio {
     fn start(provider: &str, timeout: Duration) -> Option<Trio> {
-        let peers = ports();
-        let mut nodes = Vec::new();
-        for i in 0..3 {
-            nodes.push(Some(start(provider, i, &peers, timeout)?));
-        }
+        // The ports are free when chosen, not when bound: another test's
+        // connection can take one meanwhile (CI: "Address already in
+        // use"). Then the three start again on fresh ports.
+        let mut attempt = 0;
+        let nodes = 'start: loop {
+            attempt += 1;
+            let peers = ports();
+            let mut nodes = Vec::new();
+            for i in 0..3 {
+                match try_start(provider, i, &peers, timeout) {
+                    Ok(n) => nodes.push(Some(n?)),
+                    Err(e) if attempt < 5 && e.to_string().contains("in use") => {
+                        eprintln!("a chosen port was taken ({e}); starting again");
+                        continue 'start;
+                    }
+                    Err(e) => panic!("starting a {provider} transport: {e}"),
+                }
+            }
+            break nodes;
+        };
         let mut t = Trio { nodes };
         t.until("all peers up", |t| {
             (0..3).all(|i| {
