@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use libc::{c_int, c_uint, c_void, iovec, msghdr, size_t, sockaddr, socklen_t, ssize_t};
 
-use crate::registry::MAX_FD;
+use crate::registry::{MAX_FD, Reader};
 use crate::{
     Proc, REGISTRY, Verdict, become_holder, child, in_hook, inside, proc, real, refuse, say,
     settings,
@@ -233,6 +233,13 @@ pub unsafe extern "C" fn accept4(
     unsafe { accept_common(fd, || real::accept4(fd, addr, len, flags)) }
 }
 
+/// The calling thread's id.
+fn gettid() -> u32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    tid as u32
+}
+
 /// Counts what the server read from a replay connection (followers).
 fn note_replay_read(fd: c_int, n: ssize_t) {
     if n > 0
@@ -242,11 +249,11 @@ fn note_replay_read(fd: c_int, n: ssize_t) {
         let e = errno();
         inside(|| match proc() {
             Proc::Holder(_) => {
-                REGISTRY.consumed(id, n as u64, 0);
+                REGISTRY.consumed(id, n as u64, Reader::Thread(gettid()));
             }
             Proc::Child(addr) => {
                 // Counted here too: the child's own total, for `idle`.
-                REGISTRY.consumed(id, n as u64, 0);
+                REGISTRY.consumed(id, n as u64, Reader::Unknown);
                 REGISTRY.say_idle(fd, true);
                 if let Err(e) = child::consumed(addr, id, n as u64) {
                     refuse(&format!(

@@ -737,7 +737,7 @@ impl child::Handler for ChildRequests {
     }
 
     fn consumed(&self, replay: u64, n: u64, pid: u32) {
-        REGISTRY.consumed(replay, n, pid);
+        REGISTRY.consumed(replay, n, crate::registry::Reader::Process(pid));
     }
 
     fn answered(&self, conn: u64, _: u32) {

@@ -81,6 +81,32 @@ pub struct Progress {
     /// The forked process of the server that reads it (0: this one), which
     /// runs concurrently with the others.
     pub reader: u32,
+    /// The thread of this process that read it last (its tid; 0: none yet,
+    /// or a forked process reads it).
+    pub thread: u32,
+}
+
+/// Who read replayed input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reader {
+    /// A thread of this process, by tid.
+    Thread(u32),
+    /// A forked process of the server, by pid.
+    Process(u32),
+    /// Not known here (a forked process counting its own reads).
+    Unknown,
+}
+
+impl Progress {
+    /// The task (process or thread) whose state tells whether the server
+    /// is blocked with this connection's input unread (0: none known).
+    pub fn sleeper(&self) -> u32 {
+        if self.reader != 0 {
+            self.reader
+        } else {
+            self.thread
+        }
+    }
 }
 
 impl std::fmt::Debug for Registry {
@@ -227,15 +253,17 @@ impl Registry {
         }
     }
 
-    /// The server read `n` bytes of replay connection `id` (in forked
-    /// process `reader`; 0: this one). Returns what it has read in all.
-    pub fn consumed(&self, id: u64, n: u64, reader: u32) -> u64 {
+    /// The server read `n` bytes of replay connection `id`, in `reader`.
+    /// Returns what it has read in all.
+    pub fn consumed(&self, id: u64, n: u64, reader: Reader) -> u64 {
         let total = {
             let mut c = self.consumed.lock().unwrap_or_else(|p| p.into_inner());
             let p = c.entry(id).or_default();
             p.consumed += n;
-            if reader != 0 {
-                p.reader = reader;
+            match reader {
+                Reader::Thread(tid) => p.thread = tid,
+                Reader::Process(pid) => p.reader = pid,
+                Reader::Unknown => {}
             }
             p.consumed
         };

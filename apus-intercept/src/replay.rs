@@ -45,11 +45,11 @@ const CONSUME_NOTE_EVERY: Duration = Duration::from_secs(10);
 /// finish with the one it got before (see [`Turnstile`]): a statement that
 /// runs longer than this lets the next one start.
 pub const STATEMENT_WAIT: Duration = Duration::from_secs(1);
-/// How long a forked process may sleep with replayed input unread before
-/// replay goes on without it (see `Replay::replay_data`).
+/// How long a reader (forked process or thread) may sleep with replayed
+/// input unread before replay goes on without it (see `Replay::replay_data`).
 const BLOCKED_READER: Duration = Duration::from_millis(50);
 
-/// Whether process `pid` is running or runnable (or in uninterruptible
+/// Whether process (or thread) `pid` is running or runnable (or in uninterruptible
 /// I/O), as opposed to asleep: blocked on a lock, or waiting for input.
 pub fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
@@ -178,6 +178,9 @@ struct Replayed {
     /// What the server answered on the connections of this one's leader
     /// (see [`crate::payload`]), shared with their drain threads.
     answered: Arc<Answered>,
+    /// Whether a wait for the server's answers timed out on this connection
+    /// (said once: it is the first thing to look at when a replica lags).
+    short_said: bool,
 }
 
 /// What the local server answered on one leader incarnation's replayed
@@ -421,16 +424,18 @@ impl Replay {
     /// come here too, even from a worker thread. Bounded by
     /// [`STATEMENT_WAIT`]: a server whose replies are shorter here (they
     /// differed) is not waited for longer.
-    fn wait_answered(&self, a: &Answered, out: u64) {
+    /// Returns whether the wait timed out.
+    fn wait_answered(&self, a: &Answered, out: u64) -> bool {
         let target = out.saturating_sub(a.shortfall.load(Ordering::Relaxed));
         if a.bytes.load(Ordering::SeqCst) >= target {
-            return;
+            return false;
         }
         // Parked, not polling: on two cores a polling replay starves the
         // engine threads of this node and of the others.
         *lock(&a.waiter) = Some(thread::current());
         a.waiting.store(true, Ordering::SeqCst);
         let since = Instant::now();
+        let mut timed_out = false;
         while a.bytes.load(Ordering::SeqCst) < target {
             let waited = since.elapsed();
             if waited >= STATEMENT_WAIT {
@@ -440,11 +445,13 @@ impl Replay {
                     short,
                     "the local server answered less than the leader's had; going on"
                 );
+                timed_out = true;
                 break;
             }
             thread::park_timeout((STATEMENT_WAIT - waited).min(Duration::from_millis(10)));
         }
         a.waiting.store(false, Ordering::SeqCst);
+        timed_out
     }
 
     fn counter(&self, origin: u64) -> Arc<Answered> {
@@ -454,7 +461,7 @@ impl Replay {
     fn replay_connect(&self, id: u64, connect: Connect) {
         self.wait_ready();
         let answered = self.counter(connect.origin);
-        self.wait_answered(&answered, connect.out);
+        let _ = self.wait_answered(&answered, connect.out);
         let (stream, local) = match self.connect(Internal::Replay(id)) {
             Ok(s) => s,
             Err(e) => {
@@ -487,6 +494,7 @@ impl Replay {
                 out,
                 drained,
                 answered,
+                short_said: false,
             },
         );
     }
@@ -496,11 +504,23 @@ impl Replay {
             debug!(conn = id, "data for a connection that is not replayed here");
             return;
         };
-        self.wait_answered(&answered, out);
+        let timed_out = self.wait_answered(&answered, out);
         let mut conns = lock(&self.conns);
         let Some(c) = conns.get_mut(&id) else {
             return;
         };
+        if timed_out && !c.short_said {
+            c.short_said = true;
+            warn!(
+                conn = id,
+                answered_here = lock(&c.out).bytes,
+                written = c.written,
+                read_by_server = self.registry.progress(id).consumed,
+                drained = c.drained.load(Ordering::Acquire),
+                "the local server answered less than the leader's before this input; going on \
+                 (said once per connection)"
+            );
+        }
         if data.is_empty() {
             // The client closed its side.
             let _ = c.stream.shutdown(Shutdown::Write);
@@ -531,20 +551,22 @@ impl Replay {
                 );
                 return;
             }
-            // A forked process that sleeps with input waiting is blocked
-            // on something else (a lock its backend took in another order
-            // than the leader's, which a later entry releases): replay goes
-            // on, or it would wait for ever. It reads this input when it
-            // wakes. A single-process server is never passed over.
-            let reader = self.registry.progress(id).reader;
-            if reader != 0 && !running(reader) {
+            // A reader (a forked process, or the thread that last read this
+            // connection) that sleeps with input waiting is blocked on
+            // something else: a lock its statement took in another order
+            // than the leader's (concurrent clients race for row locks), which
+            // a later entry releases. Replay goes on, or it would wait until
+            // the server gives up on the lock (MariaDB: 50 s, then an error
+            // the leader never saw). It reads this input when it wakes.
+            let sleeper = self.registry.progress(id).sleeper();
+            if sleeper != 0 && !running(sleeper) {
                 let at = *asleep_since.get_or_insert_with(Instant::now);
                 if at.elapsed() >= BLOCKED_READER {
                     self.passed_blocked.fetch_add(1, Ordering::Relaxed);
                     debug!(
                         conn = id,
-                        pid = reader,
-                        "replay goes on past a blocked backend"
+                        task = sleeper,
+                        "replay goes on past a reader blocked with input unread"
                     );
                     return;
                 }
@@ -785,6 +807,7 @@ impl StateMachine for Replayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::Reader;
 
     #[test]
     fn the_turnstile_releases_in_log_order() {
@@ -927,7 +950,7 @@ mod tests {
     fn a_forked_reader_slow_to_finish_a_closed_connection_is_not_cut_off() {
         let (r, mut server_side, _) = replaying_connection_9();
         // Its reader is a forked process (a backend), asleep.
-        r.registry.consumed(9, 0, u32::MAX);
+        r.registry.consumed(9, 0, Reader::Process(u32::MAX));
         assert_eq!(r.finish_all(&[9]).len(), 1);
         let mut eof = [0u8; 1];
         assert_eq!(server_side.read(&mut eof).unwrap(), 0, "end of stream");
@@ -938,6 +961,37 @@ mod tests {
                 .expect("not cut off");
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Regression (e2e mariadb, 4 concurrent sysbench clients): a server
+    /// thread blocked on a row lock that a later entry releases left its
+    /// replayed input unread, and replay waited for it until MariaDB gave up
+    /// on the lock (50 s per lock, then an error the leader never saw). A
+    /// thread asleep with input unread is now passed over, as a forked
+    /// process is.
+    #[test]
+    fn a_server_thread_blocked_with_input_unread_is_passed_over() {
+        let (r, _server_side, _) = replaying_connection_9();
+        // The thread that read this connection so far, now blocked.
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let blocked = thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            let _ = release_rx.recv();
+        });
+        let tid = tid_rx.recv().unwrap();
+        r.registry.consumed(9, 0, Reader::Thread(tid));
+        let started = Instant::now();
+        r.replay_data(9, 0, b"UPDATE sbtest1 SET k=k+1 WHERE id=7");
+        let waited = started.elapsed();
+        assert!(
+            waited < Duration::from_secs(10),
+            "replay waited {waited:?} for a blocked thread"
+        );
+        assert_eq!(r.passed_blocked.load(Ordering::Relaxed), 1);
+        release_tx.send(()).unwrap();
+        blocked.join().unwrap();
     }
 
     #[test]
