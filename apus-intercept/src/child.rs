@@ -381,8 +381,23 @@ fn session(mut s: UnixStream, token: &[u8; 16], h: &dyn Handler, sessions: &Sess
         adopted: Mutex::new(HashMap::new()),
     });
     sessions.add(me.clone());
-    while let Ok(Some((kind, body))) = read_frame(&mut s) {
+    loop {
+        let (kind, body) = match read_frame(&mut s) {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                // The child cannot go on without its channel: say why it ends.
+                tracing::warn!(pid, error = %e, "a forked process's channel broke; ending it");
+                break;
+            }
+        };
         let Some(req) = Request::decode(kind, &body) else {
+            tracing::warn!(
+                pid,
+                kind,
+                len = body.len(),
+                "a forked process sent a malformed request; ending its channel"
+            );
             break;
         };
         // What to tell the holder once the child has its answer (and runs).
@@ -435,7 +450,8 @@ fn session(mut s: UnixStream, token: &[u8; 16], h: &dyn Handler, sessions: &Sess
                 frame(OK, &[])
             }
         };
-        if s.write_all(&reply).is_err() {
+        if let Err(e) = s.write_all(&reply) {
+            tracing::warn!(pid, error = %e, "cannot answer a forked process; ending its channel");
             break;
         }
         if let Some(f) = after {

@@ -687,7 +687,14 @@ impl Drop for AppCluster {
             );
             return;
         }
-        // `apus run` takes its server along (PR_SET_PDEATHSIG).
+        // `apus run` takes its server's first process along
+        // (PR_SET_PDEATHSIG), not the processes that one forked (nginx's
+        // workers outlived every run, each holding its listener).
+        for i in 0..self.runs.len() {
+            for pid in self.server_pids(i) {
+                let _ = signal(pid as i32, "KILL");
+            }
+        }
         for r in self.runs.iter_mut().flatten() {
             let _ = r.kill();
             let _ = r.wait();
@@ -738,6 +745,10 @@ impl BareServer {
 
 impl Drop for BareServer {
     fn drop(&mut self) {
+        // Its forked processes too (nginx's workers survive their master).
+        for pid in apus::supervisor::tree::descendants(self.child.id()) {
+            let _ = signal(pid as i32, "KILL");
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
