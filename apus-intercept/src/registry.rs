@@ -97,18 +97,6 @@ pub enum Reader {
     Unknown,
 }
 
-impl Progress {
-    /// The task (process or thread) whose state tells whether the server
-    /// is blocked with this connection's input unread (0: none known).
-    pub fn sleeper(&self) -> u32 {
-        if self.reader != 0 {
-            self.reader
-        } else {
-            self.thread
-        }
-    }
-}
-
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry").finish_non_exhaustive()

@@ -45,9 +45,15 @@ const CONSUME_NOTE_EVERY: Duration = Duration::from_secs(10);
 /// finish with the one it got before (see [`Turnstile`]): a statement that
 /// runs longer than this lets the next one start.
 pub const STATEMENT_WAIT: Duration = Duration::from_secs(1);
-/// How long a reader (forked process or thread) may sleep with replayed
-/// input unread before replay goes on without it (see `Replay::replay_data`).
+/// How long a forked reader may sleep with replayed input unread before
+/// replay goes on without it (see `Replay::replay_data`).
 const BLOCKED_READER: Duration = Duration::from_millis(50);
+/// The same for a thread of this process: much longer, since a thread
+/// also sleeps on the server's own short-held locks, whose holder may wait
+/// long for a core here; passing it over then breaks log order (a memcached
+/// replica differed with 50 ms). A row lock that a later entry releases
+/// waits far longer (MariaDB: 50 s).
+const BLOCKED_THREAD: Duration = STATEMENT_WAIT;
 
 /// Whether process (or thread) `pid` is running or runnable (or in uninterruptible
 /// I/O), as opposed to asleep: blocked on a lock, or waiting for input.
@@ -558,10 +564,15 @@ impl Replay {
             // a later entry releases. Replay goes on, or it would wait until
             // the server gives up on the lock (MariaDB: 50 s, then an error
             // the leader never saw). It reads this input when it wakes.
-            let sleeper = self.registry.progress(id).sleeper();
+            let progress = self.registry.progress(id);
+            let (sleeper, patience) = if progress.reader != 0 {
+                (progress.reader, BLOCKED_READER)
+            } else {
+                (progress.thread, BLOCKED_THREAD)
+            };
             if sleeper != 0 && !running(sleeper) {
                 let at = *asleep_since.get_or_insert_with(Instant::now);
-                if at.elapsed() >= BLOCKED_READER {
+                if at.elapsed() >= patience {
                     self.passed_blocked.fetch_add(1, Ordering::Relaxed);
                     debug!(
                         conn = id,
