@@ -335,8 +335,7 @@ fn start() -> Holder {
     // died; a server left without its supervisor must not go on.
     match s.supervisor.send(&Message::Started) {
         Ok((Answer::Granted, mut lifeline)) => spawn("apus-lifeline", move || {
-            let mut b = [0u8; 1];
-            let _ = std::io::Read::read(&mut lifeline, &mut b);
+            wait_until_closed(&mut lifeline);
             refuse("`apus run`, which supervises this server, is gone");
         }),
         Ok((Answer::Held(pid), _)) => refuse(&format!("pid {pid} already replicates this server")),
@@ -352,6 +351,22 @@ fn start() -> Holder {
 
 /// Starts a library thread (its libc calls pass through the hooks); a
 /// thread that cannot start stops the server.
+/// Blocks until `lifeline` ends (end of stream, or a real error). A read
+/// interrupted by a signal is no end: the server's handlers (installed
+/// without `SA_RESTART`, as nginx's are) may run on this thread, and a
+/// paused server that is resumed gets SIGCHLD from its resumed children
+/// (an nginx replica stopped itself as "supervisor gone" after a pause).
+fn wait_until_closed(lifeline: &mut impl std::io::Read) {
+    let mut b = [0u8; 1];
+    loop {
+        match lifeline.read(&mut b) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // Nothing is ever sent on it: data would be a protocol error.
+            Ok(_) | Err(_) => return,
+        }
+    }
+}
+
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
     if let Err(e) = thread::Builder::new()
         .name(name.into())
@@ -746,5 +761,33 @@ impl child::Handler for ChildRequests {
 
     fn idle(&self, replay: u64, consumed: u64) {
         REGISTRY.idle(replay, consumed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (CI, e2e nginx): the lifeline's read returned EINTR when
+    /// a resumed server's master got SIGCHLD on that thread, and the holder
+    /// stopped the server as if `apus run` were gone.
+    #[test]
+    fn an_interrupted_lifeline_read_is_not_the_end() {
+        struct Lifeline {
+            reads: usize,
+        }
+        impl std::io::Read for Lifeline {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                self.reads += 1;
+                if self.reads < 3 {
+                    Err(std::io::ErrorKind::Interrupted.into())
+                } else {
+                    Ok(0)
+                }
+            }
+        }
+        let mut l = Lifeline { reads: 0 };
+        wait_until_closed(&mut l);
+        assert_eq!(l.reads, 3, "returned only at end of stream");
     }
 }

@@ -20,7 +20,7 @@ const REQUESTS: usize = 100;
 
 /// Fetches `/file<i>.txt` `count` times over one keep-alive connection and
 /// checks every body against what `prepare` wrote.
-fn fetch(addr: SocketAddr, count: usize) -> Result<()> {
+pub(super) fn fetch(addr: SocketAddr, count: usize) -> Result<()> {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
