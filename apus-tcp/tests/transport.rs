@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use apus_core::layout::SlotKind;
@@ -13,11 +14,37 @@ use apus_tcp::{TcpConfig, TcpTransport};
 
 const SECRET: &[u8] = b"a cluster secret of 32 bytes....";
 
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+/// Held while a test chooses loopback ports and binds them: the tests of
+/// this binary run in parallel, and a port one test chose but had not bound
+/// yet was handed to another (CI: `AddrInUse` starting a node).
+static BINDING: Mutex<()> = Mutex::new(());
+
+fn binding() -> MutexGuard<'static, ()> {
+    BINDING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Two free loopback ports, both held until both are chosen.
+fn free_addrs() -> [SocketAddr; 2] {
+    let held = [(); 2].map(|()| TcpListener::bind("127.0.0.1:0").unwrap());
+    held.map(|l| l.local_addr().unwrap())
+}
+
+/// Nodes 0 and 1 on fresh ports, node 1 with `secret_1`. A port can still be
+/// taken by another process between choosing and binding it; then both are
+/// chosen again.
+fn start_two(secret_1: &[u8]) -> (Node, Node, [SocketAddr; 2]) {
+    let _binding = binding();
+    for _ in 0..5 {
+        let peers = free_addrs();
+        match (try_node(0, &peers, SECRET), try_node(1, &peers, secret_1)) {
+            (Ok(a), Ok(b)) => return (a, b, peers),
+            (Err(e), _) | (_, Err(e)) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            (Err(e), _) | (_, Err(e)) => panic!("starting a tcp transport: {e}"),
+        }
+    }
+    panic!("five pairs of free ports were all taken before they could be bound");
 }
 
 fn layout() -> RegionLayout {
@@ -30,7 +57,7 @@ struct Node {
     events: Vec<TransportEvent>,
 }
 
-fn node(me: u8, peers: &[SocketAddr], secret: &[u8]) -> Node {
+fn try_node(me: u8, peers: &[SocketAddr], secret: &[u8]) -> std::io::Result<Node> {
     let region = Region::new(layout().region_len());
     let t = TcpTransport::start(
         TcpConfig {
@@ -40,13 +67,12 @@ fn node(me: u8, peers: &[SocketAddr], secret: &[u8]) -> Node {
             layout: layout(),
         },
         region.clone(),
-    )
-    .unwrap();
-    Node {
+    )?;
+    Ok(Node {
         t,
         region,
         events: Vec::new(),
-    }
+    })
 }
 
 /// Polls both nodes until `done` holds (a guard against hangs, not a timing
@@ -62,9 +88,7 @@ fn pump(a: &mut Node, b: &mut Node, mut done: impl FnMut(&Node, &Node) -> bool) 
 }
 
 fn pair() -> (Node, Node) {
-    let peers = [free_addr(), free_addr()];
-    let mut a = node(0, &peers, SECRET);
-    let mut b = node(1, &peers, SECRET);
+    let (mut a, mut b, _) = start_two(SECRET);
     pump(&mut a, &mut b, |a, b| {
         a.events.contains(&TransportEvent::PeerUp(NodeId(1)))
             && b.events.contains(&TransportEvent::PeerUp(NodeId(0)))
@@ -213,12 +237,12 @@ fn reads_and_compare_and_swap() {
 
 #[test]
 fn losing_the_peer_fails_pending_operations_and_reconnects() {
-    let peers = [free_addr(), free_addr()];
-    let mut a = node(0, &peers, SECRET);
-    let mut b = node(1, &peers, SECRET);
+    let (mut a, mut b, peers) = start_two(SECRET);
     pump(&mut a, &mut b, |a, _| {
         a.events.contains(&TransportEvent::PeerUp(NodeId(1)))
     });
+    // Node 1's port is free from here until it binds it again.
+    let binding = binding();
     drop(b);
     // Posted after the peer died: it completes, with an error.
     let l = layout();
@@ -230,7 +254,8 @@ fn losing_the_peer_fails_pending_operations_and_reconnects() {
         remote_offset: l.inbound(SlotKind::Leader, NodeId(0)),
     })
     .unwrap();
-    let mut b = node(1, &peers, SECRET);
+    let mut b = try_node(1, &peers, SECRET).unwrap();
+    drop(binding);
     pump(&mut a, &mut b, |a, _| {
         completion(a, 20) == Some(Err(OpError::PeerUnreachable))
             && a.events.contains(&TransportEvent::PeerDown(NodeId(1)))
@@ -244,9 +269,7 @@ fn losing_the_peer_fails_pending_operations_and_reconnects() {
 
 #[test]
 fn a_wrong_secret_or_garbage_is_refused_and_changes_nothing() {
-    let peers = [free_addr(), free_addr()];
-    let mut a = node(0, &peers, SECRET);
-    let mut rogue = node(1, &peers, b"this is not the cluster secret!!");
+    let (mut a, mut rogue, peers) = start_two(b"this is not the cluster secret!!");
     let stats = a.t.stats();
     pump(&mut a, &mut rogue, |_, _| {
         stats.refused.load(Ordering::Relaxed) >= 1
