@@ -22,7 +22,12 @@
 //! CONSUMED 5  replay u64 | n u64                         -> OK
 //! IDLE     6  replay u64 | consumed u64                  -> OK
 //! WAITS    7  conn u64                                   -> OK
+//! BARRIER  8  (empty)                                    -> OK, once every input
+//!                                                           proposed so far committed
 //! ```
+//!
+//! INPUT is answered as soon as the input is proposed (output commit); the
+//! child's next output to a client, or close of one, sends BARRIER first.
 //!
 //! A child whose channel ends (it exited) has its connections closed in the
 //! log: the holder proposes a CLOSE for each connection the child read and
@@ -48,6 +53,7 @@ const CLOSE: u8 = 4;
 const CONSUMED: u8 = 5;
 const IDLE: u8 = 6;
 const WAITS: u8 = 7;
+const BARRIER: u8 = 8;
 const OK: u8 = 10;
 const FAILED: u8 = 11;
 const VERDICT: u8 = 12;
@@ -114,6 +120,9 @@ pub enum Request {
         /// Connection id.
         conn: u64,
     },
+    /// The child is about to write to a client: every input proposed so
+    /// far must have committed first.
+    Barrier,
 }
 
 fn put_u64(b: &mut Vec<u8>, v: u64) {
@@ -195,6 +204,7 @@ impl Request {
                 put_u64(&mut b, *conn);
                 WAITS
             }
+            Request::Barrier => BARRIER,
         };
         frame(kind, &b)
     }
@@ -233,6 +243,7 @@ impl Request {
             WAITS if b.len() == 8 => Request::Waits {
                 conn: u64_at(b, 0)?,
             },
+            BARRIER if b.is_empty() => Request::Barrier,
             _ => return None,
         })
     }
@@ -275,6 +286,9 @@ pub trait Handler: Send + Sync + 'static {
     fn wrote(&self, bytes: u64);
     /// A connection a child used has ended.
     fn close(&self, conn: u64, out: StreamHash);
+    /// Returns once every input proposed so far has committed (it never
+    /// returns if one will not: the server is rebuilt).
+    fn barrier(&self);
     /// Child `pid` read replayed input (it has been answered already: it
     /// runs).
     fn consumed(&self, replay: u64, n: u64, pid: u32);
@@ -449,6 +463,10 @@ fn session(mut s: UnixStream, token: &[u8; 16], h: &dyn Handler, sessions: &Sess
                 h.waits(conn);
                 frame(OK, &[])
             }
+            Request::Barrier => {
+                h.barrier();
+                frame(OK, &[])
+            }
         };
         if let Err(e) = s.write_all(&reply) {
             tracing::warn!(pid, error = %e, "cannot answer a forked process; ending its channel");
@@ -570,6 +588,15 @@ pub fn close(addr: &Address, conn: u64, out: StreamHash) -> io::Result<()> {
     call(addr, &Request::Close { conn, out }).map(|_| ())
 }
 
+/// A child is about to write to a client: returns once every input
+/// proposed so far has committed.
+pub fn barrier(addr: &Address) -> io::Result<()> {
+    match call(addr, &Request::Barrier)? {
+        (OK, _) => Ok(()),
+        _ => Err(io::Error::other("unexpected answer to BARRIER")),
+    }
+}
+
 /// A child read replayed input.
 pub fn consumed(addr: &Address, replay: u64, n: u64) -> io::Result<()> {
     call(addr, &Request::Consumed { replay, n }).map(|_| ())
@@ -623,6 +650,7 @@ mod tests {
                 consumed: 100,
             },
             Request::Waits { conn: 5 },
+            Request::Barrier,
         ];
         for r in reqs {
             let f = r.encode();
@@ -657,6 +685,7 @@ mod tests {
         fn waits(&self, _: u64) {}
         fn wrote(&self, _: u64) {}
         fn close(&self, _: u64, _: StreamHash) {}
+        fn barrier(&self) {}
         fn consumed(&self, _: u64, _: u64, _: u32) {}
         fn answered(&self, _: u64, _: u32) {}
         fn idle(&self, _: u64, _: u64) {}

@@ -695,6 +695,32 @@ pub unsafe extern "C" fn recvmmsg(
     }
 }
 
+/// Output commit: an output to a client, or a shutdown it can see, waits
+/// until every input proposed before it (in this process, and in the
+/// holder for a forked process) has committed. Blocking the call keeps the
+/// socket's semantics as they are: nothing is buffered, no EAGAIN is made
+/// up. If some input never commits, the output is never released (the
+/// server is rebuilt).
+fn before_output(fd: c_int) {
+    if replicated(fd).is_none() {
+        return;
+    }
+    let e = errno();
+    inside(|| match proc() {
+        Proc::Holder(a) => a.barrier(),
+        Proc::Child(addr) => {
+            if let Err(e) = child::barrier(addr) {
+                refuse(&format!(
+                    "a forked process of the server is about to answer a client but cannot reach \
+                     the process that replicates its input: {e}"
+                ));
+            }
+        }
+        Proc::Candidate | Proc::Outside => {}
+    });
+    set_errno(e);
+}
+
 /// Hashes what the server wrote on a replicated connection.
 fn after_output(fd: c_int, data: &[u8]) {
     let Some(conn) = replicated(fd) else {
@@ -731,6 +757,7 @@ unsafe fn after_output_bufs(fd: c_int, n: ssize_t, bufs: impl Iterator<Item = (*
 /// As `write(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, count: size_t) -> ssize_t {
+    before_output(fd);
     // SAFETY: forwarded unchanged.
     let n = unsafe { real::write(fd, buf, count) };
     // SAFETY: `buf` holds `count` >= `n` bytes.
@@ -744,6 +771,7 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, count: size_t) -> 
 /// As `send(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, len: size_t, flags: c_int) -> ssize_t {
+    before_output(fd);
     // SAFETY: forwarded unchanged.
     let n = unsafe { real::send(fd, buf, len, flags) };
     // SAFETY: `buf` holds `len` >= `n` bytes.
@@ -764,6 +792,7 @@ pub unsafe extern "C" fn sendto(
     addr: *const sockaddr,
     alen: socklen_t,
 ) -> ssize_t {
+    before_output(fd);
     // SAFETY: forwarded unchanged.
     let n = unsafe { real::sendto(fd, buf, len, flags, addr, alen) };
     // SAFETY: `buf` holds `len` >= `n` bytes.
@@ -777,6 +806,7 @@ pub unsafe extern "C" fn sendto(
 /// As `writev(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
+    before_output(fd);
     // SAFETY: forwarded unchanged.
     let n = unsafe { real::writev(fd, iov, cnt) };
     // SAFETY: the caller's iovecs, of which the first `n` bytes were sent.
@@ -790,6 +820,7 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssi
 /// As `sendmsg(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+    before_output(fd);
     // SAFETY: forwarded unchanged.
     let n = unsafe { real::sendmsg(fd, msg, flags) };
     if !msg.is_null() {
@@ -810,6 +841,7 @@ pub unsafe extern "C" fn sendmmsg(
     vlen: c_uint,
     flags: c_int,
 ) -> c_int {
+    before_output(fd);
     // SAFETY: forwarded unchanged.
     let r = unsafe { real::sendmmsg(fd, msgs, vlen, flags) };
     if r > 0 && !msgs.is_null() {
@@ -861,6 +893,7 @@ pub unsafe extern "C" fn sendfile(
         // SAFETY: forwarded unchanged.
         return unsafe { real::sendfile(out, input, offset, count) };
     }
+    before_output(out);
     let start = if offset.is_null() {
         // SAFETY: lseek on the caller's descriptor, reading its position.
         unsafe { libc::lseek(input, 0, libc::SEEK_CUR) }
@@ -896,6 +929,7 @@ pub unsafe extern "C" fn splice(
         // SAFETY: forwarded unchanged.
         return unsafe { real::splice(input, off_in, out, off_out, len, flags) };
     }
+    before_output(out);
     if !off_in.is_null() {
         // SAFETY: the caller's valid offset.
         let start = unsafe { *off_in };
@@ -1111,13 +1145,17 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_
     r
 }
 
-/// Intercepted `shutdown`: passes through (the CLOSE at `close` carries the
-/// connection's final output).
+/// Intercepted `shutdown`: a FIN the client can see waits for the commits
+/// before it, as output does (the CLOSE at `close` carries the connection's
+/// final output).
 ///
 /// # Safety
 /// As `shutdown(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
+    if how != libc::SHUT_RD {
+        before_output(fd);
+    }
     // SAFETY: forwarded unchanged.
     unsafe { real::shutdown(fd, how) }
 }

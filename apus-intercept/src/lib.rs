@@ -11,14 +11,16 @@
 //! server.
 //!
 //! On the **leader**, every inbound event on a client connection accepted
-//! on the app address becomes a log entry, and the server thread that made
-//! the call is held until the entry is committed: `accept` proposes a
-//! CONNECT (its index becomes the connection id), each read-like call that
-//! returns bytes proposes DATA with exactly those bytes, end of stream
-//! proposes an empty DATA, and the connection's end proposes a CLOSE
-//! carrying a hash of everything the server wrote on it. Server threads are
-//! released in log order. A proposal's outcome is always waited for: the
-//! server never sees input that did not commit, nor misses input that did.
+//! on the app address becomes a log entry, proposed without waiting
+//! (*output commit*): `accept` proposes a CONNECT (the connection's id is
+//! the term and a count), each read-like call that returns bytes proposes
+//! DATA with exactly those bytes, end of stream proposes an empty DATA, and
+//! the connection's end proposes a CLOSE carrying a hash of everything the
+//! server wrote on it. The server goes on at once; its next output to any
+//! client (or a shutdown or close it can see) waits until everything
+//! proposed before it has committed. A client therefore never sees a reply
+//! to input that did not commit: if some never does, the output is never
+//! released and the server is rebuilt from the log.
 //!
 //! On a **follower**, the embedded node applies the same entries by
 //! replaying them into the local copy of the server over real loopback
@@ -32,7 +34,7 @@
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -256,14 +258,17 @@ struct Apus {
     /// Whether this node is the leader and ready for real clients.
     serving: Mutex<bool>,
     max_payload: usize,
+    /// How much input the server may have read ahead of its commits.
+    max_uncommitted: u64,
     follower_clients: apus::FollowerClients,
     /// The holder's forked children that replicate through it.
     sessions: Arc<child::Sessions>,
-    /// Proposals whose outcome is not known yet.
-    unresolved: AtomicUsize,
     /// What the server has written on its replicated connections (in
     /// this process and, as they report it, in its forked children).
     out_total: AtomicU64,
+    /// The term this node last accepted a client in, and how many it
+    /// accepted in it (connection ids, see [`replay::conn_id`]).
+    accepted: Mutex<(u64, u64)>,
 }
 
 fn start() -> Holder {
@@ -315,10 +320,11 @@ fn start() -> Holder {
         replay,
         serving: Mutex::new(false),
         max_payload: s.config.engine.max_payload,
+        max_uncommitted: s.config.max_uncommitted as u64,
         follower_clients: s.config.follower_clients,
         sessions,
-        unresolved: AtomicUsize::new(0),
         out_total: AtomicU64::new(0),
+        accepted: Mutex::new((0, 0)),
     };
     spawn("apus-roles", watch_roles);
     if let Some(addr) = s.config.replicas[s.id.index()].client {
@@ -395,14 +401,21 @@ fn watch_roles() {
             refuse(&format!("replication stopped: {why}"));
         }
         let now = a.node.status().role == Role::Leader;
+        if let Some(lost) = a.node.speculation_lost() {
+            // Output commit handed the server input that is not in the
+            // log; none of the outputs it made since were released.
+            rebuild(&format!(
+                "the server read input that did not commit ({lost}): its state is speculative"
+            ));
+        }
         if let Some(at) = deposed_at {
-            if a.unresolved.load(Ordering::SeqCst) == 0 {
+            if a.node.unresolved() == 0 {
                 deposed_at = None;
             } else if at.elapsed() >= REBUILD_AFTER {
                 rebuild(&format!(
                     "this replica lost the leadership {REBUILD_AFTER:?} ago with {} of its \
-                     proposals still of unknown outcome; its server may be held in them",
-                    a.unresolved.load(Ordering::SeqCst)
+                     proposals still of unknown outcome: its server read them",
+                    a.node.unresolved()
                 ));
             }
         }
@@ -435,7 +448,7 @@ fn take_over(a: &Apus) {
             bytes_out: out.bytes,
             hash_out: out.hash,
         };
-        if let Err(e) = a.replicate(EntryKind::Close, id, &close.encode(), 0) {
+        if let Err(e) = a.replicate(EntryKind::Close, id, &close.encode()) {
             warn!(conn = id, error = %e, "could not replicate the close of a replayed connection");
         }
     }
@@ -585,24 +598,52 @@ impl Apus {
         }
     }
 
-    /// Replicates an entry and holds the caller until it is committed and
-    /// its turn (log order) has come. Waits for the outcome however long it
-    /// takes: an error means the entry will never commit.
-    /// `by` is the forked process it is for (0: this process's own
-    /// threads), see [`Turnstile::pass`](replay::Turnstile::pass).
-    fn replicate(
-        &self,
-        kind: EntryKind,
-        conn: u64,
-        payload: &[u8],
-        by: u32,
-    ) -> Result<u64, ProposeError> {
-        self.unresolved.fetch_add(1, Ordering::SeqCst);
-        let r = self.node.propose_resolved(kind, conn, payload);
-        self.unresolved.fetch_sub(1, Ordering::SeqCst);
-        let applied = r?;
-        self.replay.turnstile.pass(applied.index, conn, by);
-        Ok(applied.index)
+    /// Replicates an entry of the library's own (a CHECK, a new leader's
+    /// CLOSE of a replayed connection) and waits until it is applied here,
+    /// however long that takes: an error means it will never commit.
+    fn replicate(&self, kind: EntryKind, conn: u64, payload: &[u8]) -> Result<u64, ProposeError> {
+        self.node
+            .propose_resolved(kind, conn, payload)
+            .map(|applied| applied.index)
+    }
+
+    /// Proposes what the server has just been handed (output commit: the
+    /// server goes on at once, its next output waits in [`barrier`](Self::barrier)).
+    /// A node that no longer leads refuses here, before the server is
+    /// handed the input (a deposed leader's reads see the end of their
+    /// connections).
+    fn submit(&self, kind: EntryKind, conn: u64, payload: &[u8]) -> Result<(), ProposeError> {
+        if !self.node.is_leader() {
+            return Err(ProposeError::NotLeader {
+                leader: self.node.status().leader,
+            });
+        }
+        self.node
+            .submit(kind, conn, payload, self.max_uncommitted)
+            .map(|_| ())
+    }
+
+    /// Holds an output of the server until every input proposed before it
+    /// has committed. If some never will, the output is never released:
+    /// the server is rebuilt from the log.
+    fn barrier(&self) {
+        if let Err(lost) = self.node.wait_submitted(self.node.submitted()) {
+            rebuild(&format!(
+                "the server read input that did not commit ({lost}); its replies to it are \
+                 withheld"
+            ));
+        }
+    }
+
+    /// The id of the next connection accepted as leader.
+    fn next_conn_id(&self) -> Option<u64> {
+        let term = self.node.status().term;
+        let mut g = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
+        if g.0 != term {
+            *g = (term, 0);
+        }
+        g.1 += 1;
+        replay::conn_id(term, g.1)
     }
 
     /// A connection accepted on the app address, from `peer`.
@@ -624,8 +665,12 @@ impl Apus {
             tag: NEXT_TAG.fetch_add(1, Ordering::Relaxed),
             out: self.out_total.load(Ordering::SeqCst),
         };
-        match self.replicate(EntryKind::Connect, 0, &connect.encode(), 0) {
-            Ok(index) => Verdict::Replicate(index),
+        let Some(id) = self.next_conn_id() else {
+            warn!("this term has used up its connection ids; turning the client away");
+            return Verdict::Reject;
+        };
+        match self.submit(EntryKind::Connect, id, &connect.encode()) {
+            Ok(()) => Verdict::Replicate(id),
             Err(_) => Verdict::Reject,
         }
     }
@@ -647,20 +692,20 @@ impl Apus {
         }
     }
 
-    /// Replicates what a read of connection `conn` returned (empty: end of
-    /// stream), in entries of at most `max_payload` bytes.
+    /// Proposes what a read of connection `conn` returned (empty: end of
+    /// stream), in entries of at most `max_payload` bytes. `by` is the
+    /// forked process that read it (0: this process), which first waits
+    /// its turn (see [`Turnstile`](replay::Turnstile)).
     fn input(&self, conn: u64, data: &[u8], by: u32) -> Result<(), ProposeError> {
+        if by != 0 {
+            self.replay.turnstile.take_turn(conn, by);
+        }
         let out = self.out_total.load(Ordering::SeqCst);
         if data.is_empty() {
-            return self
-                .replicate(EntryKind::Data, conn, &payload::data(out, &[]), by)
-                .map(|_| ());
+            return self.submit(EntryKind::Data, conn, &payload::data(out, &[]));
         }
         data.chunks(self.max_payload - payload::DATA_HEADER)
-            .try_for_each(|chunk| {
-                self.replicate(EntryKind::Data, conn, &payload::data(out, chunk), by)
-                    .map(|_| ())
-            })
+            .try_for_each(|chunk| self.submit(EntryKind::Data, conn, &payload::data(out, chunk)))
     }
 
     /// The server wrote `bytes` on its replicated connections.
@@ -668,13 +713,16 @@ impl Apus {
         self.out_total.fetch_add(bytes, Ordering::SeqCst);
     }
 
-    /// Replicates the end of connection `conn`, with what the server wrote.
+    /// Replicates the end of connection `conn`, with what the server
+    /// wrote, and holds the close (the client sees it) until committed.
     fn close(&self, conn: u64, out: StreamHash) {
         let close = Close {
             bytes_out: out.bytes,
             hash_out: out.hash,
         };
-        let _ = self.replicate(EntryKind::Close, conn, &close.encode(), 0);
+        if self.submit(EntryKind::Close, conn, &close.encode()).is_ok() {
+            self.barrier();
+        }
     }
 
     /// `apus check` on the leader: a CHECK entry, answered once applied
@@ -685,7 +733,7 @@ impl Apus {
         }
         let mut tag = [0u8; 8];
         let _ = getrandom::fill(&mut tag);
-        match self.replicate(EntryKind::Check, 0, &tag, 0) {
+        match self.replicate(EntryKind::Check, 0, &tag) {
             Ok(index) => Reply::Applied {
                 index,
                 output: Vec::new(),
@@ -745,6 +793,10 @@ impl child::Handler for ChildRequests {
 
     fn wrote(&self, bytes: u64) {
         holder_apus().wrote(bytes);
+    }
+
+    fn barrier(&self) {
+        holder_apus().barrier();
     }
 
     fn close(&self, conn: u64, out: StreamHash) {

@@ -14,7 +14,7 @@
 //! server has read everything written before it, however long that takes
 //! (or the server closed that connection).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::FromRawFd;
@@ -65,19 +65,19 @@ pub fn running(pid: u32) -> bool {
     })
 }
 
-/// Releases server threads in log order.
+/// Orders the leader's forked processes as replay orders the followers'.
 ///
-/// For a server whose connections run in different processes (PostgreSQL's
-/// backends), reading in log order is not enough: two backends released a
-/// microsecond apart race for the same row lock, the replicas' runs go
-/// different ways, and a follower's replay can wait for ever for input its
-/// blocked backend cannot read. So an input read by one forked process is
-/// released only once the process released before it (for another
-/// connection) has stopped running: it waits for more input, or sleeps
-/// (blocked on a lock, as it would be on every replica), or
-/// [`STATEMENT_WAIT`] has passed. Followers replay by the same rule
-/// (`Replay::replay_data`), so every run executes what it read in log order
-/// up to the statements that block.
+/// Output commit lets the leader's server read its input as soon as it is
+/// proposed, in read order: that order is the log's. For a server whose
+/// connections run in different processes (PostgreSQL's backends), reading
+/// in log order is not enough: two backends handed input a microsecond
+/// apart race for the same row lock, and the replicas' runs go different
+/// ways. So input read by one forked process is handed over only once the
+/// process served before it (for another connection) has stopped running:
+/// it waits for more input, or sleeps (blocked on a lock, as it would be on
+/// every replica), or [`STATEMENT_WAIT`] has passed. Followers replay by
+/// the same rule (`Replay::replay_data`), so every run executes what it
+/// read in log order up to the statements that block.
 #[derive(Debug, Default)]
 pub struct Turnstile {
     state: Mutex<TurnState>,
@@ -94,22 +94,14 @@ struct Released {
 
 #[derive(Debug, Default)]
 struct TurnState {
-    /// Own entries applied, whose threads have not come through yet.
-    waiting: BTreeSet<u64>,
-    /// The last one through: its connection, the forked process it was
-    /// for (0: this process), when, and whether that process has been
-    /// answered (is runnable) yet.
+    /// The last process served: its connection, the forked process, when,
+    /// and whether that process has been answered (is runnable) yet.
     last: Option<Released>,
     /// Connections whose process waits for more input.
     idle: HashSet<u64>,
 }
 
 impl Turnstile {
-    /// Entry `index` of ours was applied: its thread will come through.
-    pub fn note(&self, index: u64) {
-        lock(&self.state).waiting.insert(index);
-    }
-
     /// Connection `conn`'s process waits for more input: it has finished
     /// with what it read.
     pub fn idle(&self, conn: u64) {
@@ -126,51 +118,47 @@ impl Turnstile {
         self.turn.notify_all();
     }
 
-    /// Waits until every own entry before `index` has come through (and,
-    /// for a forked process `by`, see above), then lets `index` through.
-    pub fn pass(&self, index: u64, conn: u64, by: u32) {
+    /// Forked process `by` is about to get input on `conn`: waits until the
+    /// one served before it is done (see above).
+    pub fn take_turn(&self, conn: u64, by: u32) {
+        debug_assert_ne!(by, 0, "only forked processes take turns");
         let mut st = lock(&self.state);
-        let since = Instant::now();
-        let mut noted = false;
         loop {
-            let earlier = st.waiting.first().is_some_and(|&first| first < index);
-            let racing = by != 0
-                && st.last.is_some_and(|r| {
-                    r.by != 0
-                        && r.by != by
-                        && r.conn != conn
-                        && !st.idle.contains(&r.conn)
-                        && r.at.elapsed() < STATEMENT_WAIT
-                        && (!r.answered || running(r.by))
-                });
-            if !earlier && !racing {
+            let racing = st.last.is_some_and(|r| {
+                r.by != by
+                    && r.conn != conn
+                    && !st.idle.contains(&r.conn)
+                    && r.at.elapsed() < STATEMENT_WAIT
+                    && (!r.answered || running(r.by))
+            });
+            if !racing {
                 break;
-            }
-            if !noted && since.elapsed() > Duration::from_secs(10) {
-                // Every own entry's proposer passes here, so this is a bug.
-                warn!(
-                    index,
-                    "a server thread has waited 10 s for an earlier entry's thread"
-                );
-                noted = true;
             }
             let (g, _) = self
                 .turn
-                .wait_timeout(st, Duration::from_millis(if racing { 1 } else { 100 }))
+                .wait_timeout(st, Duration::from_millis(1))
                 .unwrap_or_else(|p| p.into_inner());
             st = g;
         }
-        st.waiting.remove(&index);
         st.idle.remove(&conn);
         st.last = Some(Released {
             conn,
             by,
             at: Instant::now(),
-            answered: by == 0,
+            answered: false,
         });
         drop(st);
         self.turn.notify_all();
     }
+}
+
+/// Input written into the server on connection `id` up to byte `target`,
+/// which it may not have read yet.
+struct Unread {
+    id: u64,
+    target: u64,
+    /// The server closed the connection (its reads of it are over).
+    drained: Arc<AtomicBool>,
 }
 
 struct Replayed {
@@ -253,6 +241,8 @@ pub struct Replay {
     ready: Option<ServerCommand>,
     server_ready: AtomicBool,
     conns: Mutex<HashMap<u64, Replayed>>,
+    /// The input written last, until the server has read it.
+    unread: Mutex<Option<Unread>>,
     /// Addresses of the library's live connections into the server.
     internal: Mutex<HashMap<SocketAddr, Internal>>,
     /// Connections this node accepted (their CONNECT carried our nonce),
@@ -305,6 +295,7 @@ impl Replay {
             ready,
             server_ready: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
+            unread: Mutex::new(None),
             internal: Mutex::new(HashMap::new()),
             own: Mutex::new(HashSet::new()),
             answered: Mutex::new(HashMap::new()),
@@ -537,12 +528,25 @@ impl Replay {
             return;
         }
         c.written += data.len() as u64;
-        let (target, drained) = (c.written, c.drained.clone());
+        let unread = Unread {
+            id,
+            target: c.written,
+            drained: c.drained.clone(),
+        };
         drop(conns);
-        // The next entry goes in only once the server has read this one, so
-        // it reads its input in log order, as the leader's did. Only the
-        // server closing the connection ends the wait: its reads of it are
-        // over (the leader's server did the same, deterministically).
+        *lock(&self.unread) = Some(unread);
+    }
+
+    /// Waits until the server has read the input last written into it
+    /// ([`Unread`]), so that it reads its input in log order across
+    /// connections, as the leader's did. Only the server closing the
+    /// connection ends the wait (its reads of it are over; the leader's
+    /// server did the same, deterministically), or a forked reader that
+    /// blocks.
+    fn wait_read(&self) {
+        let Some(Unread { id, target, drained }) = lock(&self.unread).take() else {
+            return;
+        };
         let since = Instant::now();
         let mut next_note = CONSUME_NOTE_EVERY;
         let mut asleep_since: Option<Instant> = None;
@@ -736,15 +740,22 @@ impl Replay {
     }
 
     fn apply_entry(&self, e: &Entry<'_>) {
+        // Pipelined: more input for the connection written last goes in at
+        // once; anything else waits until the server has read that.
+        let same_stream = e.kind == EntryKind::Data
+            && lock(&self.unread).as_ref().is_some_and(|u| u.id == e.conn);
+        if !same_stream {
+            self.wait_read();
+        }
         match e.kind {
             EntryKind::Noop => {}
             EntryKind::Check => self.check(e.index),
             EntryKind::Connect => match Connect::decode(e.payload) {
                 Some(c) if c.origin == self.nonce => {
-                    lock(&self.own).insert(e.index);
+                    lock(&self.own).insert(connect_id(e));
                 }
                 Some(c) => {
-                    self.replay_connect(e.index, c);
+                    self.replay_connect(connect_id(e), c);
                     self.replayed.fetch_add(1, Ordering::Relaxed);
                 }
                 None => warn!(index = e.index, "a malformed CONNECT entry; not replayed"),
@@ -799,6 +810,20 @@ fn sockaddr_in(ip: std::net::Ipv4Addr, port: u16) -> libc::sockaddr_in {
     }
 }
 
+/// The id of the connection a CONNECT entry opens: the one the leader gave
+/// it ([`conn_id`]), or, in a log written before ids, the entry's index.
+fn connect_id(e: &Entry<'_>) -> u64 {
+    if e.conn != 0 { e.conn } else { e.index }
+}
+
+/// The id a leader gives the `n`th connection it accepts in `term`
+/// (`n` from 1): unique in the log without waiting for the CONNECT to
+/// commit, since a term has one leader. `None` past 2^32 terms or 2^32
+/// connections in a term (the leader then turns clients away).
+pub fn conn_id(term: u64, n: u64) -> Option<u64> {
+    (term < 1 << 32 && n > 0 && n < 1 << 32).then_some(term << 32 | n)
+}
+
 /// The [`StateMachine`] of an intercepted server.
 #[derive(Debug)]
 pub struct Replayer(pub Arc<Replay>);
@@ -806,11 +831,6 @@ pub struct Replayer(pub Arc<Replay>);
 impl StateMachine for Replayer {
     fn apply(&mut self, e: &Entry<'_>) -> Vec<u8> {
         crate::inside(|| self.0.apply_entry(e));
-        // The proposer (a server thread, or a thread serving a child)
-        // passes the turnstile once this returns.
-        if e.proposed_here {
-            self.0.turnstile.note(e.index);
-        }
         e.index.to_le_bytes().to_vec()
     }
 }
@@ -821,35 +841,9 @@ mod tests {
     use crate::registry::Reader;
 
     #[test]
-    fn the_turnstile_releases_in_log_order() {
+    fn a_forked_process_is_served_once_the_one_before_it_is_done() {
         let t = Arc::new(Turnstile::default());
-        for i in [5, 7, 9] {
-            t.note(i);
-        }
-        // Each thread, once through, sees nothing smaller still waiting.
-        let handles: Vec<_> = [9u64, 7, 5]
-            .into_iter()
-            .map(|i| {
-                let t = t.clone();
-                thread::spawn(move || {
-                    t.pass(i, i, 0);
-                    let left = t.state.lock().unwrap().waiting.clone();
-                    assert!(left.iter().all(|&w| w > i), "{i} passed before {left:?}");
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().unwrap();
-        }
-        assert!(t.state.lock().unwrap().waiting.is_empty());
-    }
-
-    #[test]
-    fn a_forked_process_is_released_once_the_one_before_it_is_done() {
-        let t = Arc::new(Turnstile::default());
-        t.note(1);
-        t.note(2);
-        // Entry 1 goes to a process that runs.
+        // Connection 10's input goes to a process that runs.
         let mut busy = std::process::Command::new("sh")
             .args(["-c", "while :; do :; done"])
             .spawn()
@@ -864,14 +858,14 @@ mod tests {
             thread::sleep(Duration::from_millis(1));
         }
         thread::sleep(Duration::from_millis(20));
-        t.pass(1, 10, busy.id());
+        t.take_turn(10, busy.id());
         t.answered(10);
-        // Entry 2, for another process and connection, waits until
-        // connection 10 is idle (or the process sleeps, or STATEMENT_WAIT).
+        // Another process and connection waits until connection 10 is idle
+        // (or the process sleeps, or STATEMENT_WAIT).
         let t2 = t.clone();
         let h = thread::spawn(move || {
             let at = Instant::now();
-            t2.pass(2, 20, 200);
+            t2.take_turn(20, 200);
             at.elapsed()
         });
         thread::sleep(Duration::from_millis(5));
@@ -882,12 +876,12 @@ mod tests {
             "passed after {waited:?}"
         );
         assert!(waited < STATEMENT_WAIT, "passed after {waited:?}");
+        // The same process again passes at once.
+        let at = Instant::now();
+        t.take_turn(20, 200);
+        assert!(at.elapsed() < STATEMENT_WAIT);
         busy.kill().unwrap();
         busy.wait().unwrap();
-        // This process's own threads never wait for that.
-        t.note(3);
-        t.pass(3, 30, 0);
-        assert!(t.state.lock().unwrap().waiting.is_empty());
     }
 
     fn replay() -> Replay {
@@ -906,11 +900,12 @@ mod tests {
         }
     }
 
-    /// Regression (issue 13): a new leader's CLOSE of one of our old
-    /// connections was noted in the turnstile as ours, nobody passed it, and
-    /// every later server thread waited forever.
+    /// Our own connections (their CONNECT carries our nonce) are known by
+    /// the id the CONNECT names, not by its index: output commit gives a
+    /// connection its id before the CONNECT commits. A new leader's CLOSE
+    /// of one ends it in the log.
     #[test]
-    fn only_entries_proposed_here_wait_in_the_turnstile() {
+    fn own_connections_are_known_by_their_id() {
         let r = Arc::new(replay());
         let mut sm = Replayer(r.clone());
         let ours = Connect {
@@ -919,19 +914,17 @@ mod tests {
             out: 0,
         }
         .encode();
-        sm.apply(&entry(1, EntryKind::Connect, 0, &ours, true));
-        r.turnstile.pass(1, 0, 0);
-        sm.apply(&entry(2, EntryKind::Data, 1, b"GET a", true));
-        r.turnstile.pass(2, 1, 0);
-        // Another leader ends our connection in its term.
+        let id = conn_id(3, 1).unwrap();
+        sm.apply(&entry(5, EntryKind::Connect, id, &ours, true));
+        assert!(lock(&r.own).contains(&id));
+        sm.apply(&entry(6, EntryKind::Data, id, b"GET a", true));
+        assert_eq!(r.replayed.load(Ordering::Relaxed), 0, "not replayed here");
         let close = Close::default().encode();
-        sm.apply(&entry(3, EntryKind::Close, 1, &close, false));
-        assert!(r.turnstile.state.lock().unwrap().waiting.is_empty());
-        assert!(!lock(&r.own).contains(&1));
-        // Our next proposal passes at once.
-        sm.apply(&entry(4, EntryKind::Noop, 0, &[], true));
-        r.turnstile.pass(4, 0, 0);
-        assert!(r.turnstile.state.lock().unwrap().waiting.is_empty());
+        sm.apply(&entry(7, EntryKind::Close, id, &close, false));
+        assert!(!lock(&r.own).contains(&id));
+        // A log from before ids: the CONNECT's index is the id.
+        sm.apply(&entry(8, EntryKind::Connect, 0, &ours, true));
+        assert!(lock(&r.own).contains(&8));
     }
 
     /// A replay of connection 9 into a listener of the test's, accepted:

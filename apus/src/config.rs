@@ -16,6 +16,7 @@
 //! digest = ["redis-cli", "-p", "{port}", "DEBUG", "DIGEST"]  # `apus check`: the server's state digest
 //! digest_timeout_ms = 10000           # `apus check`: how long the digest command may take
 //! ready = ["pg_isready", "-h", "{host}", "-p", "{port}"]  # `apus run`: succeeds once the server is up
+//! max_uncommitted_bytes = 4194304     # `apus run`: input the leader's server may read ahead of its commits
 //!
 //! [engine]                            # optional; defaults shown
 //! ring_capacity = 4194304
@@ -46,6 +47,9 @@ use std::time::Duration;
 
 use apus_core::{Durability, NodeId, ReplicaConfig};
 use serde::Deserialize;
+
+/// `cluster.max_uncommitted_bytes` by default.
+pub const DEFAULT_MAX_UNCOMMITTED: usize = 4 << 20;
 
 /// A configuration error, naming the field at fault.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -235,6 +239,7 @@ struct RawCluster {
     digest: Option<Vec<String>>,
     digest_timeout_ms: Option<u64>,
     ready: Option<Vec<String>>,
+    max_uncommitted_bytes: Option<usize>,
     provider: Option<String>,
     domain: Option<String>,
     device: Option<String>,
@@ -325,6 +330,9 @@ pub struct ClusterConfig {
     /// A command that succeeds once the server answers like the leader's
     /// (PostgreSQL: `pg_isready`); replay waits for it after every start.
     pub ready: Option<ServerCommand>,
+    /// How many bytes of input the leader's server may have read ahead of
+    /// their commit (output commit, `apus run`); its reads wait beyond.
+    pub max_uncommitted: usize,
     /// Engine settings shared by every replica (its `id` is replica 0's;
     /// see [`ClusterConfig::engine_for`]).
     pub engine: ReplicaConfig,
@@ -666,6 +674,18 @@ impl ClusterConfig {
         if let Some(v) = e.election_timeout_us {
             engine.election_timeout = Duration::from_micros(v);
         }
+        let max_uncommitted = c
+            .max_uncommitted_bytes
+            .unwrap_or(DEFAULT_MAX_UNCOMMITTED);
+        if max_uncommitted < engine.max_payload {
+            return err(
+                "cluster.max_uncommitted_bytes",
+                format!(
+                    "{max_uncommitted} is less than one entry (engine.max_payload = {})",
+                    engine.max_payload
+                ),
+            );
+        }
         if let Err(e) = engine.validate() {
             let field = match e.field {
                 "replicas" => "replica".to_string(),
@@ -688,6 +708,7 @@ impl ClusterConfig {
             follower_clients: c.follower_clients,
             digest,
             ready,
+            max_uncommitted,
             engine,
         })
     }
@@ -895,6 +916,11 @@ data_dir = "/abs/d1"
                 "poll = \"spin\"",
                 "poll = \"spin\"\ndigest_timeout_ms = 5",
                 "cluster.digest_timeout_ms",
+            ),
+            (
+                "poll = \"spin\"",
+                "poll = \"spin\"\nmax_uncommitted_bytes = 1000",
+                "cluster.max_uncommitted_bytes",
             ),
         ];
         for (from, to, field) in cases {

@@ -56,6 +56,7 @@ pub mod metrics;
 pub mod negotiate;
 pub mod node;
 pub mod service;
+mod speculation;
 pub mod storage;
 pub mod supervisor;
 
@@ -63,3 +64,4 @@ pub use config::{
     ClusterConfig, ConfigError, FollowerClients, Fsync, PollPolicy, TlsPaths, TransportKind,
 };
 pub use node::{Applied, Entry, Node, NodeError, NodeStatus, ProposeError, StateMachine};
+pub use speculation::SpeculationLost;

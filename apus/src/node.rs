@@ -30,6 +30,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{ClusterConfig, ConfigError, Fsync, PollPolicy, TransportKind};
 use crate::metrics::{self, Metrics, PUBLISH_EVERY};
+use crate::speculation::{Speculation, SpeculationLost};
 use crate::storage::{MemoryStore, NodeStore, Recovery, SegmentStore, SyncHandle};
 
 /// Proposals queued for the engine, at most.
@@ -214,11 +215,30 @@ impl Waiter {
     }
 }
 
+/// Who learns a proposal's outcome.
+enum Proposer {
+    /// A thread waiting in [`Node::propose`] and friends.
+    Waiting(Arc<Waiter>),
+    /// Nobody waits ([`Node::submit`]): the outcome is counted in the
+    /// node's [`Speculation`]; `bytes` is the payload's length.
+    Submitted { bytes: u64 },
+}
+
+impl Proposer {
+    /// The proposal will never commit.
+    fn fail(self, e: ProposeError, spec: &Speculation) {
+        match self {
+            Proposer::Waiting(w) => w.complete(Err(e)),
+            Proposer::Submitted { bytes } => spec.resolve(bytes, false),
+        }
+    }
+}
+
 struct Request {
     kind: EntryKind,
     conn: u64,
     payload: Vec<u8>,
-    waiter: Arc<Waiter>,
+    proposer: Proposer,
 }
 
 struct ApplyItem {
@@ -228,6 +248,7 @@ struct ApplyItem {
     conn: u64,
     payload: Vec<u8>,
     waiter: Option<Arc<Waiter>>,
+    proposed_here: bool,
 }
 
 struct Shared {
@@ -245,6 +266,11 @@ struct Shared {
     applied: AtomicU64,
     metrics: Metrics,
     max_payload: usize,
+    /// Submitted proposals ([`Node::submit`]).
+    speculation: Speculation,
+    /// Whether the replica leads, as last published (one load, for
+    /// [`Node::is_leader`]).
+    leading: AtomicBool,
     apply_thread: Mutex<Option<Thread>>,
 }
 
@@ -327,6 +353,8 @@ impl Node {
             applied: AtomicU64::new(0),
             metrics: Metrics::default(),
             max_payload,
+            speculation: Speculation::default(),
+            leading: AtomicBool::new(false),
             apply_thread: Mutex::new(None),
         });
         let mut threads = Vec::new();
@@ -435,13 +463,8 @@ impl Node {
         r
     }
 
-    fn propose_until(
-        &self,
-        kind: EntryKind,
-        conn: u64,
-        payload: &[u8],
-        deadline: Option<Instant>,
-    ) -> Result<Applied, ProposeError> {
+    /// Whether a proposal of `payload` can be made at all.
+    fn admit(&self, payload: &[u8]) -> Result<(), ProposeError> {
         if let Some(why) = self.stopped() {
             return Err(ProposeError::Stopped(why));
         }
@@ -451,23 +474,47 @@ impl Node {
                 max: self.shared.max_payload,
             });
         }
+        Ok(())
+    }
+
+    fn propose_until(
+        &self,
+        kind: EntryKind,
+        conn: u64,
+        payload: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<Applied, ProposeError> {
+        self.admit(payload)?;
         let waiter = Waiter::new();
-        let mut req = Request {
+        let req = Request {
             kind,
             conn,
             payload: payload.to_vec(),
-            waiter: waiter.clone(),
+            proposer: Proposer::Waiting(waiter.clone()),
         };
+        if let Err((req, e)) = self.enqueue(req, deadline) {
+            drop(req);
+            return Err(e);
+        }
+        waiter.wait(deadline)
+    }
+
+    /// Queues `req` for the engine, waiting for room (until `deadline`).
+    fn enqueue(
+        &self,
+        mut req: Request,
+        deadline: Option<Instant>,
+    ) -> Result<(), (Request, ProposeError)> {
         loop {
             match self.shared.queue.push(req) {
                 Ok(()) => break,
                 Err(back) => {
                     // Queue full: the engine is behind. Wait for room.
                     if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(ProposeError::Timeout);
+                        return Err((back, ProposeError::Timeout));
                     }
                     if let Some(why) = self.stopped() {
-                        return Err(ProposeError::Stopped(why));
+                        return Err((back, ProposeError::Stopped(why)));
                     }
                     req = back;
                     self.shared.waker.wake();
@@ -479,7 +526,75 @@ impl Node {
         if self.shared.engine_parked.load(Ordering::SeqCst) {
             self.shared.waker.wake();
         }
-        waiter.wait(deadline)
+        Ok(())
+    }
+
+    /// Proposes without waiting (output commit): returns the number of
+    /// proposals submitted so far, this one included, for
+    /// [`wait_submitted`](Self::wait_submitted). Once more than
+    /// `max_uncommitted` payload bytes are submitted and unresolved, waits
+    /// until they all are. The outcome is not reported per proposal: a
+    /// submitted proposal that fails makes every later wait fail (the
+    /// caller acted on input that did not commit). Errors here mean the
+    /// proposal was not made.
+    pub fn submit(
+        &self,
+        kind: EntryKind,
+        conn: u64,
+        payload: &[u8],
+        max_uncommitted: u64,
+    ) -> Result<u64, ProposeError> {
+        self.admit(payload)?;
+        let spec = &self.shared.speculation;
+        let bytes = payload.len() as u64;
+        if spec.outstanding() + bytes > max_uncommitted {
+            // The bound on input a server may run ahead of its commits. A
+            // failure shows at the caller's next wait.
+            let _ = spec.wait(spec.submitted(), &self.shared.stop);
+        }
+        let req = Request {
+            kind,
+            conn,
+            payload: payload.to_vec(),
+            proposer: Proposer::Submitted { bytes },
+        };
+        let target = spec.submit(bytes);
+        if let Err((_, e)) = self.enqueue(req, None) {
+            // Counted, never queued: it fails like one the engine drops.
+            spec.withdraw(bytes);
+            return Err(e);
+        }
+        Ok(target)
+    }
+
+    /// Waits until the first `target` submitted proposals are resolved
+    /// (see [`submit`](Self::submit)); fails if any submitted proposal
+    /// ever failed, or the node stopped with some unresolved.
+    pub fn wait_submitted(&self, target: u64) -> Result<(), SpeculationLost> {
+        self.shared.speculation.wait(target, &self.shared.stop)
+    }
+
+    /// Proposals submitted so far: [`wait_submitted`](Self::wait_submitted)
+    /// with it waits for all of them.
+    pub fn submitted(&self) -> u64 {
+        self.shared.speculation.submitted()
+    }
+
+    /// Whether this node leads, as of the engine's last pass: one atomic
+    /// load, for hot paths (a proposal made while it just stopped leading
+    /// still fails in the engine).
+    pub fn is_leader(&self) -> bool {
+        self.shared.leading.load(Ordering::Acquire)
+    }
+
+    /// Submitted proposals whose outcome is not known yet.
+    pub fn unresolved(&self) -> u64 {
+        self.shared.speculation.unresolved()
+    }
+
+    /// Whether a submitted proposal has failed (in this run).
+    pub fn speculation_lost(&self) -> Option<SpeculationLost> {
+        self.shared.speculation.lost()
     }
 
     /// The node's current status.
@@ -716,7 +831,7 @@ struct Engine {
     transport: Box<dyn Transport + Send>,
     shared: Arc<Shared>,
     /// Proposals in the log, waiting to commit, in index order.
-    pending: VecDeque<(Index, Term, Arc<Waiter>, Instant)>,
+    pending: VecDeque<(Index, Term, Proposer, Instant)>,
     /// A proposal the replica refused with backpressure, to retry first.
     retry: Option<Request>,
     sync_tx: Option<Sender<u64>>,
@@ -760,16 +875,18 @@ impl Engine {
         if let Ok(mut s) = self.shared.stopped.lock() {
             s.get_or_insert(why.clone());
         }
-        for (_, _, w, _) in self.pending.drain(..) {
-            w.complete(Err(ProposeError::Stopped(why.clone())));
+        let spec = &self.shared.speculation;
+        for (_, _, p, _) in self.pending.drain(..) {
+            p.fail(ProposeError::Stopped(why.clone()), spec);
         }
         if let Some(r) = self.retry.take() {
-            r.waiter.complete(Err(ProposeError::Stopped(why.clone())));
+            r.proposer.fail(ProposeError::Stopped(why.clone()), spec);
         }
         while let Some(r) = self.shared.queue.pop() {
-            r.waiter.complete(Err(ProposeError::Stopped(why.clone())));
+            r.proposer.fail(ProposeError::Stopped(why.clone()), spec);
         }
         self.shared.stop.store(true, Ordering::SeqCst);
+        spec.wake();
         if let Some(t) = self.shared.apply_thread.lock().ok().and_then(|t| t.clone()) {
             t.unpark();
         }
@@ -815,7 +932,7 @@ impl Engine {
                         .proposed
                         .fetch_add(1, Ordering::Relaxed);
                     self.pending
-                        .push_back((p.index, p.term, req.waiter, Instant::now()));
+                        .push_back((p.index, p.term, req.proposer, Instant::now()));
                 }
                 Err(apus_core::ProposeError::Backpressure) => {
                     self.retry = Some(req);
@@ -827,11 +944,18 @@ impl Engine {
                         .counters
                         .not_leader
                         .fetch_add(1, Ordering::Relaxed);
-                    req.waiter.complete(Err(ProposeError::NotLeader { leader }));
+                    req.proposer.fail(
+                        ProposeError::NotLeader { leader },
+                        &self.shared.speculation,
+                    );
+                    self.shared.speculation.wake();
                 }
                 Err(apus_core::ProposeError::TooLarge { len, max }) => {
-                    req.waiter
-                        .complete(Err(ProposeError::TooLarge { len, max }));
+                    req.proposer.fail(
+                        ProposeError::TooLarge { len, max },
+                        &self.shared.speculation,
+                    );
+                    self.shared.speculation.wake();
                 }
                 Err(apus_core::ProposeError::Store(e)) => return Err(format!("storage: {e}")),
             }
@@ -887,21 +1011,30 @@ impl Engine {
             };
             any = true;
             let mut waiter = None;
+            let mut proposed_here = false;
             while let Some(&(index, term, _, at)) = self.pending.front() {
                 if index > e.index {
                     break;
                 }
-                let (_, _, w, _) = self.pending.pop_front().expect("front exists");
+                let (_, _, p, _) = self.pending.pop_front().expect("front exists");
                 if index == e.index && term == e.term {
                     let _ = self.latency.record(at.elapsed().as_nanos() as u64);
-                    waiter = Some(w);
+                    proposed_here = true;
+                    match p {
+                        Proposer::Waiting(w) => waiter = Some(w),
+                        // Committed is all a submitter waits for: its
+                        // server has the input already.
+                        Proposer::Submitted { bytes } => {
+                            self.shared.speculation.resolve(bytes, true);
+                        }
+                    }
                 } else {
                     self.shared
                         .metrics
                         .counters
                         .lost
                         .fetch_add(1, Ordering::Relaxed);
-                    w.complete(Err(ProposeError::Lost));
+                    p.fail(ProposeError::Lost, &self.shared.speculation);
                 }
             }
             let item = ApplyItem {
@@ -911,13 +1044,17 @@ impl Engine {
                 conn: e.conn,
                 payload: e.payload.to_vec(),
                 waiter,
+                proposed_here,
             };
             if self.shared.apply_queue.push(item).is_err() {
                 unreachable!("the engine is the only producer and checked for room");
             }
         }
-        if any && let Some(t) = self.shared.apply_thread.lock().ok().and_then(|t| t.clone()) {
-            t.unpark();
+        if any {
+            self.shared.speculation.wake();
+            if let Some(t) = self.shared.apply_thread.lock().ok().and_then(|t| t.clone()) {
+                t.unpark();
+            }
         }
         Ok(any)
     }
@@ -937,6 +1074,9 @@ impl Engine {
             transport: TransportKind::Auto,
         };
         if self.last_status.as_ref() != Some(&now) {
+            self.shared
+                .leading
+                .store(now.role == Role::Leader, Ordering::Release);
             if let Ok(mut s) = self.shared.status.lock() {
                 *s = now.clone();
             }
@@ -989,7 +1129,7 @@ fn apply_loop<S: StateMachine>(shared: Arc<Shared>, mut sm: S) {
                 kind: item.kind,
                 conn: item.conn,
                 payload: &item.payload,
-                proposed_here: item.waiter.is_some(),
+                proposed_here: item.proposed_here,
             };
             let output = sm.apply(&entry);
             shared.applied.store(item.index, Ordering::Release);

@@ -168,6 +168,49 @@ fn a_follower_redirects_and_oversized_proposals_are_refused() {
     assert!(nodes[l].as_ref().unwrap().propose(b"fits").is_ok());
 }
 
+/// Output commit's node API: submitted proposals commit in order and a
+/// wait on the count covers all of them; one that fails (a follower's
+/// refusal here) makes every later wait fail, for good.
+#[test]
+fn submitted_proposals_commit_in_order_and_a_lost_one_fails_every_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "memory");
+    let logs: Vec<Log> = (0..3).map(|_| Log::default()).collect();
+    let nodes: Vec<Option<Node>> = (0..3)
+        .map(|i| Some(Node::start(&cfg, NodeId(i as u8), logs[i].clone()).unwrap()))
+        .collect();
+    until("a leader known to all", || {
+        leader(&nodes).is_some() && nodes.iter().flatten().all(|n| n.status().leader.is_some())
+    });
+    let l = leader(&nodes).unwrap();
+    let n = nodes[l].as_ref().unwrap();
+    let mut last = 0;
+    for i in 0..500u32 {
+        last = n
+            .submit(EntryKind::Data, 0, format!("s{i}").as_bytes(), 1 << 20)
+            .unwrap();
+    }
+    assert_eq!(last, 500);
+    n.wait_submitted(last).unwrap();
+    assert_eq!(n.unresolved(), 0);
+    let applied = logs[l].0.lock().unwrap().clone();
+    let expected: Vec<Vec<u8>> = (0..500u32).map(|i| format!("s{i}").into_bytes()).collect();
+    assert_eq!(applied, expected, "committed in submission order");
+    // A small bound makes a submitter wait for the commits before it.
+    for i in 0..50u32 {
+        n.submit(EntryKind::Data, 0, format!("b{i}").as_bytes(), 8)
+            .unwrap();
+    }
+    n.wait_submitted(n.submitted()).unwrap();
+    // A follower takes the submission but the engine refuses it.
+    let f = nodes[(l + 1) % 3].as_ref().unwrap();
+    let t = f.submit(EntryKind::Data, 0, b"lost", 1 << 20).unwrap();
+    assert!(f.wait_submitted(t).is_err());
+    assert!(f.speculation_lost().is_some());
+    assert!(f.wait_submitted(0).is_err(), "for good");
+    assert!(n.speculation_lost().is_none(), "the leader lost nothing");
+}
+
 /// `transport = "auto"`: the replicas settle on one transport (not verbs on
 /// a host without an RDMA device), `status` shows it, and a replica that
 /// restarts learns it from the running ones.

@@ -1,6 +1,8 @@
-//! `cargo xtask demo`: the real thing, on this machine. Three copies of
-//! resp-kv (a RESP key-value server that knows nothing of APUS) run under
-//! `apus run`; clients drive SET and INCR through the leader; the leader's
+//! `cargo xtask demo`: the real thing, on this machine. First the price:
+//! the same set/get load against resp-kv (a RESP key-value server that
+//! knows nothing of APUS) alone, then through the leader of three copies
+//! under `apus run`, side by side. Then clients drive SET and INCR through
+//! the leader; the leader's
 //! server is SIGKILLed; a new leader takes over and the clients follow it;
 //! the killed replica restarts empty and rebuilds its state from the log;
 //! then every replica's state digest is shown, and they must be equal.
@@ -14,10 +16,19 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::e2e::{
-    AppCluster, REPLICAS, ServerKind, build_release, check_counters, failover_under_load,
+    AppCluster, BareServer, LoadFigures, REPLICAS, ServerKind, build_release, check_counters,
+    failover_under_load, mixed_load, target_dir,
 };
 
 const CLIENTS: usize = 8;
+/// Requests per client of the side-by-side load.
+const PRICE_REQUESTS: u64 = 2_000;
+
+/// The side-by-side load, against `addr`.
+fn price_load(label: &str, addr: std::net::SocketAddr) -> Result<LoadFigures> {
+    let protocol = ServerKind::RespKv.kv_protocol()?;
+    mixed_load(label, protocol, addr, CLIENTS, PRICE_REQUESTS)
+}
 
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
@@ -40,6 +51,16 @@ pub fn run_demo(args: &[String]) -> Result<ExitCode> {
     }
     println!("demo: building apus, the interception library and resp-kv (release)");
     let bins = build_release()?;
+    let bare_dir = target_dir()
+        .join("demo")
+        .join(format!("resp-kv-bare-{}", std::process::id()));
+    let bare = {
+        let server = BareServer::start(ServerKind::RespKv, &bins, &bare_dir)?;
+        let figures = price_load("bare", server.addr)?;
+        drop(server);
+        let _ = std::fs::remove_dir_all(&bare_dir);
+        figures
+    };
     let mut cluster = AppCluster::new(ServerKind::RespKv, bins, "demo")?;
     println!(
         "demo: three replicas of resp-kv, each started as\n  \
@@ -57,6 +78,23 @@ pub fn run_demo(args: &[String]) -> Result<ExitCode> {
     let leader = cluster.wait_ready(&all, Duration::from_secs(30))?;
     let term = cluster.replica_status(leader).map_or(0, |s| s.term);
     println!("  n{leader} leads (term {term}); clients find it with `apus leader --config ...`");
+    let replicated = price_load("3 replicas", cluster.apps[leader])?;
+    println!(
+        "demo: the price of replication: {CLIENTS} clients x {PRICE_REQUESTS} SET/GET (half each), \
+         resp-kv alone, then through the leader"
+    );
+    println!("  {:<12} {:>10} {:>10} {:>10}", "", "req/s", "p50 ms", "p99 ms");
+    for f in [&bare, &replicated] {
+        println!(
+            "  {:<12} {:>10.0} {:>10.3} {:>10.3}",
+            f.label, f.rps, f.p50_ms, f.p99_ms
+        );
+    }
+    println!(
+        "  replicated: {:.1}% of bare throughput, p50 +{:.3} ms",
+        100.0 * replicated.rps / bare.rps,
+        replicated.p50_ms - bare.p50_ms
+    );
     println!(
         "demo: {CLIENTS} clients, each looping SET user<c>:<n> then INCR ctr<c> through the leader; \
          SIGKILL of the leader's server after {seconds} s"
