@@ -988,6 +988,8 @@ mod tests {
         r.registry.consumed(9, 0, Reader::Thread(tid));
         let started = Instant::now();
         r.replay_data(9, 0, b"UPDATE sbtest1 SET k=k+1 WHERE id=7");
+        // Pipelined: the wait comes before the next entry of another kind.
+        r.wait_read();
         let waited = started.elapsed();
         assert!(
             waited < Duration::from_secs(10),
