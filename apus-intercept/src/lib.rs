@@ -488,11 +488,15 @@ fn step_down(a: &Apus) {
 /// Asks `apus run` to restart the server empty (it replays the log into
 /// it), and stops this process meanwhile.
 fn rebuild(why: &str) -> ! {
-    warn!("{why}: asking `apus run` to rebuild the server from the log");
-    inside(|| {
-        if let Some(s) = settings() {
-            let _ = s.supervisor.send(&Message::Rebuild(why.to_string()));
-        }
+    static ASKED: std::sync::Once = std::sync::Once::new();
+    // Several threads may find the reason at once; one asks.
+    ASKED.call_once(|| {
+        warn!("{why}: asking `apus run` to rebuild the server from the log");
+        inside(|| {
+            if let Some(s) = settings() {
+                let _ = s.supervisor.send(&Message::Rebuild(why.to_string()));
+            }
+        });
     });
     // `apus run` stops us; if it cannot be reached, do not go on.
     thread::sleep(Duration::from_secs(10));

@@ -278,6 +278,15 @@ impl Run {
             }
             Message::Rebuild(why) => {
                 let _ = r.answer(Answer::Granted);
+                if !tree::alive(r.pid) {
+                    // Sent by a process of an earlier start, stopped since
+                    // (several of its threads may ask): that server is gone.
+                    eprintln!(
+                        "apus run: ignored a rebuild request of pid {}, which no longer runs: {why}",
+                        r.pid
+                    );
+                    return None;
+                }
                 eprintln!(
                     "apus run: {} (pid {}) asks for a rebuild: {why}",
                     tree::comm(r.pid),
@@ -324,5 +333,37 @@ fn preload(library: &std::path::Path) -> String {
     match std::env::var("LD_PRELOAD") {
         Ok(existing) if !existing.is_empty() => format!("{}:{existing}", library.display()),
         _ => library.display().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    /// Regression (issue 14): two threads of a server asked for a rebuild;
+    /// the second request, read after the restart, stopped the next start
+    /// of the server too.
+    #[test]
+    fn a_rebuild_request_of_a_process_that_no_longer_runs_is_ignored() {
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let pid = gone.id();
+        gone.wait().unwrap();
+        let (stream, _peer) = UnixStream::pair().unwrap();
+        let mut run = Run {
+            me: std::process::id(),
+            child: None,
+            child_status: None,
+            holder: None,
+            confirmed: false,
+            unconfirmed_since: None,
+            last_check: Instant::now(),
+        };
+        let stale = Received {
+            pid,
+            message: Message::Rebuild("speculation lost".into()),
+            stream,
+        };
+        assert!(run.message(stale).is_none(), "a stale request ended the run");
     }
 }
