@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use libc::{c_int, c_uint, c_void, iovec, msghdr, size_t, sockaddr, socklen_t, ssize_t};
 
+use crate::gate::Admit;
 use crate::registry::{MAX_FD, Reader};
 use crate::{
     Proc, REGISTRY, Verdict, become_holder, child, in_hook, inside, proc, real, refuse, say,
@@ -248,8 +249,10 @@ fn note_replay_read(fd: c_int, n: ssize_t) {
     {
         let e = errno();
         inside(|| match proc() {
-            Proc::Holder(_) => {
-                REGISTRY.consumed(id, n as u64, Reader::Thread(gettid()));
+            Proc::Holder(a) => {
+                let tid = gettid();
+                REGISTRY.consumed(id, n as u64, Reader::Thread(tid));
+                a.replay.gate.consumed(id, n as u64, tid);
             }
             Proc::Child(addr) => {
                 // Counted here too: the child's own total, for `idle`.
@@ -296,6 +299,71 @@ fn before_replay_read(fd: c_int) {
         }
     });
     set_errno(e);
+}
+
+/// How many bytes a read of `fd` may return now, if it is a replay
+/// connection of this process (the holder's) that the server reads ahead
+/// of its turn: `None` when it must not read yet (its socket does not
+/// block: `EAGAIN`). See [`crate::gate`].
+fn replay_turn(fd: c_int, dont_wait: bool) -> Option<usize> {
+    if in_hook() {
+        return Some(usize::MAX);
+    }
+    let Some(id) = REGISTRY.replay_conn(fd) else {
+        return Some(usize::MAX);
+    };
+    let Proc::Holder(a) = proc() else {
+        return Some(usize::MAX);
+    };
+    let e = errno();
+    let blocking = || {
+        // SAFETY: F_GETFL on the caller's descriptor reads its flags.
+        let fl = unsafe { real::fcntl(fd, libc::F_GETFL, 0) };
+        !dont_wait && fl >= 0 && fl & libc::O_NONBLOCK == 0
+    };
+    let admit = inside(|| a.replay.gate.admit(id, gettid(), blocking));
+    set_errno(e);
+    match admit {
+        Admit::Read(n) => Some(n.max(1)),
+        Admit::WouldBlock => None,
+    }
+}
+
+/// A read of `fd` that is not replicated: a replay connection's reads
+/// keep log order ([`replay_turn`]) and are counted; `read` is called with
+/// the most it may return.
+fn replay_read(fd: c_int, dont_wait: bool, read: impl FnOnce(usize) -> ssize_t) -> ssize_t {
+    before_replay_read(fd);
+    let Some(cap) = replay_turn(fd, dont_wait) else {
+        set_errno(libc::EAGAIN);
+        return -1;
+    };
+    let n = read(cap);
+    note_replay_read(fd, n);
+    n
+}
+
+/// The first iovecs of `iov`, holding `cap` bytes at most (the last one
+/// cut short).
+///
+/// # Safety
+/// As [`iovecs`].
+unsafe fn capped_iovecs(iov: *const iovec, n: usize, cap: usize) -> Vec<iovec> {
+    let mut left = cap;
+    let mut out = Vec::new();
+    // SAFETY: the caller's iovecs.
+    for (base, len) in unsafe { iovecs(iov, n) } {
+        if left == 0 {
+            break;
+        }
+        let take = len.min(left);
+        out.push(iovec {
+            iov_base: base as *mut c_void,
+            iov_len: take,
+        });
+        left -= take;
+    }
+    out
 }
 
 /// The replicated connection behind `fd`, if this call must be replicated.
@@ -440,11 +508,10 @@ fn broken(fd: c_int, conn: u64) -> bool {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, count: size_t) -> ssize_t {
     let Some(conn) = replicated(fd) else {
-        before_replay_read(fd);
-        // SAFETY: forwarded unchanged.
-        let n = unsafe { real::read(fd, buf, count) };
-        note_replay_read(fd, n);
-        return n;
+        // SAFETY: forwarded, asking for no more than the caller's buffer.
+        return replay_read(fd, false, |cap| unsafe {
+            real::read(fd, buf, count.min(cap))
+        });
     };
     if broken(fd, conn) {
         return 0;
@@ -482,15 +549,15 @@ pub unsafe extern "C" fn __read_chk(
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, len: size_t, flags: c_int) -> ssize_t {
     let conn = replicated(fd).filter(|_| flags & libc::MSG_PEEK == 0);
     let Some(conn) = conn else {
-        if flags & libc::MSG_PEEK == 0 {
-            before_replay_read(fd);
+        if flags & libc::MSG_PEEK != 0 {
+            // SAFETY: forwarded unchanged.
+            return unsafe { real::recv(fd, buf, len, flags) };
         }
-        // SAFETY: forwarded unchanged.
-        let n = unsafe { real::recv(fd, buf, len, flags) };
-        if flags & libc::MSG_PEEK == 0 {
-            note_replay_read(fd, n);
-        }
-        return n;
+        let dont_wait = flags & libc::MSG_DONTWAIT != 0;
+        // SAFETY: forwarded, asking for no more than the caller's buffer.
+        return replay_read(fd, dont_wait, |cap| unsafe {
+            real::recv(fd, buf, len.min(cap), flags)
+        });
     };
     if broken(fd, conn) {
         return 0;
@@ -536,15 +603,15 @@ pub unsafe extern "C" fn recvfrom(
 ) -> ssize_t {
     let conn = replicated(fd).filter(|_| flags & libc::MSG_PEEK == 0);
     let Some(conn) = conn else {
-        if flags & libc::MSG_PEEK == 0 {
-            before_replay_read(fd);
+        if flags & libc::MSG_PEEK != 0 {
+            // SAFETY: forwarded unchanged.
+            return unsafe { real::recvfrom(fd, buf, len, flags, addr, alen) };
         }
-        // SAFETY: forwarded unchanged.
-        let n = unsafe { real::recvfrom(fd, buf, len, flags, addr, alen) };
-        if flags & libc::MSG_PEEK == 0 {
-            note_replay_read(fd, n);
-        }
-        return n;
+        let dont_wait = flags & libc::MSG_DONTWAIT != 0;
+        // SAFETY: forwarded, asking for no more than the caller's buffer.
+        return replay_read(fd, dont_wait, |cap| unsafe {
+            real::recvfrom(fd, buf, len.min(cap), flags, addr, alen)
+        });
     };
     if broken(fd, conn) {
         return 0;
@@ -589,11 +656,17 @@ fn iov_total(iov: *const iovec, n: usize) -> usize {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
     let Some(conn) = replicated(fd) else {
-        before_replay_read(fd);
-        // SAFETY: forwarded unchanged.
-        let got = unsafe { real::readv(fd, iov, n) };
-        note_replay_read(fd, got);
-        return got;
+        return replay_read(fd, false, |cap| {
+            let count = n.max(0) as usize;
+            if cap >= iov_total(iov, count) {
+                // SAFETY: forwarded unchanged.
+                return unsafe { real::readv(fd, iov, n) };
+            }
+            // SAFETY: the caller's iovecs, cut to `cap` bytes.
+            let capped = unsafe { capped_iovecs(iov, count, cap) };
+            // SAFETY: `capped` describes part of the caller's buffers.
+            unsafe { real::readv(fd, capped.as_ptr(), capped.len() as c_int) }
+        });
     };
     if broken(fd, conn) {
         return 0;
@@ -605,6 +678,34 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_
     unsafe { after_input(fd, conn, got, iov_total(iov, n), iovecs(iov, n)) }
 }
 
+/// `recvmsg` into at most `cap` bytes of `msg`'s buffers.
+///
+/// # Safety
+/// `msg` is a valid msghdr of the caller's.
+unsafe fn capped_recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int, cap: usize) -> ssize_t {
+    // SAFETY: the caller's valid msghdr.
+    let (iov, count) = unsafe { ((*msg).msg_iov, (*msg).msg_iovlen) };
+    if cap >= iov_total(iov, count) {
+        // SAFETY: forwarded unchanged.
+        return unsafe { real::recvmsg(fd, msg, flags) };
+    }
+    // SAFETY: the caller's iovecs, cut to `cap` bytes.
+    let mut capped = unsafe { capped_iovecs(iov, count, cap) };
+    // SAFETY: a copy of the caller's msghdr, with the cut iovecs.
+    let mut m: msghdr = unsafe { *msg };
+    m.msg_iov = capped.as_mut_ptr();
+    m.msg_iovlen = capped.len();
+    // SAFETY: `m` points into the caller's buffers only.
+    let n = unsafe { real::recvmsg(fd, &mut m, flags) };
+    // SAFETY: the caller's msghdr gets back what the kernel set.
+    unsafe {
+        (*msg).msg_namelen = m.msg_namelen;
+        (*msg).msg_controllen = m.msg_controllen;
+        (*msg).msg_flags = m.msg_flags;
+    }
+    n
+}
+
 /// Intercepted `recvmsg`.
 ///
 /// # Safety
@@ -613,15 +714,15 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
     let conn = replicated(fd).filter(|_| flags & libc::MSG_PEEK == 0 && !msg.is_null());
     let Some(conn) = conn else {
-        if flags & libc::MSG_PEEK == 0 {
-            before_replay_read(fd);
+        if flags & libc::MSG_PEEK != 0 || msg.is_null() {
+            // SAFETY: forwarded unchanged.
+            return unsafe { real::recvmsg(fd, msg, flags) };
         }
-        // SAFETY: forwarded unchanged.
-        let n = unsafe { real::recvmsg(fd, msg, flags) };
-        if flags & libc::MSG_PEEK == 0 {
-            note_replay_read(fd, n);
-        }
-        return n;
+        let dont_wait = flags & libc::MSG_DONTWAIT != 0;
+        // SAFETY: `msg` is the caller's valid msghdr.
+        return replay_read(fd, dont_wait, |cap| unsafe {
+            capped_recvmsg(fd, msg, flags, cap)
+        });
     };
     if broken(fd, conn) {
         return 0;
@@ -648,6 +749,26 @@ pub unsafe extern "C" fn recvmmsg(
 ) -> c_int {
     let conn = replicated(fd).filter(|_| flags & libc::MSG_PEEK == 0 && !msgs.is_null());
     let Some(conn) = conn else {
+        if flags & libc::MSG_PEEK == 0
+            && !msgs.is_null()
+            && vlen > 0
+            && REGISTRY.replay_conn(fd).is_some()
+        {
+            // A replay connection: one message, read as `recvmsg` reads it
+            // (so its turn and its limit hold).
+            let dont_wait = flags & libc::MSG_DONTWAIT != 0;
+            // SAFETY: the caller's valid array of at least one message.
+            let first = unsafe { &mut *msgs };
+            let n = replay_read(fd, dont_wait, |cap| unsafe {
+                // SAFETY: as above.
+                capped_recvmsg(fd, &mut first.msg_hdr, flags & !libc::MSG_WAITFORONE, cap)
+            });
+            if n < 0 {
+                return -1;
+            }
+            first.msg_len = n as c_uint;
+            return 1;
+        }
         // SAFETY: forwarded unchanged.
         let r = unsafe { real::recvmmsg(fd, msgs, vlen, flags, timeout) };
         if r > 0 && flags & libc::MSG_PEEK == 0 && !msgs.is_null() {
@@ -744,11 +865,28 @@ fn after_output(fd: c_int, data: &[u8]) {
 /// # Safety
 /// As [`gather`].
 unsafe fn after_output_bufs(fd: c_int, n: ssize_t, bufs: impl Iterator<Item = (*const u8, usize)>) {
-    if n > 0 && !in_hook() && REGISTRY.conn(fd).is_some() {
+    if n <= 0 || in_hook() {
+        return;
+    }
+    if REGISTRY.conn(fd).is_some() {
         // SAFETY: the caller's buffers, of which `n` bytes were sent.
         let data = unsafe { gather(bufs, n as usize) };
         after_output(fd, &data);
+    } else if let Some(id) = REGISTRY.replay_conn(fd) {
+        note_replay_write(id, n as u64);
     }
+}
+
+/// The server answered `n` bytes on replay connection `id` (the gate lets
+/// later input in once the answers before it are out).
+fn note_replay_write(id: u64, n: u64) {
+    let e = errno();
+    inside(|| {
+        if let Proc::Holder(a) = proc() {
+            a.replay.gate.wrote(id, n);
+        }
+    });
+    set_errno(e);
 }
 
 /// Intercepted `write`.
@@ -1000,6 +1138,15 @@ fn closing(fd: c_int) {
         inside(|| close_conn(fd, conn));
         set_errno(e);
     } else if !in_hook() {
+        if let Some(id) = REGISTRY.replay_conn(fd) {
+            let e = errno();
+            inside(|| {
+                if let Proc::Holder(a) = proc() {
+                    a.replay.gate.closed(id);
+                }
+            });
+            set_errno(e);
+        }
         REGISTRY.remove_replay(fd);
         other_listener(fd).store(false, Ordering::Release);
     }
@@ -1143,6 +1290,38 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_
         duplicated(fd, r);
     }
     r
+}
+
+/// Intercepted `epoll_ctl`: a replay connection the server watches
+/// edge-triggered is never read ahead of its turn (an `EAGAIN` would lose
+/// its edge, see [`crate::gate`]).
+///
+/// # Safety
+/// As `epoll_ctl(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_ctl(
+    epfd: c_int,
+    op: c_int,
+    fd: c_int,
+    event: *mut libc::epoll_event,
+) -> c_int {
+    if op != libc::EPOLL_CTL_DEL && !event.is_null() && !in_hook() {
+        // SAFETY: the caller's valid event.
+        let events = unsafe { (*event).events };
+        if events & libc::EPOLLET as u32 != 0
+            && let Some(id) = REGISTRY.replay_conn(fd)
+        {
+            let e = errno();
+            inside(|| {
+                if let Proc::Holder(a) = proc() {
+                    a.replay.gate.edge_triggered(id);
+                }
+            });
+            set_errno(e);
+        }
+    }
+    // SAFETY: forwarded unchanged.
+    unsafe { real::epoll_ctl(epfd, op, fd, event) }
 }
 
 /// Intercepted `shutdown`: a FIN the client can see waits for the commits

@@ -47,6 +47,7 @@ use tracing::{info, warn};
 
 mod check;
 pub mod child;
+pub mod gate;
 mod hooks;
 pub mod payload;
 mod real;
@@ -809,6 +810,8 @@ impl child::Handler for ChildRequests {
 
     fn consumed(&self, replay: u64, n: u64, pid: u32) {
         REGISTRY.consumed(replay, n, crate::registry::Reader::Process(pid));
+        // Read by a forked process: replayed one entry at a time.
+        holder_apus().replay.gate.consumed(replay, n, 0);
     }
 
     fn answered(&self, conn: u64, _: u32) {

@@ -107,6 +107,11 @@ real!(
     fn(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t
 );
 real!(close, c"close", fn(fd: c_int) -> c_int);
+real!(
+    epoll_ctl,
+    c"epoll_ctl",
+    fn(epfd: c_int, op: c_int, fd: c_int, event: *mut libc::epoll_event) -> c_int
+);
 real!(shutdown, c"shutdown", fn(fd: c_int, how: c_int) -> c_int);
 real!(dup, c"dup", fn(fd: c_int) -> c_int);
 real!(dup2, c"dup2", fn(fd: c_int, new: c_int) -> c_int);

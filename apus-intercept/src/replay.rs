@@ -28,6 +28,7 @@ use apus::{Entry, StateMachine};
 use apus_core::EntryKind;
 use tracing::{debug, info, warn};
 
+use crate::gate::Gate;
 use crate::payload::{Close, Connect, StreamHash};
 use crate::registry::Registry;
 
@@ -53,7 +54,7 @@ const BLOCKED_READER: Duration = Duration::from_millis(50);
 /// long for a core here; passing it over then breaks log order (a memcached
 /// replica differed with 50 ms). A row lock that a later entry releases
 /// waits far longer (MariaDB: 50 s).
-const BLOCKED_THREAD: Duration = STATEMENT_WAIT;
+pub const BLOCKED_THREAD: Duration = STATEMENT_WAIT;
 
 /// Whether process (or thread) `pid` is running or runnable (or in uninterruptible
 /// I/O), as opposed to asleep: blocked on a lock, or waiting for input.
@@ -230,8 +231,10 @@ pub struct Replay {
     pub nonce: u64,
     /// Our replicated connections.
     pub registry: &'static Registry,
-    /// Releases our server's threads in log order.
+    /// Orders the leader's forked processes.
     pub turnstile: Turnstile,
+    /// Keeps the server's reads of input written ahead in log order.
+    pub gate: Arc<Gate>,
     /// The digest command (`apus check`).
     digest: Option<ServerCommand>,
     /// The holder's forked children (their threads must be quiet for a
@@ -290,6 +293,7 @@ impl Replay {
             nonce,
             registry,
             turnstile: Turnstile::default(),
+            gate: Arc::new(Gate::default()),
             digest,
             children,
             ready,
@@ -471,9 +475,12 @@ impl Replay {
         match stream.try_clone() {
             Ok(reader) => {
                 let (o, d, a) = (out.clone(), drained.clone(), answered.clone());
+                let (gate, origin) = (self.gate.clone(), connect.origin);
                 if thread::Builder::new()
                     .name(format!("apus-drain-{id}"))
-                    .spawn(move || crate::inside(|| drain(reader, &o, &d, &a)))
+                    .spawn(move || {
+                        crate::inside(|| drain(reader, &o, &d, &a, |n| gate.drained(origin, n)))
+                    })
                     .is_err()
                 {
                     warn!(conn = id, "cannot spawn a drain thread");
@@ -482,6 +489,7 @@ impl Replay {
             }
             Err(_) => drained.store(true, Ordering::Release),
         }
+        self.gate.open(id, connect.origin);
         lock(&self.conns).insert(
             id,
             Replayed {
@@ -497,10 +505,29 @@ impl Replay {
     }
 
     fn replay_data(&self, id: u64, out: u64, data: &[u8]) {
-        let Some(answered) = lock(&self.conns).get(&id).map(|c| c.answered.clone()) else {
+        let Some((answered, written)) = lock(&self.conns)
+            .get(&id)
+            .map(|c| (c.answered.clone(), c.written))
+        else {
             debug!(conn = id, "data for a connection that is not replayed here");
             return;
         };
+        if !data.is_empty() && self.gate.gated(id) {
+            // Written ahead: the read hook keeps log order (see `gate`).
+            // Only this thread writes, so `written` holds.
+            self.gate.push(id, written + data.len() as u64, out);
+            let mut conns = lock(&self.conns);
+            let Some(c) = conns.get_mut(&id) else { return };
+            debug_assert_eq!(c.written, written, "one replayer writes");
+            if let Err(e) = c.stream.write_all(data) {
+                debug!(conn = id, error = %e, "the local server no longer takes input on a replayed connection");
+                drop(conns);
+                self.gate.closed(id);
+                return;
+            }
+            c.written += data.len() as u64;
+            return;
+        }
         let timed_out = self.wait_answered(&answered, out);
         let mut conns = lock(&self.conns);
         let Some(c) = conns.get_mut(&id) else {
@@ -544,7 +571,25 @@ impl Replay {
     /// server did the same, deterministically), or a forked reader that
     /// blocks.
     fn wait_read(&self) {
-        let Some(Unread { id, target, drained }) = lock(&self.unread).take() else {
+        self.wait_unread();
+        self.gate.wait_empty(CONSUME_NOTE_EVERY, |conn, waited| {
+            warn!(
+                conn,
+                waited_s = waited.as_secs(),
+                "the local server has not read its replayed input yet; replay waits (log order)"
+            );
+        });
+    }
+
+    /// Waits for the input written last one entry at a time (see
+    /// [`wait_read`](Self::wait_read)).
+    fn wait_unread(&self) {
+        let Some(Unread {
+            id,
+            target,
+            drained,
+        }) = lock(&self.unread).take()
+        else {
             return;
         };
         let since = Instant::now();
@@ -616,6 +661,8 @@ impl Replay {
     /// leader waits `DRAIN_WAIT` at most, however many clients the old one
     /// had. Returns each connection that was replayed here with its output.
     pub fn finish_all(&self, ids: &[u64]) -> Vec<(u64, StreamHash)> {
+        // Input written ahead goes in first, in order.
+        self.wait_read();
         let ended: Vec<(u64, Replayed)> = {
             let mut conns = lock(&self.conns);
             ids.iter()
@@ -636,6 +683,7 @@ impl Replay {
             .map(|(id, c)| {
                 let out = *lock(&c.out);
                 lock(&self.internal).remove(&c.local);
+                self.gate.forget(id);
                 if c.drained.load(Ordering::Acquire) || self.registry.progress(id).reader == 0 {
                     if !c.drained.load(Ordering::Acquire) {
                         debug!(
@@ -742,9 +790,16 @@ impl Replay {
     fn apply_entry(&self, e: &Entry<'_>) {
         // Pipelined: more input for the connection written last goes in at
         // once; anything else waits until the server has read that.
+        // Written ahead (see `gate`): the read hook keeps the order, and
+        // only input written one entry at a time is waited for.
         let same_stream = e.kind == EntryKind::Data
             && lock(&self.unread).as_ref().is_some_and(|u| u.id == e.conn);
-        if !same_stream {
+        let ahead = e.kind == EntryKind::Data
+            && crate::payload::split_data(e.payload).is_some_and(|(_, input)| !input.is_empty())
+            && self.gate.gated(e.conn);
+        if ahead {
+            self.wait_unread();
+        } else if !same_stream {
             self.wait_read();
         }
         match e.kind {
@@ -787,6 +842,7 @@ fn drain(
     out: &Mutex<StreamHash>,
     drained: &AtomicBool,
     answered: &Answered,
+    also: impl Fn(u64),
 ) {
     let mut buf = vec![0u8; 64 << 10];
     while let Ok(n) = reader.read(&mut buf) {
@@ -795,6 +851,7 @@ fn drain(
         }
         lock(out).update(&buf[..n]);
         answered.add(n as u64);
+        also(n as u64);
     }
     drained.store(true, Ordering::Release);
 }

@@ -674,9 +674,7 @@ impl ClusterConfig {
         if let Some(v) = e.election_timeout_us {
             engine.election_timeout = Duration::from_micros(v);
         }
-        let max_uncommitted = c
-            .max_uncommitted_bytes
-            .unwrap_or(DEFAULT_MAX_UNCOMMITTED);
+        let max_uncommitted = c.max_uncommitted_bytes.unwrap_or(DEFAULT_MAX_UNCOMMITTED);
         if max_uncommitted < engine.max_payload {
             return err(
                 "cluster.max_uncommitted_bytes",

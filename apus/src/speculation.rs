@@ -140,7 +140,10 @@ impl Speculation {
             }
             {
                 let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-                assert!(w.len() < MAX_WAITERS, "more than {MAX_WAITERS} threads wait for commits");
+                assert!(
+                    w.len() < MAX_WAITERS,
+                    "more than {MAX_WAITERS} threads wait for commits"
+                );
                 w.push((target, thread::current()));
                 self.any_waiter.store(true, Ordering::SeqCst);
             }
@@ -186,7 +189,11 @@ mod tests {
         s.resolve(1, false);
         s.wake();
         assert_eq!(s.wait(c, &stop), Err(SpeculationLost { failed: 1 }));
-        assert_eq!(s.wait(0, &stop), Err(SpeculationLost { failed: 1 }), "for good");
+        assert_eq!(
+            s.wait(0, &stop),
+            Err(SpeculationLost { failed: 1 }),
+            "for good"
+        );
     }
 
     #[test]

@@ -83,7 +83,10 @@ pub fn run_demo(args: &[String]) -> Result<ExitCode> {
         "demo: the price of replication: {CLIENTS} clients x {PRICE_REQUESTS} SET/GET (half each), \
          resp-kv alone, then through the leader"
     );
-    println!("  {:<12} {:>10} {:>10} {:>10}", "", "req/s", "p50 ms", "p99 ms");
+    println!(
+        "  {:<12} {:>10} {:>10} {:>10}",
+        "", "req/s", "p50 ms", "p99 ms"
+    );
     for f in [&bare, &replicated] {
         println!(
             "  {:<12} {:>10.0} {:>10.3} {:>10.3}",

@@ -364,6 +364,9 @@ mod tests {
             message: Message::Rebuild("speculation lost".into()),
             stream,
         };
-        assert!(run.message(stale).is_none(), "a stale request ended the run");
+        assert!(
+            run.message(stale).is_none(),
+            "a stale request ended the run"
+        );
     }
 }
