@@ -279,7 +279,8 @@ pub trait Handler: Send + Sync + 'static {
     /// A child accepted a connection.
     fn accept(&self, app: bool, peer: Option<SocketAddr>) -> Verdict;
     /// Child `pid` read input; `false` when it could not be replicated.
-    fn input(&self, conn: u64, data: &[u8], pid: u32) -> bool;
+    /// (`on_conn`: what the child had written on `conn` before this read.)
+    fn input(&self, conn: u64, on_conn: u64, data: &[u8], pid: u32) -> bool;
     /// A child waits for more input on connection `conn`.
     fn waits(&self, conn: u64);
     /// Children wrote `bytes` more on their replicated connections.
@@ -433,7 +434,7 @@ fn session(mut s: UnixStream, token: &[u8; 16], h: &dyn Handler, sessions: &Sess
                 h.wrote(out.bytes.saturating_sub(before));
                 let pid = me.pid;
                 after = Some(Box::new(move || h.answered(conn, pid)));
-                if h.input(conn, &data, pid) {
+                if h.input(conn, out.bytes, &data, pid) {
                     frame(OK, &[])
                 } else {
                     frame(FAILED, &[])
@@ -679,7 +680,7 @@ mod tests {
                 Verdict::Reject
             }
         }
-        fn input(&self, _: u64, data: &[u8], _: u32) -> bool {
+        fn input(&self, _: u64, _: u64, data: &[u8], _: u32) -> bool {
             data != b"bad"
         }
         fn waits(&self, _: u64) {}

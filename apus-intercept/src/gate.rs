@@ -30,6 +30,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::payload::Out;
 use crate::replay::{BLOCKED_THREAD, STATEMENT_WAIT, running};
 
 /// Entries written into the server ahead of its reads, at most.
@@ -60,7 +61,7 @@ struct Ahead {
     /// The connection's stream offset after this input.
     end: u64,
     /// What the leader's server had answered when it read it.
-    out: u64,
+    out: Out,
     /// The leader it came from (whose answers `out` counts).
     origin: u64,
 }
@@ -76,6 +77,8 @@ struct GatedConn {
     /// it is closed: never written ahead.
     ungated: bool,
     closed: bool,
+    /// What the server answered on it.
+    answers: Answers,
 }
 
 #[derive(Debug, Default)]
@@ -175,7 +178,7 @@ impl Gate {
     /// Input of `conn` up to stream offset `end` is about to be written;
     /// the leader's server had answered `out` bytes when it read it.
     /// Waits while [`MAX_AHEAD`] entries are unread.
-    pub fn push(&self, conn: u64, end: u64, out: u64) {
+    pub fn push(&self, conn: u64, end: u64, out: Out) {
         let mut st = self.lock();
         debug_assert!(st.conns.get(&conn).is_some_and(|c| end > c.consumed));
         while st.turns.len() >= MAX_AHEAD {
@@ -301,16 +304,22 @@ impl Gate {
     /// The server wrote `n` bytes on replay connection `conn`.
     pub fn wrote(&self, conn: u64, n: u64) {
         let mut st = self.lock();
-        let Some(origin) = st.conns.get(&conn).map(|c| c.origin) else {
+        let Some(c) = st.conns.get_mut(&conn) else {
             return;
         };
+        c.answers.written += n;
+        let origin = c.origin;
         st.answers.entry(origin).or_default().written += n;
         self.notify(&st);
     }
 
-    /// A drain thread received `n` bytes of the server's answers to `origin`.
-    pub fn drained(&self, origin: u64, n: u64) {
+    /// A drain thread received `n` bytes of the server's answers on `conn`,
+    /// of leader `origin`.
+    pub fn drained(&self, origin: u64, conn: u64, n: u64) {
         let mut st = self.lock();
+        if let Some(c) = st.conns.get_mut(&conn) {
+            c.answers.drained += n;
+        }
         st.answers.entry(origin).or_default().drained += n;
         self.notify(&st);
     }
@@ -374,8 +383,11 @@ fn turn_of(st: &mut State, conn: u64) -> Turn {
     if first != 0 {
         return Turn::After(st.conns.get(&head.conn).map_or(0, |c| c.reader));
     }
-    let answered = st.answers.entry(head.origin).or_default();
-    if answered.total() < head.out {
+    let all = st.answers.entry(head.origin).or_default().total();
+    let on_conn = st.conns.get(&conn).map_or(0, |c| c.answers.total());
+    let short_all = head.out.all.saturating_sub(all);
+    let short_conn = head.out.on_conn.unwrap_or(0).saturating_sub(on_conn);
+    if short_all > 0 || short_conn > 0 {
         let waited = st
             .head_since
             .is_some_and(|at| at.elapsed() >= STATEMENT_WAIT);
@@ -383,11 +395,14 @@ fn turn_of(st: &mut State, conn: u64) -> Turn {
             return Turn::AfterAnswers;
         }
         // Its replies differ here; do not wait for them again.
-        let short = head.out - answered.total();
-        answered.shortfall += short;
+        st.answers.entry(head.origin).or_default().shortfall += short_all;
+        if let Some(c) = st.conns.get_mut(&conn) {
+            c.answers.shortfall += short_conn;
+        }
         tracing::debug!(
             conn,
-            short,
+            short_all,
+            short_conn,
             "the local server answered less than the leader's; going on"
         );
     }
@@ -439,6 +454,13 @@ mod tests {
     use std::sync::Arc;
     use std::thread;
 
+    fn out(all: u64, on_conn: u64) -> Out {
+        Out {
+            all,
+            on_conn: Some(on_conn),
+        }
+    }
+
     fn gate_with(conns: &[u64]) -> Gate {
         let g = Gate::default();
         for &c in conns {
@@ -452,9 +474,9 @@ mod tests {
     fn reads_follow_log_order_across_connections() {
         let g = gate_with(&[1, 2]);
         // Log: 10 bytes of 1, 5 of 2, 4 more of 1.
-        g.push(1, 10, 0);
-        g.push(2, 5, 0);
-        g.push(1, 14, 0);
+        g.push(1, 10, out(0, 0));
+        g.push(2, 5, out(0, 0));
+        g.push(1, 14, out(0, 0));
         assert_eq!(g.admit(2, 1, || false), Admit::WouldBlock, "2 before 1");
         assert_eq!(
             g.admit(1, 1, || false),
@@ -479,8 +501,8 @@ mod tests {
     #[test]
     fn an_entry_waits_for_the_answers_before_it() {
         let g = Arc::new(gate_with(&[1, 2]));
-        g.push(1, 3, 0);
-        g.push(2, 3, 40);
+        g.push(1, 3, out(0, 0));
+        g.push(2, 3, out(40, 0));
         g.consumed(1, 3, 1);
         assert_eq!(
             g.admit(2, 1, || false),
@@ -495,15 +517,36 @@ mod tests {
         thread::sleep(Duration::from_millis(20));
         assert!(!reader.is_finished());
         g.wrote(1, 25);
-        g.drained(7, 40);
+        g.drained(7, 1, 40);
         assert_eq!(reader.join().unwrap(), Admit::Read(3));
+    }
+
+    /// Regression (issue 14): a PostgreSQL follower got a startup message
+    /// before its backend had answered the SSL request on that connection
+    /// ("received unencrypted data after SSL request"): other connections'
+    /// answers had made up the total.
+    #[test]
+    fn an_entry_waits_for_the_answers_on_its_own_connection() {
+        let g = gate_with(&[1, 2]);
+        g.push(1, 8, out(0, 0));
+        g.consumed(1, 8, 1);
+        // Connection 1's next input came after its 1-byte answer.
+        g.push(1, 20, out(1, 1));
+        g.wrote(2, 300);
+        assert_eq!(
+            g.admit(1, 1, || false),
+            Admit::WouldBlock,
+            "answered on 2 only"
+        );
+        g.wrote(1, 1);
+        assert_eq!(g.admit(1, 1, || false), Admit::Read(12));
     }
 
     #[test]
     fn a_blocking_reader_waits_for_its_turn_and_a_closed_connection_is_not_waited_for() {
         let g = Arc::new(gate_with(&[1, 2]));
-        g.push(1, 8, 0);
-        g.push(2, 8, 0);
+        g.push(1, 8, out(0, 0));
+        g.push(2, 8, out(0, 0));
         let reader = {
             let g = g.clone();
             thread::spawn(move || g.admit(2, 9, || true))
@@ -534,8 +577,8 @@ mod tests {
         let tid = tid_rx.recv().unwrap();
         g.consumed(1, 0, tid);
         g.consumed(2, 0, 1);
-        g.push(1, 5, 0);
-        g.push(2, 5, 0);
+        g.push(1, 5, out(0, 0));
+        g.push(2, 5, out(0, 0));
         let at = Instant::now();
         assert_eq!(g.admit(2, 1, || true), Admit::Read(5));
         assert!(

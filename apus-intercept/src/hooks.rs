@@ -421,7 +421,7 @@ fn replicate_input(fd: c_int, conn: u64, data: &[u8]) -> Result<(), ()> {
         })
         .unwrap_or_default();
     let ok = match proc() {
-        Proc::Holder(a) => a.input(conn, data, 0).map_err(|e| {
+        Proc::Holder(a) => a.input(conn, out.bytes, data, 0).map_err(|e| {
             tracing::warn!(fd, conn, error = %e, "input could not be replicated: closing the connection");
         }),
         Proc::Child(addr) => match child::input(addr, conn, fd, out, data) {

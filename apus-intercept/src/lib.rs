@@ -701,16 +701,19 @@ impl Apus {
     /// stream), in entries of at most `max_payload` bytes. `by` is the
     /// forked process that read it (0: this process), which first waits
     /// its turn (see [`Turnstile`](replay::Turnstile)).
-    fn input(&self, conn: u64, data: &[u8], by: u32) -> Result<(), ProposeError> {
+    /// `on_conn`: what the server had written on `conn` before this read.
+    fn input(&self, conn: u64, on_conn: u64, data: &[u8], by: u32) -> Result<(), ProposeError> {
         if by != 0 {
             self.replay.turnstile.take_turn(conn, by);
         }
         let out = self.out_total.load(Ordering::SeqCst);
         if data.is_empty() {
-            return self.submit(EntryKind::Data, conn, &payload::data(out, &[]));
+            return self.submit(EntryKind::Data, conn, &payload::data(out, on_conn, &[]));
         }
         data.chunks(self.max_payload - payload::DATA_HEADER)
-            .try_for_each(|chunk| self.submit(EntryKind::Data, conn, &payload::data(out, chunk)))
+            .try_for_each(|chunk| {
+                self.submit(EntryKind::Data, conn, &payload::data(out, on_conn, chunk))
+            })
     }
 
     /// The server wrote `bytes` on its replicated connections.
@@ -788,8 +791,8 @@ impl child::Handler for ChildRequests {
         }
     }
 
-    fn input(&self, conn: u64, data: &[u8], pid: u32) -> bool {
-        holder_apus().input(conn, data, pid).is_ok()
+    fn input(&self, conn: u64, on_conn: u64, data: &[u8], pid: u32) -> bool {
+        holder_apus().input(conn, on_conn, data, pid).is_ok()
     }
 
     fn waits(&self, conn: u64) {

@@ -4,16 +4,21 @@
 //!   proposing node's incarnation nonce) and which accept it was, so a node
 //!   recognises its own connections when it applies them; and `out`, below.
 //!   The connection id is the entry's index.
-//! * DATA: `out u64 | bytes`: the bytes the server's read returned, as they
-//!   were.
+//! * DATA: `out u64 | on_conn u64 | bytes`: the bytes the server's read
+//!   returned, as they were. `out` has its top bit set, marking the
+//!   `on_conn` field (entries written before it have `out u64 | bytes`).
 //!
 //! `out` is what the leader's server had written, on all the connections
-//! that leader accepted, when the accept or read happened. A follower gives
-//! its server the entry only once its server has answered as much on those
-//! connections: a reply the leader's server sent before it read this input
-//! (a response to the client's previous request, on another connection
-//! too) has happened on the follower as well, even if the server ran the
-//! request on a worker thread.
+//! that leader accepted, when the accept or read happened; `on_conn`, what
+//! it had written on this connection. A follower gives its server the entry
+//! only once its server has answered as much on those connections, and on
+//! this one: a reply the leader's server sent before it read this input (a
+//! response to the client's previous request, on another connection too)
+//! has happened on the follower as well, even if the server ran the
+//! request on a worker thread. A protocol that forbids input before the
+//! server's answer depends on the second (PostgreSQL refuses a startup
+//! message that arrived before its answer to the SSL request: other
+//! connections' answers had made up the total).
 //! * CLOSE: `bytes_out u64 | hash_out u64` — what the leader's server had
 //!   written on the connection, for the followers' divergence check.
 
@@ -29,19 +34,50 @@ pub struct Connect {
 }
 
 /// Bytes in front of a DATA entry's input.
-pub const DATA_HEADER: usize = 8;
+pub const DATA_HEADER: usize = 16;
+/// In a DATA entry's first word: an `on_conn` word follows.
+const ON_CONN: u64 = 1 << 63;
+
+/// What the leader's server had written when it read a DATA entry's input
+/// (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Out {
+    /// On all the connections that leader accepted.
+    pub all: u64,
+    /// On this connection (`None` in entries written before it was kept).
+    pub on_conn: Option<u64>,
+}
 
 /// A DATA payload: the leader's output so far, then the input.
-pub fn data(out: u64, input: &[u8]) -> Vec<u8> {
+pub fn data(out: u64, on_conn: u64, input: &[u8]) -> Vec<u8> {
+    debug_assert!(out < ON_CONN, "2^63 bytes written");
     let mut b = Vec::with_capacity(DATA_HEADER + input.len());
-    b.extend_from_slice(&out.to_le_bytes());
+    b.extend_from_slice(&(out | ON_CONN).to_le_bytes());
+    b.extend_from_slice(&on_conn.to_le_bytes());
     b.extend_from_slice(input);
     b
 }
 
-/// A DATA payload's output count and input; `None` if too short.
-pub fn split_data(payload: &[u8]) -> Option<(u64, &[u8])> {
-    (payload.len() >= DATA_HEADER).then(|| (u64_at(payload, 0), &payload[DATA_HEADER..]))
+/// A DATA payload's output counts and input; `None` if too short.
+pub fn split_data(payload: &[u8]) -> Option<(Out, &[u8])> {
+    let first = u64_at_checked(payload, 0)?;
+    if first & ON_CONN == 0 {
+        let out = Out {
+            all: first,
+            on_conn: None,
+        };
+        return Some((out, &payload[8..]));
+    }
+    let out = Out {
+        all: first & !ON_CONN,
+        on_conn: Some(u64_at_checked(payload, 8)?),
+    };
+    Some((out, &payload[DATA_HEADER..]))
+}
+
+fn u64_at_checked(b: &[u8], at: usize) -> Option<u64> {
+    let word = b.get(at..at + 8)?;
+    Some(u64::from_le_bytes(word.try_into().ok()?))
 }
 
 /// A CLOSE payload.
@@ -135,9 +171,23 @@ mod tests {
             out: 11,
         };
         assert_eq!(Connect::decode(&c.encode()), Some(c));
-        assert_eq!(split_data(&data(5, b"GET")), Some((5, &b"GET"[..])));
-        assert_eq!(split_data(&data(5, b"")), Some((5, &b""[..])));
+        let out = Out {
+            all: 5,
+            on_conn: Some(2),
+        };
+        assert_eq!(split_data(&data(5, 2, b"GET")), Some((out, &b"GET"[..])));
+        assert_eq!(split_data(&data(5, 2, b"")), Some((out, &b""[..])));
         assert_eq!(split_data(&[1, 2, 3]), None);
+        // A flagged header cut short.
+        assert_eq!(split_data(&data(5, 2, b"")[..12]), None);
+        // An entry from before `on_conn`: `out | bytes`.
+        let mut old = 9u64.to_le_bytes().to_vec();
+        old.extend_from_slice(b"SET");
+        let was = Out {
+            all: 9,
+            on_conn: None,
+        };
+        assert_eq!(split_data(&old), Some((was, &b"SET"[..])));
         let x = Close {
             bytes_out: 10,
             hash_out: 11,

@@ -29,7 +29,7 @@ use apus_core::EntryKind;
 use tracing::{debug, info, warn};
 
 use crate::gate::Gate;
-use crate::payload::{Close, Connect, StreamHash};
+use crate::payload::{Close, Connect, Out, StreamHash};
 use crate::registry::Registry;
 
 /// How long a replayed connection may take to deliver the server's last
@@ -162,6 +162,30 @@ struct Unread {
     drained: Arc<AtomicBool>,
 }
 
+/// What the server must have answered on one replayed connection before
+/// its next input goes in (see [`crate::payload`]).
+struct OnConn {
+    out: Arc<Mutex<StreamHash>>,
+    shortfall: Arc<AtomicU64>,
+    target: u64,
+}
+
+impl OnConn {
+    fn answered(&self) -> u64 {
+        lock(&self.out).bytes + self.shortfall.load(Ordering::Relaxed)
+    }
+
+    fn reached(&self) -> bool {
+        self.answered() >= self.target
+    }
+
+    /// The wait timed out: its replies differ here.
+    fn give_up(&self) {
+        let short = self.target.saturating_sub(self.answered());
+        self.shortfall.fetch_add(short, Ordering::Relaxed);
+    }
+}
+
 struct Replayed {
     stream: TcpStream,
     /// The replay connection's own address (how the server's accept knows it).
@@ -169,6 +193,9 @@ struct Replayed {
     /// Bytes written into the server on this connection.
     written: u64,
     out: Arc<Mutex<StreamHash>>,
+    /// How much less than the leader's the server answered on it where a
+    /// wait timed out (as [`Answered::shortfall`]).
+    shortfall: Arc<AtomicU64>,
     drained: Arc<AtomicBool>,
     /// What the server answered on the connections of this one's leader
     /// (see [`crate::payload`]), shared with their drain threads.
@@ -426,9 +453,10 @@ impl Replay {
     /// [`STATEMENT_WAIT`]: a server whose replies are shorter here (they
     /// differed) is not waited for longer.
     /// Returns whether the wait timed out.
-    fn wait_answered(&self, a: &Answered, out: u64) -> bool {
+    fn wait_answered(&self, a: &Answered, out: u64, on_conn: Option<&OnConn>) -> bool {
         let target = out.saturating_sub(a.shortfall.load(Ordering::Relaxed));
-        if a.bytes.load(Ordering::SeqCst) >= target {
+        let conn_done = || on_conn.is_none_or(OnConn::reached);
+        if a.bytes.load(Ordering::SeqCst) >= target && conn_done() {
             return false;
         }
         // Parked, not polling: on two cores a polling replay starves the
@@ -437,11 +465,14 @@ impl Replay {
         a.waiting.store(true, Ordering::SeqCst);
         let since = Instant::now();
         let mut timed_out = false;
-        while a.bytes.load(Ordering::SeqCst) < target {
+        while a.bytes.load(Ordering::SeqCst) < target || !conn_done() {
             let waited = since.elapsed();
             if waited >= STATEMENT_WAIT {
                 let short = target.saturating_sub(a.bytes.load(Ordering::SeqCst));
                 a.shortfall.fetch_add(short, Ordering::Relaxed);
+                if let Some(c) = on_conn {
+                    c.give_up();
+                }
                 debug!(
                     short,
                     "the local server answered less than the leader's had; going on"
@@ -462,7 +493,7 @@ impl Replay {
     fn replay_connect(&self, id: u64, connect: Connect) {
         self.wait_ready();
         let answered = self.counter(connect.origin);
-        let _ = self.wait_answered(&answered, connect.out);
+        let _ = self.wait_answered(&answered, connect.out, None);
         let (stream, local) = match self.connect(Internal::Replay(id)) {
             Ok(s) => s,
             Err(e) => {
@@ -479,7 +510,7 @@ impl Replay {
                 if thread::Builder::new()
                     .name(format!("apus-drain-{id}"))
                     .spawn(move || {
-                        crate::inside(|| drain(reader, &o, &d, &a, |n| gate.drained(origin, n)))
+                        crate::inside(|| drain(reader, &o, &d, &a, |n| gate.drained(origin, id, n)))
                     })
                     .is_err()
                 {
@@ -497,6 +528,7 @@ impl Replay {
                 local,
                 written: 0,
                 out,
+                shortfall: Arc::default(),
                 drained,
                 answered,
                 short_said: false,
@@ -504,11 +536,15 @@ impl Replay {
         );
     }
 
-    fn replay_data(&self, id: u64, out: u64, data: &[u8]) {
-        let Some((answered, written)) = lock(&self.conns)
-            .get(&id)
-            .map(|c| (c.answered.clone(), c.written))
-        else {
+    fn replay_data(&self, id: u64, out: Out, data: &[u8]) {
+        let Some((answered, written, on_conn)) = lock(&self.conns).get(&id).map(|c| {
+            let on_conn = out.on_conn.map(|target| OnConn {
+                out: c.out.clone(),
+                shortfall: c.shortfall.clone(),
+                target,
+            });
+            (c.answered.clone(), c.written, on_conn)
+        }) else {
             debug!(conn = id, "data for a connection that is not replayed here");
             return;
         };
@@ -528,7 +564,7 @@ impl Replay {
             c.written += data.len() as u64;
             return;
         }
-        let timed_out = self.wait_answered(&answered, out);
+        let timed_out = self.wait_answered(&answered, out.all, on_conn.as_ref());
         let mut conns = lock(&self.conns);
         let Some(c) = conns.get_mut(&id) else {
             return;
@@ -1044,7 +1080,7 @@ mod tests {
         let tid = tid_rx.recv().unwrap();
         r.registry.consumed(9, 0, Reader::Thread(tid));
         let started = Instant::now();
-        r.replay_data(9, 0, b"UPDATE sbtest1 SET k=k+1 WHERE id=7");
+        r.replay_data(9, Out::default(), b"UPDATE sbtest1 SET k=k+1 WHERE id=7");
         // Pipelined: the wait comes before the next entry of another kind.
         r.wait_read();
         let waited = started.elapsed();

@@ -12,6 +12,7 @@
 //! One thread serves every connection with non-blocking sockets, and runs
 //! each request as soon as it has read it: the state and every reply depend
 //! only on the order in which input is read, as with Redis's event loop.
+//! Like Redis, one pass reads every client, then writes every reply.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, Write};
@@ -228,21 +229,21 @@ fn serve(listener: TcpListener, db: Db) -> io::Result<()> {
                 }
             }
         }
-        for c in clients.iter_mut() {
-            if !c.closing {
-                match io::Read::read(&mut c.stream, &mut buf) {
-                    Ok(0) => c.closing = true,
-                    Ok(n) => {
-                        busy = true;
-                        c.input.extend_from_slice(&buf[..n]);
-                        if !run_requests(c, &db) {
-                            c.closing = true;
-                        }
+        for c in clients.iter_mut().filter(|c| !c.closing) {
+            match io::Read::read(&mut c.stream, &mut buf) {
+                Ok(0) => c.closing = true,
+                Ok(n) => {
+                    busy = true;
+                    c.input.extend_from_slice(&buf[..n]);
+                    if !run_requests(c, &db) {
+                        c.closing = true;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => c.closing = true,
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => c.closing = true,
             }
+        }
+        for c in clients.iter_mut() {
             while !c.output.is_empty() {
                 match c.stream.write(&c.output) {
                     Ok(0) => {
