@@ -193,6 +193,11 @@ fn submitted_proposals_commit_in_order_and_a_lost_one_fails_every_wait() {
     assert_eq!(last, 500);
     n.wait_submitted(last).unwrap();
     assert_eq!(n.unresolved(), 0);
+    // Committed is what the wait promises; applying follows on its own
+    // thread.
+    until("the 500 applied on the leader", || {
+        logs[l].0.lock().unwrap().len() >= 500
+    });
     let applied = logs[l].0.lock().unwrap().clone();
     let expected: Vec<Vec<u8>> = (0..500u32).map(|i| format!("s{i}").into_bytes()).collect();
     assert_eq!(applied, expected, "committed in submission order");
