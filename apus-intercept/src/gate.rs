@@ -22,9 +22,9 @@
 //! `EAGAIN` would lose its edge), is replayed one entry at a time
 //! (`Replay::wait_read`). The rules that let replay go on past a blocked
 //! reader hold here too: a head entry whose reader sleeps for
-//! [`BLOCKED_THREAD`](crate::replay::BLOCKED_THREAD) is passed over, and
+//! [`BLOCKED_THREAD`] is passed over, and
 //! one whose answer condition stays unmet for
-//! [`STATEMENT_WAIT`](crate::replay::STATEMENT_WAIT) is let through.
+//! [`STATEMENT_WAIT`] is let through.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};

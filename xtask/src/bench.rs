@@ -160,6 +160,10 @@ struct Measure {
     p99: f64,
     p999: f64,
     max: f64,
+    /// CPU time (user + system) the server's processes spent per
+    /// operation, in us: for a replicated server, all three replicas
+    /// together (the node runs inside them). `None` where not measured.
+    cpu_per_op: Option<f64>,
 }
 
 impl Measure {
@@ -179,6 +183,7 @@ impl Measure {
                 "p99_us" => m.p99 = f,
                 "p999_us" => m.p999 = f,
                 "max_us" => m.max = f,
+                "cpu_per_op_us" => m.cpu_per_op = Some(f),
                 _ => {}
             }
         }
@@ -186,8 +191,11 @@ impl Measure {
     }
 
     fn fields(&self) -> String {
+        let cpu = self
+            .cpu_per_op
+            .map_or(String::new(), |c| format!(" cpu_per_op_us={c:.2}"));
         format!(
-            "ops={} errors={} throughput={:.1} p50_us={:.2} p99_us={:.2} p999_us={:.2} max_us={:.2}",
+            "ops={} errors={} throughput={:.1} p50_us={:.2} p99_us={:.2} p999_us={:.2} max_us={:.2}{cpu}",
             self.ops, self.errors, self.throughput, self.p50, self.p99, self.p999, self.max
         )
     }
@@ -403,13 +411,16 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
             }
             let leader = app.wait_ready(&[0, 1, 2], Duration::from_secs(60))?;
             for &c in &o.conns {
-                let m = run_load(
-                    &bench_bin,
-                    &[kind.name(), "--addr", &app.apps[leader].to_string()],
-                    &o,
-                    c,
-                    &pin,
-                )?;
+                let pids: Vec<u32> = (0..3).flat_map(|i| app.server_pids(i)).collect();
+                let m = with_cpu(&o, &pids, || {
+                    run_load(
+                        &bench_bin,
+                        &[kind.name(), "--addr", &app.apps[leader].to_string()],
+                        &o,
+                        c,
+                        &pin,
+                    )
+                })?;
                 if app.leader() != Some(leader) {
                     notes.push(format!(
                         "{} over {t}, {c} conns: the leader changed during the point (requests to the old one failed and were retried)",
@@ -618,6 +629,43 @@ impl Pinning {
 }
 
 /// Runs the load generator on its core; its RESULT line.
+/// Seconds of load before the measured part of a point.
+fn warmup(o: &Opts) -> f64 {
+    (o.duration / 5.0).clamp(0.2, 1.0)
+}
+
+/// CPU time (utime + stime) the processes `pids` have used, in seconds
+/// (processes that are gone count nothing).
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name: state is the first, utime the
+            // 12th, stime the 13th.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / ticks)
+        })
+        .sum()
+}
+
+/// Runs a load point and charges it the CPU that `pids` (the server's
+/// processes) used meanwhile, per operation. The warm-up's share is taken
+/// out pro rata by time (the load generator counts only measured
+/// operations).
+fn with_cpu(o: &Opts, pids: &[u32], point: impl FnOnce() -> Result<Measure>) -> Result<Measure> {
+    let before = cpu_seconds(pids);
+    let mut m = point()?;
+    let used = (cpu_seconds(pids) - before).max(0.0);
+    let measured = used * o.duration / (o.duration + warmup(o));
+    m.cpu_per_op = (m.ops > 0).then(|| measured * 1e6 / m.ops as f64);
+    Ok(m)
+}
+
 fn run_load(
     bench: &Path,
     target: &[&str],
@@ -635,7 +683,7 @@ fn run_load(
         "--duration",
         &o.duration.to_string(),
         "--warmup",
-        &(o.duration / 5.0).clamp(0.2, 1.0).to_string(),
+        &warmup(o).to_string(),
     ]);
     let out = c.output().context("running apus-bench")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -821,13 +869,17 @@ fn bare_app(
         }
         thread::sleep(Duration::from_millis(20));
     }
-    let m = run_load(
-        bench,
-        &[kind.name(), "--addr", &addr.to_string()],
-        o,
-        conns,
-        pin,
-    );
+    let mut pids = apus::supervisor::tree::descendants(child.id());
+    pids.push(child.id());
+    let m = with_cpu(o, &pids, || {
+        run_load(
+            bench,
+            &[kind.name(), "--addr", &addr.to_string()],
+            o,
+            conns,
+            pin,
+        )
+    });
     let _ = child.kill();
     let _ = child.wait();
     m
@@ -1219,22 +1271,27 @@ impl Report<'_> {
             );
             let _ = writeln!(
                 md,
-                "| server | transport | conns | ops/s | p50 | p99 | throughput vs bare | p50 vs bare |\n|---|---|---:|---:|---:|---:|---:|---:|"
+                "| server | transport | conns | ops/s | p50 | p99 | CPU/op (us) | throughput vs bare | p50 vs bare | CPU/op vs bare |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
             );
             for r in &apps {
                 let bare = apps
                     .iter()
                     .find(|b| b.system == r.system && b.transport == "bare" && b.conns == r.conns);
-                let (tp, lat) = match bare {
+                let (tp, lat, cpu_ratio) = match bare {
                     Some(b) if r.transport != "bare" => (
                         format!("{:.2}x", r.m.throughput / b.m.throughput.max(1e-9)),
                         format!("{:.1}x", r.m.p50 / b.m.p50.max(1e-9)),
+                        match (r.m.cpu_per_op, b.m.cpu_per_op) {
+                            (Some(x), Some(y)) if y > 0.0 => format!("{:.1}x", x / y),
+                            _ => "-".into(),
+                        },
                     ),
-                    _ => ("1x".into(), "1x".into()),
+                    _ => ("1x".into(), "1x".into(), "1x".into()),
                 };
+                let cpu = r.m.cpu_per_op.map_or("-".into(), |c| format!("{c:.1}"));
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {tp} | {lat} |",
+                    "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {cpu} | {tp} | {lat} | {cpu_ratio} |",
                     r.system, r.transport, r.conns, r.m.throughput, r.m.p50, r.m.p99
                 );
             }
