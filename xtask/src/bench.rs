@@ -1570,11 +1570,17 @@ mod tests {
                 p99: 4.5,
                 p999: 5.0,
                 max: 6.0,
+                cpu_per_op: Some(7.25),
             },
         };
         let back = Row::from_guest_line(&r.guest_line()).expect("parses");
         assert_eq!((back.replicas, back.conns, back.m.ops), (5, 8, 10));
         assert!((back.m.p50 - 3.25).abs() < 1e-9 && back.emulated);
+        assert_eq!(
+            back.m.cpu_per_op,
+            Some(7.25),
+            "the CPU per operation travels too"
+        );
     }
 
     #[test]
