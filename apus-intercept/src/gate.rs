@@ -91,6 +91,8 @@ struct Answers {
     /// Allowance for replies shorter here than the leader's (see
     /// [`STATEMENT_WAIT`]).
     shortfall: u64,
+    /// The thread that wrote last (0: none yet).
+    writer: u32,
 }
 
 impl Answers {
@@ -254,9 +256,12 @@ impl Gate {
             let blocking = *blocks.get_or_insert_with(|| blocking.take().is_some_and(|f| f()));
             let wait_for = match turn {
                 Turn::Now(n) => return Admit::Read(n),
-                // Its answers may be this very thread's to write.
-                Turn::AfterAnswers if !blocking => return Admit::WouldBlock,
-                Turn::AfterAnswers => 0,
+                // The answers are this very thread's to write (a
+                // single-threaded event loop writes after its reads).
+                Turn::AfterAnswers(writer) if !blocking && writer == tid => {
+                    return Admit::WouldBlock;
+                }
+                Turn::AfterAnswers(_) => 0,
                 Turn::After(head_reader) => head_reader,
             };
             if wait_for == tid && wait_for != 0 {
@@ -301,15 +306,18 @@ impl Gate {
         self.notify(&st);
     }
 
-    /// The server wrote `n` bytes on replay connection `conn`.
-    pub fn wrote(&self, conn: u64, n: u64) {
+    /// Thread `tid` of the server wrote `n` bytes on replay connection
+    /// `conn`.
+    pub fn wrote(&self, conn: u64, n: u64, tid: u32) {
         let mut st = self.lock();
         let Some(c) = st.conns.get_mut(&conn) else {
             return;
         };
         c.answers.written += n;
         let origin = c.origin;
-        st.answers.entry(origin).or_default().written += n;
+        let all = st.answers.entry(origin).or_default();
+        all.written += n;
+        all.writer = tid;
         self.notify(&st);
     }
 
@@ -368,8 +376,8 @@ enum Turn {
     /// Yes, this many bytes at most.
     Now(usize),
     /// Its input is next, once the server has answered as much as the
-    /// leader's had.
-    AfterAnswers,
+    /// leader's had; the thread that last answered (tid).
+    AfterAnswers(u32),
     /// Input of another connection comes first; its last reader (tid).
     After(u32),
 }
@@ -392,7 +400,8 @@ fn turn_of(st: &mut State, conn: u64) -> Turn {
             .head_since
             .is_some_and(|at| at.elapsed() >= STATEMENT_WAIT);
         if !waited {
-            return Turn::AfterAnswers;
+            let writer = st.answers.get(&head.origin).map_or(0, |a| a.writer);
+            return Turn::AfterAnswers(writer);
         }
         // Its replies differ here; do not wait for them again.
         st.answers.entry(head.origin).or_default().shortfall += short_all;
@@ -516,7 +525,7 @@ mod tests {
         };
         thread::sleep(Duration::from_millis(20));
         assert!(!reader.is_finished());
-        g.wrote(1, 25);
+        g.wrote(1, 25, 2);
         g.drained(7, 1, 40);
         assert_eq!(reader.join().unwrap(), Admit::Read(3));
     }
@@ -532,13 +541,13 @@ mod tests {
         g.consumed(1, 8, 1);
         // Connection 1's next input came after its 1-byte answer.
         g.push(1, 20, out(1, 1));
-        g.wrote(2, 300);
+        g.wrote(2, 300, 1);
         assert_eq!(
             g.admit(1, 1, || false),
             Admit::WouldBlock,
             "answered on 2 only"
         );
-        g.wrote(1, 1);
+        g.wrote(1, 1, 1);
         assert_eq!(g.admit(1, 1, || false), Admit::Read(12));
     }
 

@@ -883,7 +883,7 @@ fn note_replay_write(id: u64, n: u64) {
     let e = errno();
     inside(|| {
         if let Proc::Holder(a) = proc() {
-            a.replay.gate.wrote(id, n);
+            a.replay.gate.wrote(id, n, gettid());
         }
     });
     set_errno(e);

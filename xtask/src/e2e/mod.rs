@@ -1208,7 +1208,13 @@ pub struct Rejoin {
 }
 
 /// How often each INCR client of [`pause_under_load`] sends at most.
-const PAUSE_LOAD_PACE: Duration = Duration::from_millis(2);
+const PAUSE_LOAD_PACE: Duration = Duration::from_millis(5);
+/// How soon a resumed leader must follow and have applied what was
+/// committed when it resumed...
+const REJOIN_WITHIN: Duration = Duration::from_secs(60);
+/// ... plus, if its server is rebuilt, a second per this many entries of
+/// the log.
+const REBUILD_ENTRIES_PER_S: u64 = 4_000;
 
 /// Runs the INCR load and, `rounds` times, freezes the leader's server
 /// (every process, SIGSTOP) until another replica leads, resumes it, and
@@ -1320,6 +1326,11 @@ pub fn pause_and_rejoin(
         .replica_status(new_leader)
         .context("the new leader stopped answering")?
         .commit;
+    // Output commit: a leader paused with input its server had read but
+    // that never committed is rebuilt, and a rebuild replays the whole log
+    // (no snapshots yet, issue 16), at a few thousand entries a second on
+    // two cores shared with the other replicas and the load.
+    let rebuild_allowance = Duration::from_secs(target / REBUILD_ENTRIES_PER_S);
     loop {
         cluster.check_alive(&all)?;
         let caught_up = cluster
@@ -1328,11 +1339,14 @@ pub fn pause_and_rejoin(
         if caught_up {
             break;
         }
+        let rebuilding = count_in_log(&log, "asks for a rebuild") > rebuilds_before;
+        let limit = REJOIN_WITHIN + if rebuilding { rebuild_allowance } else { Duration::ZERO };
         ensure!(
-            resumed.elapsed() < Duration::from_secs(60),
+            resumed.elapsed() < limit,
             "n{victim}, paused while leading and resumed, did not rejoin as a working \
-             follower within 60 s (status {:?}; it must apply up to {target}); logs in {}",
+             follower within {limit:?} (status {:?}; it must apply up to {target}{}); logs in {}",
             cluster.replica_status(victim),
+            if rebuilding { ", its server rebuilt from the whole log" } else { "" },
             cluster.dir.display()
         );
         thread::sleep(Duration::from_millis(5));
