@@ -850,9 +850,6 @@ impl Engine {
     }
 
     fn run(mut self) {
-        if self.policy != PollPolicy::Spin {
-            raise_priority(self.shared.id);
-        }
         let mut last_activity = Instant::now();
         let result = loop {
             if self.shared.stop.load(Ordering::SeqCst) {
@@ -1116,34 +1113,6 @@ impl Engine {
         }
         self.shared.engine_parked.store(false, Ordering::SeqCst);
         Ok(())
-    }
-}
-
-/// The engine thread's nice value where the system allows it (root, or
-/// `CAP_SYS_NICE`).
-const ENGINE_NICE: libc::c_int = -10;
-
-/// Raises the calling (engine) thread's share of the CPU: on a machine
-/// whose cores the server's threads keep busy, a heartbeat or an ack that
-/// waits for a core longer than the election timeout is an election for
-/// nothing. A thread that parks when idle takes only what it uses. Not
-/// done for a spinning engine, which would take the server's cores.
-fn raise_priority(id: NodeId) {
-    // SAFETY: gettid has no preconditions; setpriority on the calling
-    // thread's own id touches no memory.
-    let r = unsafe {
-        libc::setpriority(
-            libc::PRIO_PROCESS,
-            libc::gettid() as libc::id_t,
-            ENGINE_NICE,
-        )
-    };
-    if r != 0 {
-        tracing::debug!(
-            node = %id,
-            error = %std::io::Error::last_os_error(),
-            "the engine thread keeps the default priority"
-        );
     }
 }
 

@@ -1340,13 +1340,22 @@ pub fn pause_and_rejoin(
             break;
         }
         let rebuilding = count_in_log(&log, "asks for a rebuild") > rebuilds_before;
-        let limit = REJOIN_WITHIN + if rebuilding { rebuild_allowance } else { Duration::ZERO };
+        let limit = REJOIN_WITHIN
+            + if rebuilding {
+                rebuild_allowance
+            } else {
+                Duration::ZERO
+            };
         ensure!(
             resumed.elapsed() < limit,
             "n{victim}, paused while leading and resumed, did not rejoin as a working \
              follower within {limit:?} (status {:?}; it must apply up to {target}{}); logs in {}",
             cluster.replica_status(victim),
-            if rebuilding { ", its server rebuilt from the whole log" } else { "" },
+            if rebuilding {
+                ", its server rebuilt from the whole log"
+            } else {
+                ""
+            },
             cluster.dir.display()
         );
         thread::sleep(Duration::from_millis(5));
