@@ -396,12 +396,8 @@ impl Replay {
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             );
         }
-        let mut local: libc::sockaddr_in = sockaddr_in(std::net::Ipv4Addr::LOCALHOST, 0);
         let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        // SAFETY: `local` is a valid sockaddr_in of `len` bytes.
-        if unsafe { libc::bind(fd, (&raw const local).cast(), len) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let mut local = bind_even_port(fd)?;
         let mut got = len;
         // SAFETY: `local` has room for a sockaddr_in; `got` holds its size.
         if unsafe { libc::getsockname(fd, (&raw mut local).cast(), &mut got) } != 0 {
@@ -892,6 +888,47 @@ fn drain(
     drained.store(true, Ordering::Release);
 }
 
+/// Tries for the local end of a replay connection before an ephemeral port.
+const EVEN_PORT_TRIES: usize = 32;
+
+/// Binds `fd` to 127.0.0.1 on a free even port of the ephemeral range, or
+/// any port if none is found. Not `bind(0)`: Linux gives `bind(0)` odd ports,
+/// the ones a server told to listen on a free port gets too, and a replay
+/// connection holding one while a replica's server restarts (a rebuild) took
+/// its port (CI: "Address already in use"). `connect` takes even ports, and
+/// never one bound already.
+fn bind_even_port(fd: libc::c_int) -> io::Result<libc::sockaddr_in> {
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().map(|w| w.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .filter(|(l, h)| l < h)
+        .unwrap_or((32768, 60999));
+    let span = u32::from(high - low) / 2;
+    for _ in 0..EVEN_PORT_TRIES {
+        let mut r = [0u8; 4];
+        let _ = getrandom::fill(&mut r);
+        let port = (u32::from(low) + u32::from_le_bytes(r) % span.max(1) * 2) & !1;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        let local = sockaddr_in(std::net::Ipv4Addr::LOCALHOST, port);
+        // SAFETY: `local` is a valid sockaddr_in of `len` bytes.
+        if unsafe { libc::bind(fd, (&raw const local).cast(), len) } == 0 {
+            return Ok(local);
+        }
+    }
+    let local = sockaddr_in(std::net::Ipv4Addr::LOCALHOST, 0);
+    // SAFETY: as above.
+    if unsafe { libc::bind(fd, (&raw const local).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(local)
+}
+
 fn sockaddr_in(ip: std::net::Ipv4Addr, port: u16) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
@@ -975,6 +1012,24 @@ mod tests {
         assert!(at.elapsed() < STATEMENT_WAIT);
         busy.kill().unwrap();
         busy.wait().unwrap();
+    }
+
+    /// Regression (issue 14): a replay connection's local port was an odd
+    /// one, as `bind(0)` gives, and took a restarting server's port.
+    #[test]
+    fn a_replay_connection_binds_an_even_port() {
+        for _ in 0..20 {
+            // SAFETY: plain socket creation; the result is checked.
+            let fd =
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+            assert!(fd >= 0);
+            // SAFETY: `fd` is a fresh socket we own; the stream closes it.
+            let s = unsafe { TcpStream::from_raw_fd(fd) };
+            let local = bind_even_port(fd).unwrap();
+            let port = u16::from_be(local.sin_port);
+            assert!(port != 0 && port % 2 == 0, "port {port}");
+            drop(s);
+        }
     }
 
     fn replay() -> Replay {
