@@ -363,6 +363,14 @@ impl Replay {
                 {
                     thread::sleep(Duration::from_millis(10));
                 }
+                // The chosen local port's connection to the server is still
+                // in TIME_WAIT (an earlier run replayed through it): another.
+                Err(e)
+                    if Instant::now() < deadline
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::AddrNotAvailable | io::ErrorKind::AddrInUse
+                        ) => {}
                 Err(e) => return Err(e),
             }
         }
