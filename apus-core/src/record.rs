@@ -20,8 +20,11 @@ use crate::layout::{LAYOUT_VERSION, SLOT_LEN};
 use crate::types::{Index, NodeId, Pos, Term};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"APR1");
-const FIELDS: usize = 14;
+pub(crate) const FIELDS: usize = 14;
 const CRC_AT: usize = SLOT_LEN - 4;
+// The header word, the fields, the reserved word and the checksum fill a
+// slot exactly, in whole words (what the inbound cache compares).
+const _: () = assert!(8 + FIELDS * 8 + 8 == SLOT_LEN && SLOT_LEN % 8 == 0);
 
 /// Why a slot does not hold a valid record.
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone, Copy)]
@@ -76,32 +79,42 @@ pub trait Record: Sized {
 
     /// Decodes and validates one slot.
     fn decode(slot: &[u8; SLOT_LEN]) -> Result<Self, RecordError> {
-        let magic = u32::from_le_bytes(slot[0..4].try_into().expect("4 bytes"));
-        if magic != MAGIC {
-            return Err(RecordError::BadMagic(magic));
-        }
-        let crc = u32::from_le_bytes(slot[CRC_AT..].try_into().expect("4 bytes"));
-        if crc32c::crc32c(&slot[..CRC_AT]) != crc {
-            return Err(RecordError::Checksum);
-        }
-        if slot[4] != LAYOUT_VERSION {
-            return Err(RecordError::Version(slot[4]));
-        }
-        if slot[5] != Self::KIND {
-            return Err(RecordError::Kind {
-                expected: Self::KIND,
-                found: slot[5],
-            });
-        }
-        if slot[6] != 0 || slot[7] != 0 || slot[120..CRC_AT].iter().any(|&b| b != 0) {
-            return Err(RecordError::Reserved);
-        }
-        let mut w = [0u64; FIELDS];
-        for (i, word) in w.iter_mut().enumerate() {
-            *word = u64::from_le_bytes(slot[8 + i * 8..16 + i * 8].try_into().expect("8 bytes"));
-        }
-        Self::from_words(&w)
+        Self::from_words(&check_slot(slot, Self::KIND)?)
     }
+}
+
+/// The words of one slot.
+pub(crate) const SLOT_WORDS: usize = SLOT_LEN / 8;
+
+/// The fields of a record of `kind`, once the slot's framing (magic,
+/// checksum, version, kind, reserved bytes) holds; the fields themselves are
+/// validated by the record type's `from_words`.
+pub(crate) fn check_slot(slot: &[u8; SLOT_LEN], kind: u8) -> Result<[u64; FIELDS], RecordError> {
+    let magic = u32::from_le_bytes(slot[0..4].try_into().expect("4 bytes"));
+    if magic != MAGIC {
+        return Err(RecordError::BadMagic(magic));
+    }
+    let crc = u32::from_le_bytes(slot[CRC_AT..].try_into().expect("4 bytes"));
+    if crc32c::crc32c(&slot[..CRC_AT]) != crc {
+        return Err(RecordError::Checksum);
+    }
+    if slot[4] != LAYOUT_VERSION {
+        return Err(RecordError::Version(slot[4]));
+    }
+    if slot[5] != kind {
+        return Err(RecordError::Kind {
+            expected: kind,
+            found: slot[5],
+        });
+    }
+    if slot[6] != 0 || slot[7] != 0 || slot[120..CRC_AT].iter().any(|&b| b != 0) {
+        return Err(RecordError::Reserved);
+    }
+    let mut w = [0u64; FIELDS];
+    for (i, word) in w.iter_mut().enumerate() {
+        *word = u64::from_le_bytes(slot[8 + i * 8..16 + i * 8].try_into().expect("8 bytes"));
+    }
+    Ok(w)
 }
 
 fn unused_zero(w: &[u64; FIELDS], used: usize) -> Result<(), RecordError> {

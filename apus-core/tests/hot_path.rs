@@ -213,3 +213,33 @@ fn committing_does_not_allocate_per_proposal() {
         );
     }
 }
+
+#[test]
+fn idle_polls_decode_only_the_slots_that_changed() {
+    let mut m = Mesh::new(Durability::Memory);
+    while m.leader().is_none() || m.replicas.iter().any(|r| r.leader().is_none()) {
+        m.step();
+        assert!(m.now < 10_000_000_000, "no leader elected");
+    }
+    m.run(100, &[1u8; 64]);
+    let decodes = |m: &Mesh| -> u64 { m.replicas.iter().map(|r| r.counters().slot_decodes).sum() };
+    let before = decodes(&m);
+    let (start, steps) = (m.now, 10_000);
+    for _ in 0..steps {
+        m.step();
+    }
+    let heartbeats = (m.now - start) / 1_000_000; // the default 1 ms interval
+    let decoded = decodes(&m) - before;
+    // Per heartbeat each follower decodes the leader record copy that was
+    // rewritten and the leader each follower's ack; every other look at a
+    // slot (several per poll of each replica) is a comparison.
+    eprintln!("{decoded} slot decodes in {steps} idle steps, {heartbeats} heartbeats");
+    assert!(
+        decoded <= 4 * (heartbeats + 1),
+        "{decoded} decodes for {heartbeats} heartbeats"
+    );
+    assert!(
+        decoded >= heartbeats,
+        "heartbeats must still be read: {decoded}"
+    );
+}

@@ -145,7 +145,7 @@ impl<S: LogStore> Replica<S> {
 
     /// Whether we heard from a live leader of our term within the minimum
     /// election timeout (a leader: whether it still has its quorum).
-    fn leader_is_alive(&self) -> bool {
+    pub(super) fn leader_is_alive(&self) -> bool {
         match self.role {
             Role::Leader => true,
             Role::Candidate => false,

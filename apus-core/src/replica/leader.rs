@@ -670,10 +670,9 @@ impl<S: LogStore> Replica<S> {
         if quorum > self.commit && self.term_at(quorum) == Some(self.term) {
             self.commit = quorum;
             self.status_dirty = true;
-            // Followers learn it right away, not with the next entry.
-            for p in self.peers() {
-                self.send_record(SlotKind::Leader, p);
-            }
+            // No leader record rewrite per commit (a message to every
+            // follower per round): the next entries and the next heartbeat
+            // carry the commit index.
         }
     }
 }

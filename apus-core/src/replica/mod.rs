@@ -18,6 +18,9 @@
 //!   is what lets a replica drain everything the old writer managed to land
 //!   before it votes or accepts a new leader.
 //! * The store's hard state is durable before `save_hard_state` returns.
+//! * After a batch of [`handle_event`](Replica::handle_event) calls comes a
+//!   `poll`: what the events lead to (acks, syncs, [`Event`]s) is emitted
+//!   once, there, and not once per transport completion.
 //!
 //! # The protocol in one page
 //!
@@ -35,9 +38,10 @@
 //!   the leader's write of it completes; in `durable` mode once its ack
 //!   record says the range is persisted. The leader commits the highest index
 //!   of its own term held by a majority (itself included), and followers
-//!   learn the commit index from each entry and from the leader record, which
-//!   is rewritten whenever the commit index moves (so idle followers never
-//!   lag behind).
+//!   learn the commit index from each entry and from the leader record's
+//!   heartbeats. A commit does not rewrite the leader record: under load the
+//!   next entries carry it, and an idle follower learns it within one
+//!   heartbeat interval.
 //! * **Election.** A follower that sees no heartbeat for its randomised
 //!   timeout becomes a candidate and writes vote requests into every peer's
 //!   control block; voters grant at most one vote per term, saved before they
@@ -63,6 +67,7 @@
 
 mod election;
 mod follower;
+mod inbound;
 mod leader;
 pub(crate) mod ops;
 mod outbox;
@@ -79,6 +84,7 @@ use crate::store::{HardState, LogStore, StoreError};
 use crate::transport::{OpId, RemoteOp, TransportEvent};
 use crate::types::{Index, MAX_REPLICAS, NodeId, Pos, Role, Term, Time};
 
+use inbound::InboundSlots;
 use leader::LeaderState;
 use ops::Purpose;
 use outbox::Outbox;
@@ -226,6 +232,9 @@ pub struct Counters {
     pub elections: u64,
     /// Writes that failed (peer unreachable or access denied).
     pub failed_ops: u64,
+    /// Inbound control slots copied and checked because they had changed
+    /// since the last look (an unchanged slot costs a comparison only).
+    pub slot_decodes: u64,
 }
 
 /// One node's consensus engine. See the [module docs](self).
@@ -234,6 +243,7 @@ pub struct Replica<S: LogStore> {
     cfg: ReplicaConfig,
     layout: RegionLayout,
     region: Region,
+    inbound: InboundSlots,
     store: S,
     rng: Rng,
     majority: usize,
@@ -335,6 +345,7 @@ impl<S: LogStore> Replica<S> {
         let mut r = Replica {
             majority: cfg.replicas / 2 + 1,
             rng: Rng::new(seed),
+            inbound: InboundSlots::new(&layout, cfg.replicas),
             layout,
             region,
             store,
@@ -471,7 +482,10 @@ impl<S: LogStore> Replica<S> {
     }
     /// Diagnostics counters.
     pub fn counters(&self) -> Counters {
-        self.counters
+        Counters {
+            slot_decodes: self.inbound.decodes(),
+            ..self.counters
+        }
     }
     /// The next queued action.
     pub fn next_action(&mut self) -> Option<Action> {
@@ -512,7 +526,12 @@ impl<S: LogStore> Replica<S> {
             self.receive()?;
         }
         self.read_leader_records()?;
-        self.read_vote_requests()?;
+        // While our leader is alive we grant no vote (leader stickiness,
+        // Raft thesis 9.6, covers higher terms; a rival of the same term is
+        // refused by silence): the vote slots are not even looked at.
+        if !self.leader_is_alive() {
+            self.read_vote_requests()?;
+        }
         match self.role {
             Role::Candidate => self.read_vote_responses()?,
             Role::Leader => self.read_acks()?,
@@ -526,7 +545,8 @@ impl<S: LogStore> Replica<S> {
         Ok(())
     }
 
-    /// Takes a transport event.
+    /// Takes a transport event. Call [`poll`](Self::poll) after a batch of
+    /// them: the acks, syncs and [`Event`]s they lead to are emitted there.
     pub fn handle_event(&mut self, event: TransportEvent, now: Time) -> Result<(), ReplicaError> {
         self.now = self.now.max(now);
         match event {
@@ -546,7 +566,8 @@ impl<S: LogStore> Replica<S> {
             TransportEvent::Completed(c) => self.complete(c.op, c.peer, c.result)?,
             _ => {}
         }
-        self.finish_poll();
+        // What the event leads to (an ack, a sync, the events) is emitted
+        // once by the poll that follows the batch, not once per completion.
         Ok(())
     }
 
@@ -717,10 +738,8 @@ impl<S: LogStore> Replica<S> {
 
     fn read_slot<R: Record>(&self, kind: SlotKind, writer: NodeId) -> Option<R> {
         debug_assert_eq!(kind.copies(), 1);
-        let mut buf = [0u8; SLOT_LEN];
-        self.region
-            .read(self.layout.inbound(kind, writer), &mut buf);
-        R::decode(&buf).ok()
+        self.inbound
+            .read(&self.region, &self.layout, kind, writer, 0)
     }
 
     /// The current leader record from `writer`: of its two copies, the valid
@@ -728,14 +747,14 @@ impl<S: LogStore> Replica<S> {
     /// torn; the other then holds the latest completed write.
     fn read_leader_record(&self, writer: NodeId) -> Option<LeaderRecord> {
         let mut best: Option<LeaderRecord> = None;
-        let mut buf = [0u8; SLOT_LEN];
         for copy in 0..SlotKind::Leader.copies() {
-            self.region.read(
-                self.layout.inbound_copy(SlotKind::Leader, writer, copy),
-                &mut buf,
-            );
-            if let Ok(r) = LeaderRecord::decode(&buf)
-                && best.is_none_or(|b| (r.term, r.version) > (b.term, b.version))
+            if let Some(r) = self.inbound.read::<LeaderRecord>(
+                &self.region,
+                &self.layout,
+                SlotKind::Leader,
+                writer,
+                copy,
+            ) && best.is_none_or(|b| (r.term, r.version) > (b.term, b.version))
             {
                 best = Some(r);
             }
