@@ -71,6 +71,12 @@ struct GatedConn {
     origin: u64,
     /// Bytes the server has read.
     consumed: u64,
+    /// Bytes the replayer has written or is about to write (announced
+    /// first): what a read may return when none of it is written ahead.
+    announced: u64,
+    /// The replayer has ended its input (or is about to): reads may see
+    /// the end of stream.
+    input_ended: bool,
     /// The thread of this process that read it last (0: none yet).
     reader: u32,
     /// A forked process reads it, the server watches it edge-triggered, or
@@ -149,6 +155,7 @@ impl Gate {
 
     /// Replay connection `conn`, of leader `origin`, was opened.
     pub fn open(&self, conn: u64, origin: u64) {
+        tracing::trace!(conn, "replay connection opened");
         let mut st = self.lock();
         if st.conns.len() < MAX_CONNS {
             st.conns.insert(
@@ -163,6 +170,7 @@ impl Gate {
 
     /// Replay has ended connection `conn`.
     pub fn forget(&self, conn: u64) {
+        tracing::trace!(conn, "forgotten");
         let mut st = self.lock();
         st.conns.remove(&conn);
         settle(&mut st);
@@ -191,9 +199,11 @@ impl Gate {
             st = self.wait(st, Duration::from_millis(10));
             settle(&mut st);
         }
-        let Some(origin) = st.conns.get(&conn).map(|c| c.origin) else {
+        let Some(c) = st.conns.get_mut(&conn) else {
             return;
         };
+        c.announced = c.announced.max(end);
+        let origin = c.origin;
         if st.turns.is_empty() {
             st.head_since = Some(Instant::now());
         }
@@ -203,10 +213,32 @@ impl Gate {
             out,
             origin,
         });
+        tracing::trace!(conn, end, ahead = st.turns.len(), "written ahead");
+        self.notify(&st);
         assert!(
             st.turns.len() <= MAX_AHEAD,
             "the gate holds more than MAX_AHEAD"
         );
+    }
+
+    /// Input of `conn` up to stream offset `end` is about to be written one
+    /// entry at a time (not ahead: the replayer waits until it is read).
+    pub fn announce(&self, conn: u64, end: u64) {
+        tracing::trace!(conn, end, "written one entry at a time");
+        let mut st = self.lock();
+        if let Some(c) = st.conns.get_mut(&conn) {
+            c.announced = c.announced.max(end);
+        }
+        self.notify(&st);
+    }
+
+    /// The replayer is about to end `conn`'s input (its write side).
+    pub fn end_input(&self, conn: u64) {
+        let mut st = self.lock();
+        if let Some(c) = st.conns.get_mut(&conn) {
+            c.input_ended = true;
+        }
+        self.notify(&st);
     }
 
     /// Waits until the server has read everything written ahead (before an
@@ -251,11 +283,23 @@ impl Gate {
             settle(&mut st);
             let turn = turn_of(&mut st, conn);
             if let Turn::Now(n) = turn {
+                tracing::trace!(
+                    conn,
+                    n,
+                    ahead = st.turns.len(),
+                    head = st.turns.front().map_or(0, |h| h.conn),
+                    "read admitted"
+                );
                 return Admit::Read(n);
             }
             let blocking = *blocks.get_or_insert_with(|| blocking.take().is_some_and(|f| f()));
+            tracing::trace!(conn, ?turn, blocking, waited, "read not admitted yet");
             let wait_for = match turn {
                 Turn::Now(n) => return Admit::Read(n),
+                // Nothing announced: the socket is empty (or about to get
+                // bytes this read must not take before their turn).
+                Turn::Nothing if !blocking => return Admit::WouldBlock,
+                Turn::Nothing => 0,
                 // The answers are this very thread's to write (a
                 // single-threaded event loop writes after its reads).
                 Turn::AfterAnswers(writer) if !blocking && writer == tid => {
@@ -335,6 +379,7 @@ impl Gate {
     /// The server closed (a descriptor of) `conn`: what it left unread is
     /// not waited for.
     pub fn closed(&self, conn: u64) {
+        tracing::trace!(conn, "closed by the server");
         let mut st = self.lock();
         if let Some(c) = st.conns.get_mut(&conn) {
             c.closed = true;
@@ -371,7 +416,7 @@ fn settle(st: &mut State) {
 }
 
 /// Whether `conn` may be read now.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Turn {
     /// Yes, this many bytes at most.
     Now(usize),
@@ -380,12 +425,27 @@ enum Turn {
     AfterAnswers(u32),
     /// Input of another connection comes first; its last reader (tid).
     After(u32),
+    /// None of its input is written ahead, and what was written has been
+    /// read: there is nothing to read yet.
+    Nothing,
 }
 
 fn turn_of(st: &mut State, conn: u64) -> Turn {
     let Some(first) = st.turns.iter().position(|t| t.conn == conn) else {
-        // Nothing of it is written ahead.
-        return Turn::Now(usize::MAX);
+        // Nothing of it is written ahead: it may read what the replayer has
+        // written one entry at a time, and no more. A read admitted with
+        // more could take input pushed (and written) after this answer,
+        // ahead of earlier input of other connections (CI: a resp-kv
+        // follower read a connection's next request before another's).
+        return match st.conns.get(&conn) {
+            None => Turn::Now(usize::MAX),
+            Some(c) if c.closed => Turn::Now(usize::MAX),
+            Some(c) if c.announced > c.consumed => {
+                Turn::Now(usize::try_from(c.announced - c.consumed).unwrap_or(usize::MAX))
+            }
+            Some(c) if c.input_ended => Turn::Now(usize::MAX),
+            Some(_) => Turn::Nothing,
+        };
     };
     let head = st.turns[0];
     if first != 0 {
@@ -503,8 +563,49 @@ mod tests {
         assert_eq!(g.admit(1, 1, || false), Admit::Read(4));
         g.consumed(1, 4, 1);
         assert_eq!(g.stats(), (0, 0));
-        // Nothing written ahead: reads pass.
-        assert_eq!(g.admit(2, 1, || false), Admit::Read(usize::MAX));
+        // Everything read: nothing to read until more is announced.
+        assert_eq!(g.admit(2, 1, || false), Admit::WouldBlock);
+        g.announce(2, 8);
+        assert_eq!(g.admit(2, 1, || false), Admit::Read(3), "what is written");
+        g.consumed(2, 3, 1);
+        g.end_input(2);
+        assert_eq!(g.admit(2, 1, || false), Admit::Read(usize::MAX), "its end");
+    }
+
+    /// Regression (issue 14, CI and `cargo xtask e2e --server resp-kv`, 1
+    /// run in 4): a follower's resp-kv read connection B's next request
+    /// before A's earlier one, and the replicas' states diverged. B's read
+    /// was admitted while nothing of B was written ahead ("read whatever is
+    /// there"); before the read itself, the replayer pushed A's and B's next
+    /// input and wrote them, and the read took B's out of turn.
+    #[test]
+    fn a_read_admitted_with_nothing_ahead_cannot_take_input_written_after() {
+        let g = gate_with(&[1, 2]);
+        g.push(1, 3, out(0, 0));
+        g.push(2, 3, out(0, 0));
+        g.consumed(1, 3, 1);
+        g.consumed(2, 3, 1);
+        // Nothing of 2 is ahead now: the read may take nothing...
+        let admitted = g.admit(2, 1, || false);
+        assert_eq!(admitted, Admit::WouldBlock);
+        // ...so that what is pushed and written next keeps its turn.
+        g.push(1, 6, out(0, 0));
+        g.push(2, 6, out(0, 0));
+        assert_eq!(g.admit(2, 1, || false), Admit::WouldBlock, "1 comes first");
+        assert_eq!(g.admit(1, 1, || false), Admit::Read(3));
+    }
+
+    #[test]
+    fn a_blocking_read_with_nothing_announced_waits_for_input() {
+        let g = Arc::new(gate_with(&[1]));
+        let reader = {
+            let g = g.clone();
+            thread::spawn(move || g.admit(1, 3, || true))
+        };
+        thread::sleep(Duration::from_millis(20));
+        assert!(!reader.is_finished(), "nothing to read yet");
+        g.announce(1, 5);
+        assert_eq!(reader.join().unwrap(), Admit::Read(5));
     }
 
     #[test]

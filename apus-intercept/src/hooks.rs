@@ -6,6 +6,7 @@
 //! `errno` before returning. Work for a replicated connection goes to the
 //! node: directly in the holder, over the channel in a forked child.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::slice;
 use std::sync::LazyLock;
@@ -251,6 +252,7 @@ fn note_replay_read(fd: c_int, n: ssize_t) {
         inside(|| match proc() {
             Proc::Holder(a) => {
                 let tid = gettid();
+                tracing::trace!(conn = id, n, tid, "replayed input read");
                 REGISTRY.consumed(id, n as u64, Reader::Thread(tid));
                 a.replay.gate.consumed(id, n as u64, tid);
             }
@@ -381,6 +383,20 @@ fn replicated(fd: c_int) -> Option<u64> {
 /// the kernel filled the first `n` bytes in order.
 unsafe fn gather(bufs: impl Iterator<Item = (*const u8, usize)>, n: usize) -> Vec<u8> {
     let mut data = Vec::with_capacity(n);
+    // SAFETY: as ours.
+    unsafe { gather_into(bufs, n, &mut data) };
+    data
+}
+
+/// Appends the first `n` bytes of `bufs` to `data`.
+///
+/// # Safety
+/// As [`gather`].
+unsafe fn gather_into(
+    bufs: impl Iterator<Item = (*const u8, usize)>,
+    n: usize,
+    data: &mut Vec<u8>,
+) {
     let mut left = n;
     for (p, len) in bufs {
         if left == 0 {
@@ -393,7 +409,59 @@ unsafe fn gather(bufs: impl Iterator<Item = (*const u8, usize)>, n: usize) -> Ve
         }
         left -= take;
     }
-    data
+}
+
+thread_local! {
+    /// Where bytes spread over several buffers are gathered: kept per
+    /// thread, so a hook allocates nothing per call.
+    static GATHERED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A gathering buffer that grew beyond this is given back after use.
+const GATHERED_KEEP: usize = 1 << 20;
+
+/// Calls `f` with the first `n` bytes of `bufs`: in place when the first
+/// buffer holds them all (a read or write of one buffer, the usual case),
+/// else gathered into this thread's reused buffer.
+///
+/// # Safety
+/// As [`gather`].
+unsafe fn with_gathered<R>(
+    mut bufs: impl Iterator<Item = (*const u8, usize)>,
+    n: usize,
+    f: impl FnOnce(&[u8]) -> R,
+) -> R {
+    if n == 0 {
+        return f(&[]);
+    }
+    let first = bufs.next();
+    if let Some((p, len)) = first
+        && len >= n
+        && !p.is_null()
+    {
+        // SAFETY: the kernel wrote `n` <= `len` bytes at `p`.
+        return f(unsafe { slice::from_raw_parts(p, n) });
+    }
+    let mut rest = Some(first.into_iter().chain(bufs));
+    let mut f = Some(f);
+    let done = GATHERED.try_with(|cell| {
+        let mut buf = cell.try_borrow_mut().ok()?;
+        buf.clear();
+        // SAFETY: as ours.
+        unsafe { gather_into(rest.take()?, n, &mut buf) };
+        let r = (f.take()?)(&buf);
+        if buf.capacity() > GATHERED_KEEP {
+            *buf = Vec::new();
+        }
+        Some(r)
+    });
+    match (done, rest, f) {
+        (Ok(Some(r)), _, _) => r,
+        // Re-entered, or the thread is ending: a buffer of its own.
+        // SAFETY: as ours.
+        (_, Some(rest), Some(f)) => f(&unsafe { gather(rest, n) }),
+        _ => unreachable!("the reused buffer either ran `f` or took nothing"),
+    }
 }
 
 /// The `(base, len)` pairs of an iovec array.
@@ -420,6 +488,7 @@ fn replicate_input(fd: c_int, conn: u64, data: &[u8]) -> Result<(), ()> {
             c.out
         })
         .unwrap_or_default();
+    tracing::trace!(conn, n = data.len(), "input read");
     let ok = match proc() {
         Proc::Holder(a) => a.input(conn, out.bytes, data, 0).map_err(|e| {
             tracing::warn!(fd, conn, error = %e, "input could not be replicated: closing the connection");
@@ -460,8 +529,12 @@ unsafe fn after_input(
     }
     let e = errno();
     // SAFETY: the caller's buffers, of which the kernel filled `n` bytes.
-    let data = unsafe { gather(bufs, n as usize) };
-    match inside(|| replicate_input(fd, conn, &data)) {
+    let replicated = unsafe {
+        with_gathered(bufs, n as usize, |data| {
+            inside(|| replicate_input(fd, conn, data))
+        })
+    };
+    match replicated {
         Ok(()) => {
             set_errno(e);
             n
@@ -870,8 +943,7 @@ unsafe fn after_output_bufs(fd: c_int, n: ssize_t, bufs: impl Iterator<Item = (*
     }
     if REGISTRY.conn(fd).is_some() {
         // SAFETY: the caller's buffers, of which `n` bytes were sent.
-        let data = unsafe { gather(bufs, n as usize) };
-        after_output(fd, &data);
+        unsafe { with_gathered(bufs, n as usize, |data| after_output(fd, data)) };
     } else if let Some(id) = REGISTRY.replay_conn(fd) {
         note_replay_write(id, n as u64);
     }

@@ -630,14 +630,14 @@ impl Apus {
     /// A node that no longer leads refuses here, before the server is
     /// handed the input (a deposed leader's reads see the end of their
     /// connections).
-    fn submit(&self, kind: EntryKind, conn: u64, payload: &[u8]) -> Result<(), ProposeError> {
+    fn submit(&self, kind: EntryKind, conn: u64, parts: &[&[u8]]) -> Result<(), ProposeError> {
         if !self.node.is_leader() {
             return Err(ProposeError::NotLeader {
                 leader: self.node.status().leader,
             });
         }
         self.node
-            .submit(kind, conn, payload, self.max_uncommitted)
+            .submit(kind, conn, parts, self.max_uncommitted)
             .map(|_| ())
     }
 
@@ -687,7 +687,7 @@ impl Apus {
             warn!("this term has used up its connection ids; turning the client away");
             return Verdict::Reject;
         };
-        match self.submit(EntryKind::Connect, id, &connect.encode()) {
+        match self.submit(EntryKind::Connect, id, &[&connect.encode()]) {
             Ok(()) => Verdict::Replicate(id),
             Err(_) => Verdict::Reject,
         }
@@ -720,13 +720,12 @@ impl Apus {
             self.replay.turnstile.take_turn(conn, by);
         }
         let out = self.out_total.load(Ordering::SeqCst);
+        let header = payload::data_header(out, on_conn);
         if data.is_empty() {
-            return self.submit(EntryKind::Data, conn, &payload::data(out, on_conn, &[]));
+            return self.submit(EntryKind::Data, conn, &[&header]);
         }
         data.chunks(self.max_payload - payload::DATA_HEADER)
-            .try_for_each(|chunk| {
-                self.submit(EntryKind::Data, conn, &payload::data(out, on_conn, chunk))
-            })
+            .try_for_each(|chunk| self.submit(EntryKind::Data, conn, &[&header, chunk]))
     }
 
     /// The server wrote `bytes` on its replicated connections.
@@ -741,7 +740,10 @@ impl Apus {
             bytes_out: out.bytes,
             hash_out: out.hash,
         };
-        if self.submit(EntryKind::Close, conn, &close.encode()).is_ok() {
+        if self
+            .submit(EntryKind::Close, conn, &[&close.encode()])
+            .is_ok()
+        {
             self.barrier();
         }
     }

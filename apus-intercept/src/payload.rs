@@ -48,14 +48,20 @@ pub struct Out {
     pub on_conn: Option<u64>,
 }
 
-/// A DATA payload: the leader's output so far, then the input.
-pub fn data(out: u64, on_conn: u64, input: &[u8]) -> Vec<u8> {
+/// What a DATA payload holds in front of its input: the leader's output so
+/// far, on all connections and on this one.
+pub fn data_header(out: u64, on_conn: u64) -> [u8; DATA_HEADER] {
     debug_assert!(out < ON_CONN, "2^63 bytes written");
-    let mut b = Vec::with_capacity(DATA_HEADER + input.len());
-    b.extend_from_slice(&(out | ON_CONN).to_le_bytes());
-    b.extend_from_slice(&on_conn.to_le_bytes());
-    b.extend_from_slice(input);
-    b
+    let mut h = [0u8; DATA_HEADER];
+    h[..8].copy_from_slice(&(out | ON_CONN).to_le_bytes());
+    h[8..].copy_from_slice(&on_conn.to_le_bytes());
+    h
+}
+
+/// A DATA payload: [`data_header`], then the input.
+#[cfg(test)]
+pub fn data(out: u64, on_conn: u64, input: &[u8]) -> Vec<u8> {
+    [&data_header(out, on_conn)[..], input].concat()
 }
 
 /// A DATA payload's output counts and input; `None` if too short.

@@ -587,9 +587,11 @@ impl Replay {
         }
         if data.is_empty() {
             // The client closed its side.
+            self.gate.end_input(id);
             let _ = c.stream.shutdown(Shutdown::Write);
             return;
         }
+        self.gate.announce(id, c.written + data.len() as u64);
         if let Err(e) = c.stream.write_all(data) {
             debug!(conn = id, error = %e, "the local server no longer takes input on a replayed connection");
             return;
@@ -709,7 +711,8 @@ impl Replay {
                 .filter_map(|id| conns.remove(id).map(|c| (*id, c)))
                 .collect()
         };
-        for (_, c) in &ended {
+        for (id, c) in &ended {
+            self.gate.end_input(*id);
             let _ = c.stream.shutdown(Shutdown::Write);
         }
         let deadline = Instant::now() + DRAIN_WAIT;

@@ -37,6 +37,16 @@ use crate::storage::{MemoryStore, NodeStore, Recovery, SegmentStore, SyncHandle}
 pub const PROPOSAL_QUEUE: usize = 4096;
 /// Committed entries queued for the apply thread, at most.
 pub const APPLY_QUEUE: usize = 4096;
+/// Payload buffers kept for reuse between proposals and applied entries, so
+/// that the steady state allocates none per entry.
+const SPARE_BUFFERS: usize = 256;
+/// A buffer that grew beyond this is dropped instead of kept.
+const SPARE_BUFFER_MAX: usize = 16 << 10;
+/// A new buffer has room for at least this much.
+const SPARE_BUFFER_MIN: usize = 512;
+// What the spare pool may hold at most, kept small next to the queues.
+const _: () = assert!(SPARE_BUFFERS * SPARE_BUFFER_MAX <= 4 << 20);
+const _: () = assert!(SPARE_BUFFER_MIN <= SPARE_BUFFER_MAX);
 /// How long a `hybrid` engine keeps spinning after its last activity.
 pub const HYBRID_SPIN: Duration = Duration::from_micros(50);
 /// How long a proposer spins before it parks.
@@ -255,6 +265,8 @@ struct Shared {
     id: NodeId,
     queue: ArrayQueue<Request>,
     apply_queue: ArrayQueue<ApplyItem>,
+    /// Payload buffers to reuse (see [`SPARE_BUFFERS`]).
+    spare: ArrayQueue<Vec<u8>>,
     waker: Arc<dyn Wake>,
     fencing: Option<FencingProbe>,
     /// [`TransportKind::code`] of the transport running (0: choosing).
@@ -287,6 +299,31 @@ pub struct Node {
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node").field("id", &self.shared.id).finish()
+    }
+}
+
+impl Shared {
+    /// A buffer holding `parts` concatenated: a spare one when there is one.
+    fn buffer_of(&self, parts: &[&[u8]]) -> Vec<u8> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut b = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(len.max(SPARE_BUFFER_MIN)));
+        b.clear();
+        for p in parts {
+            b.extend_from_slice(p);
+        }
+        debug_assert_eq!(b.len(), len);
+        b
+    }
+
+    /// Keeps `b` for [`buffer_of`](Self::buffer_of), unless it grew large
+    /// or enough are kept.
+    fn recycle(&self, b: Vec<u8>) {
+        if b.capacity() <= SPARE_BUFFER_MAX {
+            let _ = self.spare.push(b);
+        }
     }
 }
 
@@ -334,6 +371,7 @@ impl Node {
             id,
             queue: ArrayQueue::new(PROPOSAL_QUEUE),
             apply_queue: ArrayQueue::new(APPLY_QUEUE),
+            spare: ArrayQueue::new(SPARE_BUFFERS),
             waker: transport.waker(),
             fencing,
             transport_kind,
@@ -466,14 +504,14 @@ impl Node {
         r
     }
 
-    /// Whether a proposal of `payload` can be made at all.
-    fn admit(&self, payload: &[u8]) -> Result<(), ProposeError> {
+    /// Whether a proposal of `len` payload bytes can be made at all.
+    fn admit(&self, len: usize) -> Result<(), ProposeError> {
         if let Some(why) = self.stopped() {
             return Err(ProposeError::Stopped(why));
         }
-        if payload.len() > self.shared.max_payload {
+        if len > self.shared.max_payload {
             return Err(ProposeError::TooLarge {
-                len: payload.len(),
+                len,
                 max: self.shared.max_payload,
             });
         }
@@ -487,12 +525,12 @@ impl Node {
         payload: &[u8],
         deadline: Option<Instant>,
     ) -> Result<Applied, ProposeError> {
-        self.admit(payload)?;
+        self.admit(payload.len())?;
         let waiter = Waiter::new();
         let req = Request {
             kind,
             conn,
-            payload: payload.to_vec(),
+            payload: self.shared.buffer_of(&[payload]),
             proposer: Proposer::Waiting(waiter.clone()),
         };
         if let Err((req, e)) = self.enqueue(req, deadline) {
@@ -540,16 +578,21 @@ impl Node {
     /// submitted proposal that fails makes every later wait fail (the
     /// caller acted on input that did not commit). Errors here mean the
     /// proposal was not made.
+    ///
+    /// The payload is `parts` concatenated (a header and the bytes a server
+    /// read, say): they are copied once, into a reused buffer, so the steady
+    /// state allocates nothing per proposal.
     pub fn submit(
         &self,
         kind: EntryKind,
         conn: u64,
-        payload: &[u8],
+        parts: &[&[u8]],
         max_uncommitted: u64,
     ) -> Result<u64, ProposeError> {
-        self.admit(payload)?;
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        self.admit(len)?;
         let spec = &self.shared.speculation;
-        let bytes = payload.len() as u64;
+        let bytes = len as u64;
         if spec.outstanding() + bytes > max_uncommitted {
             // The bound on input a server may run ahead of its commits. A
             // failure shows at the caller's next wait.
@@ -558,7 +601,7 @@ impl Node {
         let req = Request {
             kind,
             conn,
-            payload: payload.to_vec(),
+            payload: self.shared.buffer_of(parts),
             proposer: Proposer::Submitted { bytes },
         };
         let target = spec.submit(bytes);
@@ -959,6 +1002,8 @@ impl Engine {
             any = true;
             match self.replica.propose(req.kind, req.conn, &req.payload) {
                 Ok(p) => {
+                    // The ring holds the entry now.
+                    self.shared.recycle(req.payload);
                     self.shared
                         .metrics
                         .counters
@@ -1073,7 +1118,7 @@ impl Engine {
                 term: e.term,
                 kind: e.kind,
                 conn: e.conn,
-                payload: e.payload.to_vec(),
+                payload: self.shared.buffer_of(&[e.payload]),
                 waiter,
                 proposed_here,
             };
@@ -1163,6 +1208,7 @@ fn apply_loop<S: StateMachine>(shared: Arc<Shared>, mut sm: S) {
                 proposed_here: item.proposed_here,
             };
             let output = sm.apply(&entry);
+            shared.recycle(item.payload);
             shared.applied.store(item.index, Ordering::Release);
             shared
                 .metrics

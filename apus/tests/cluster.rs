@@ -1,90 +1,12 @@
 //! Three real nodes in one process over TCP loopback.
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod common;
 
-use apus::{ClusterConfig, Entry, Node, ProposeError, StateMachine};
-use apus_core::{EntryKind, NodeId, Role};
+use std::time::Duration;
 
-/// Records every data entry it applies.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<Vec<u8>>>>);
-
-impl StateMachine for Log {
-    fn apply(&mut self, e: &Entry<'_>) -> Vec<u8> {
-        if e.kind == EntryKind::Data {
-            self.0.lock().unwrap().push(e.payload.to_vec());
-        }
-        e.index.to_le_bytes().to_vec()
-    }
-}
-
-/// `n` distinct free loopback ports: every listener stays bound until all
-/// are chosen, so the kernel cannot hand out one port twice.
-fn ports(n: usize) -> Vec<u16> {
-    let held: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
-
-fn config(dir: &Path, durability: &str) -> ClusterConfig {
-    config_with(dir, durability, "transport = \"tcp\"\n")
-}
-
-fn config_with(dir: &Path, durability: &str, transport: &str) -> ClusterConfig {
-    let mut text = format!(
-        "[cluster]\nsecret = \"cluster test secret, 32 bytes...\"\ndurability = \"{durability}\"\npoll = \"park\"\n{transport}\
-         [engine]\nring_capacity = 1048576\ncatchup_chunk = 65536\nmax_payload = 4096\n\
-         heartbeat_us = 2000\nelection_timeout_us = 40000\n"
-    );
-    for (i, port) in ports(3).into_iter().enumerate() {
-        text += &format!(
-            "[[replica]]\nid = {i}\naddress = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n",
-            port,
-            dir.join(format!("n{i}")).display()
-        );
-    }
-    ClusterConfig::parse(&text, None).unwrap()
-}
-
-/// Waits (a hang guard, not a timing assertion) until `f` holds.
-fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn leader(nodes: &[Option<Node>]) -> Option<usize> {
-    nodes
-        .iter()
-        .position(|n| n.as_ref().is_some_and(|n| n.status().role == Role::Leader))
-}
-
-/// Proposes `payload` to whoever leads, following redirects.
-fn propose(nodes: &[Option<Node>], payload: &[u8]) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(Instant::now() < deadline, "no leader accepted the proposal");
-        let Some(l) = leader(nodes) else {
-            std::thread::sleep(Duration::from_millis(5));
-            continue;
-        };
-        match nodes[l].as_ref().unwrap().propose(payload) {
-            Ok(a) => return a.index,
-            Err(ProposeError::NotLeader { .. } | ProposeError::Lost | ProposeError::Timeout) => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
-}
+use apus::{Node, ProposeError};
+use apus_core::{EntryKind, NodeId};
+use common::{Log, config, config_with, leader, propose, until};
 
 #[test]
 fn three_nodes_commit_fail_over_and_catch_up() {
@@ -187,7 +109,7 @@ fn submitted_proposals_commit_in_order_and_a_lost_one_fails_every_wait() {
     let mut last = 0;
     for i in 0..500u32 {
         last = n
-            .submit(EntryKind::Data, 0, format!("s{i}").as_bytes(), 1 << 20)
+            .submit(EntryKind::Data, 0, &[format!("s{i}").as_bytes()], 1 << 20)
             .unwrap();
     }
     assert_eq!(last, 500);
@@ -203,13 +125,13 @@ fn submitted_proposals_commit_in_order_and_a_lost_one_fails_every_wait() {
     assert_eq!(applied, expected, "committed in submission order");
     // A small bound makes a submitter wait for the commits before it.
     for i in 0..50u32 {
-        n.submit(EntryKind::Data, 0, format!("b{i}").as_bytes(), 8)
+        n.submit(EntryKind::Data, 0, &[format!("b{i}").as_bytes()], 8)
             .unwrap();
     }
     n.wait_submitted(n.submitted()).unwrap();
     // A follower takes the submission but the engine refuses it.
     let f = nodes[(l + 1) % 3].as_ref().unwrap();
-    let t = f.submit(EntryKind::Data, 0, b"lost", 1 << 20).unwrap();
+    let t = f.submit(EntryKind::Data, 0, &[b"lost"], 1 << 20).unwrap();
     assert!(f.wait_submitted(t).is_err());
     assert!(f.speculation_lost().is_some());
     assert!(f.wait_submitted(0).is_err(), "for good");

@@ -1,0 +1,101 @@
+//! The leader's path for an input does not allocate: three real nodes over
+//! TCP loopback take thousands of [`Node::submit`]s, and the allocations
+//! counted in every thread of the process while they do (the submitting
+//! thread, the engines, the transports, the apply threads) are far fewer
+//! than one per input. The counter itself is shown to catch one allocation
+//! per input.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use apus::{Entry, Node, StateMachine};
+use apus_core::{EntryKind, NodeId};
+use common::{config, leader, until};
+
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static COUNTING: AtomicBool = AtomicBool::new(false);
+
+// SAFETY: delegates every call to the system allocator unchanged; the
+// counters are plain atomics.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Applies without keeping anything (an empty output allocates nothing).
+struct Discard;
+
+impl StateMachine for Discard {
+    fn apply(&mut self, _: &Entry<'_>) -> Vec<u8> {
+        Vec::new()
+    }
+}
+
+/// Allocations while `n` inputs of `payload` are submitted in bursts of
+/// `burst` and each burst waited for; `plant` allocates once more per input
+/// (what the test must be able to see).
+fn allocations(node: &Node, n: u64, burst: u64, payload: &[u8], plant: bool) -> u64 {
+    let header = [7u8; 16];
+    ALLOCS.store(0, Ordering::Relaxed);
+    COUNTING.store(true, Ordering::Relaxed);
+    for _ in 0..n / burst {
+        for _ in 0..burst {
+            if plant {
+                std::hint::black_box(Box::new(0u64));
+            }
+            node.submit(EntryKind::Data, 1, &[&header, payload], 1 << 20)
+                .expect("the leader takes it");
+        }
+        node.wait_submitted(node.submitted()).expect("committed");
+    }
+    COUNTING.store(false, Ordering::Relaxed);
+    ALLOCS.load(Ordering::Relaxed)
+}
+
+#[test]
+fn submitting_input_does_not_allocate_per_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "memory");
+    let nodes: Vec<Option<Node>> = (0..3)
+        .map(|i| Some(Node::start(&cfg, NodeId(i as u8), Discard).unwrap()))
+        .collect();
+    until("a leader known to all", || {
+        leader(&nodes).is_some() && nodes.iter().flatten().all(|n| n.status().leader.is_some())
+    });
+    let node = nodes[leader(&nodes).unwrap()].as_ref().unwrap();
+    let payload = [b'x'; 100];
+    // Warm up: queues, buffers and the log reach their working size.
+    allocations(node, 20_000, 8, &payload, false);
+    let n = 20_000;
+    let seen = allocations(node, n, 8, &payload, false);
+    let planted = allocations(node, n, 8, &payload, true);
+    eprintln!("{seen} allocations for {n} inputs; {planted} with one planted per input");
+    assert!(planted >= n, "the counter misses allocations: {planted}");
+    assert!(
+        seen * 10 < n,
+        "{seen} allocations for {n} inputs: the leader's path allocates per input"
+    );
+}
