@@ -3,9 +3,7 @@
 //! the allocations counted while it does are a few buffer doublings of the
 //! in-memory log, not one per proposal.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use apus_core::layout::RemoteAccess;
 use apus_core::{
@@ -13,36 +11,8 @@ use apus_core::{
     Replica, ReplicaConfig, Role, Time, TransportEvent,
 };
 
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-static COUNTING: AtomicBool = AtomicBool::new(false);
-
-// SAFETY: delegates every call to the system allocator unchanged; the
-// counters are plain atomics.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "support/counting.rs"]
+mod counting;
 
 /// Three replicas whose remote operations take effect at once.
 struct Mesh {
@@ -189,15 +159,14 @@ fn allocations_per_proposal(durability: Durability) -> (u64, u64) {
     assert!(m.leader().is_some(), "no leader elected");
     let payload = [42u8; 100];
     m.run(20_000, &payload); // warm up: buffers reach their working size
-    ALLOCS.store(0, Ordering::Relaxed);
-    COUNTING.store(true, Ordering::Relaxed);
+    counting::start();
     m.run(20_000, &payload);
-    COUNTING.store(false, Ordering::Relaxed);
+    let allocs = counting::stop();
     for r in &m.replicas {
         assert_eq!(r.applied_index(), r.commit_index());
         assert!(r.commit_index() >= 40_000);
     }
-    (ALLOCS.load(Ordering::Relaxed), 20_000)
+    (allocs, 20_000)
 }
 
 #[test]

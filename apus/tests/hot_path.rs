@@ -7,43 +7,12 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
 use apus::{Entry, Node, StateMachine};
 use apus_core::{EntryKind, NodeId};
 use common::{config, leader, until};
 
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-static COUNTING: AtomicBool = AtomicBool::new(false);
-
-// SAFETY: delegates every call to the system allocator unchanged; the
-// counters are plain atomics.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "../../apus-core/tests/support/counting.rs"]
+mod counting;
 
 /// Applies without keeping anything (an empty output allocates nothing).
 struct Discard;
@@ -59,8 +28,7 @@ impl StateMachine for Discard {
 /// (what the test must be able to see).
 fn allocations(node: &Node, n: u64, burst: u64, payload: &[u8], plant: bool) -> u64 {
     let header = [7u8; 16];
-    ALLOCS.store(0, Ordering::Relaxed);
-    COUNTING.store(true, Ordering::Relaxed);
+    counting::start();
     for _ in 0..n / burst {
         for _ in 0..burst {
             if plant {
@@ -71,8 +39,7 @@ fn allocations(node: &Node, n: u64, burst: u64, payload: &[u8], plant: bool) -> 
         }
         node.wait_submitted(node.submitted()).expect("committed");
     }
-    COUNTING.store(false, Ordering::Relaxed);
-    ALLOCS.load(Ordering::Relaxed)
+    counting::stop()
 }
 
 #[test]
