@@ -52,10 +52,6 @@ pub enum Admit {
     Read(usize),
     /// Not its turn, and the socket does not block: `EAGAIN`.
     WouldBlock,
-    /// Nothing of it was written ahead: the read ran under the gate's lock
-    /// (so no input could be pushed and written meanwhile), with this
-    /// result; what it returned is counted as consumed.
-    Done(isize),
 }
 
 /// One entry's input, written ahead of the server's reads.
@@ -277,16 +273,8 @@ impl Gate {
 
     /// May thread `tid` read connection `conn` now? `blocking` says whether
     /// the read blocks (it then waits here for its turn instead of
-    /// `EAGAIN`); asked only when it is not its turn. `read_now` makes the
-    /// read itself (uncapped), for a non-blocking read of a connection
-    /// with nothing written ahead: it runs under the gate's lock.
-    pub fn admit(
-        &self,
-        conn: u64,
-        tid: u32,
-        blocking: impl FnOnce() -> bool,
-        read_now: impl FnOnce() -> isize,
-    ) -> Admit {
+    /// `EAGAIN`); asked only when it is not its turn.
+    pub fn admit(&self, conn: u64, tid: u32, blocking: impl FnOnce() -> bool) -> Admit {
         let mut st = self.lock();
         let mut waited = false;
         let mut blocking = Some(blocking);
@@ -308,26 +296,10 @@ impl Gate {
             tracing::trace!(conn, ?turn, blocking, waited, "read not admitted yet");
             let wait_for = match turn {
                 Turn::Now(n) => return Admit::Read(n),
-                // Nothing of it is ahead. A read admitted with "whatever is
-                // there" could take input pushed and written after this
-                // answer, ahead of earlier input of other connections (a
-                // resp-kv follower diverged so): a non-blocking read runs
-                // here, under the lock that every push takes before its
-                // bytes are written, and sees what the kernel has (input
-                // written one entry at a time, the end of stream, an
-                // error). A blocking one may read what replay announced.
-                Turn::Nothing if !blocking => {
-                    let n = read_now();
-                    if n > 0 {
-                        count_consumed(&mut st, conn, n as u64, tid);
-                        self.notify(&st);
-                    }
-                    return Admit::Done(n);
-                }
-                Turn::Nothing => match announced_unread(&st, conn) {
-                    Some(n) => return Admit::Read(n),
-                    None => 0,
-                },
+                // Nothing announced: the socket is empty (or about to get
+                // bytes this read must not take before their turn).
+                Turn::Nothing if !blocking => return Admit::WouldBlock,
+                Turn::Nothing => 0,
                 // The answers are this very thread's to write (a
                 // single-threaded event loop writes after its reads).
                 Turn::AfterAnswers(writer) if !blocking && writer == tid => {
@@ -365,7 +337,16 @@ impl Gate {
     /// connection is replayed one entry at a time from now on).
     pub fn consumed(&self, conn: u64, n: u64, tid: u32) {
         let mut st = self.lock();
-        count_consumed(&mut st, conn, n, tid);
+        let Some(c) = st.conns.get_mut(&conn) else {
+            return;
+        };
+        c.consumed += n;
+        if tid == 0 {
+            c.ungated = true;
+        } else {
+            c.reader = tid;
+        }
+        settle(&mut st);
         self.notify(&st);
     }
 
@@ -415,31 +396,6 @@ impl Gate {
     }
 }
 
-/// Thread `tid` read `n` bytes of `conn` (0: a forked process).
-fn count_consumed(st: &mut State, conn: u64, n: u64, tid: u32) {
-    let Some(c) = st.conns.get_mut(&conn) else {
-        return;
-    };
-    c.consumed += n;
-    if tid == 0 {
-        c.ungated = true;
-    } else {
-        c.reader = tid;
-    }
-    settle(st);
-}
-
-/// For a blocking read of `conn` with nothing ahead: what replay announced
-/// and the server has not read yet (`usize::MAX` once its input ended), or
-/// `None` to wait for more.
-fn announced_unread(st: &State, conn: u64) -> Option<usize> {
-    let c = st.conns.get(&conn)?;
-    if c.announced > c.consumed {
-        return Some(usize::try_from(c.announced - c.consumed).unwrap_or(usize::MAX));
-    }
-    c.input_ended.then_some(usize::MAX)
-}
-
 /// Drops head entries that are read, or whose connection is gone.
 fn settle(st: &mut State) {
     while let Some(h) = st.turns.front() {
@@ -469,16 +425,25 @@ enum Turn {
     AfterAnswers(u32),
     /// Input of another connection comes first; its last reader (tid).
     After(u32),
-    /// None of its input is written ahead.
+    /// None of its input is written ahead, and what was written has been
+    /// read: there is nothing to read yet.
     Nothing,
 }
 
 fn turn_of(st: &mut State, conn: u64) -> Turn {
     let Some(first) = st.turns.iter().position(|t| t.conn == conn) else {
-        // Nothing of it is written ahead (see `Gate::admit`).
+        // Nothing of it is written ahead: it may read what the replayer has
+        // written one entry at a time, and no more. A read admitted with
+        // more could take input pushed (and written) after this answer,
+        // ahead of earlier input of other connections (CI: a resp-kv
+        // follower read a connection's next request before another's).
         return match st.conns.get(&conn) {
             None => Turn::Now(usize::MAX),
             Some(c) if c.closed => Turn::Now(usize::MAX),
+            Some(c) if c.announced > c.consumed => {
+                Turn::Now(usize::try_from(c.announced - c.consumed).unwrap_or(usize::MAX))
+            }
+            Some(c) if c.input_ended => Turn::Now(usize::MAX),
             Some(_) => Turn::Nothing,
         };
     };
@@ -581,43 +546,30 @@ mod tests {
         g.push(1, 10, out(0, 0));
         g.push(2, 5, out(0, 0));
         g.push(1, 14, out(0, 0));
+        assert_eq!(g.admit(2, 1, || false), Admit::WouldBlock, "2 before 1");
         assert_eq!(
-            g.admit(2, 1, || false, || -1),
-            Admit::WouldBlock,
-            "2 before 1"
-        );
-        assert_eq!(
-            g.admit(1, 1, || false, || -1),
+            g.admit(1, 1, || false),
             Admit::Read(10),
             "1 up to 2's entry"
         );
         g.consumed(1, 10, 1);
         assert_eq!(
-            g.admit(1, 1, || false, || -1),
+            g.admit(1, 1, || false),
             Admit::WouldBlock,
             "1's next is after 2's"
         );
-        assert_eq!(g.admit(2, 1, || false, || -1), Admit::Read(5));
+        assert_eq!(g.admit(2, 1, || false), Admit::Read(5));
         g.consumed(2, 5, 1);
-        assert_eq!(g.admit(1, 1, || false, || -1), Admit::Read(4));
+        assert_eq!(g.admit(1, 1, || false), Admit::Read(4));
         g.consumed(1, 4, 1);
         assert_eq!(g.stats(), (0, 0));
-        // Everything read: a non-blocking read sees what the kernel has
-        // (here: nothing), a blocking one what replay announced.
-        assert_eq!(g.admit(2, 1, || false, || -1), Admit::Done(-1));
+        // Everything read: nothing to read until more is announced.
+        assert_eq!(g.admit(2, 1, || false), Admit::WouldBlock);
         g.announce(2, 8);
-        assert_eq!(
-            g.admit(2, 1, || true, || -1),
-            Admit::Read(3),
-            "what is written"
-        );
+        assert_eq!(g.admit(2, 1, || false), Admit::Read(3), "what is written");
         g.consumed(2, 3, 1);
         g.end_input(2);
-        assert_eq!(
-            g.admit(2, 1, || true, || -1),
-            Admit::Read(usize::MAX),
-            "its end"
-        );
+        assert_eq!(g.admit(2, 1, || false), Admit::Read(usize::MAX), "its end");
     }
 
     /// Regression (issue 14, CI and `cargo xtask e2e --server resp-kv`, 1
@@ -628,46 +580,19 @@ mod tests {
     /// input and wrote them, and the read took B's out of turn.
     #[test]
     fn a_read_admitted_with_nothing_ahead_cannot_take_input_written_after() {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let g = Arc::new(gate_with(&[1, 2]));
+        let g = gate_with(&[1, 2]);
         g.push(1, 3, out(0, 0));
         g.push(2, 3, out(0, 0));
         g.consumed(1, 3, 1);
         g.consumed(2, 3, 1);
-        // Nothing of 2 is ahead: its read runs under the gate's lock, and
-        // the replayer cannot push (and then write) meanwhile.
-        let pushed = Arc::new(AtomicBool::new(false));
-        let pusher = {
-            let (g, pushed) = (g.clone(), pushed.clone());
-            move || {
-                g.push(1, 6, out(0, 0));
-                g.push(2, 6, out(0, 0));
-                pushed.store(true, Ordering::SeqCst);
-            }
-        };
-        let mut pusher = Some(pusher);
-        let mut handle = None;
-        let admitted = g.admit(
-            2,
-            1,
-            || false,
-            || {
-                handle = pusher.take().map(thread::spawn);
-                thread::sleep(Duration::from_millis(20));
-                assert!(!pushed.load(Ordering::SeqCst), "pushed during the read");
-                -1
-            },
-        );
-        assert_eq!(admitted, Admit::Done(-1));
-        handle.expect("the read ran").join().unwrap();
-        assert!(pushed.load(Ordering::SeqCst));
-        // What was pushed after keeps its turn.
-        assert_eq!(
-            g.admit(2, 1, || false, || -1),
-            Admit::WouldBlock,
-            "1 comes first"
-        );
-        assert_eq!(g.admit(1, 1, || false, || -1), Admit::Read(3));
+        // Nothing of 2 is ahead now: the read may take nothing...
+        let admitted = g.admit(2, 1, || false);
+        assert_eq!(admitted, Admit::WouldBlock);
+        // ...so that what is pushed and written next keeps its turn.
+        g.push(1, 6, out(0, 0));
+        g.push(2, 6, out(0, 0));
+        assert_eq!(g.admit(2, 1, || false), Admit::WouldBlock, "1 comes first");
+        assert_eq!(g.admit(1, 1, || false), Admit::Read(3));
     }
 
     #[test]
@@ -675,7 +600,7 @@ mod tests {
         let g = Arc::new(gate_with(&[1]));
         let reader = {
             let g = g.clone();
-            thread::spawn(move || g.admit(1, 3, || true, || -1))
+            thread::spawn(move || g.admit(1, 3, || true))
         };
         thread::sleep(Duration::from_millis(20));
         assert!(!reader.is_finished(), "nothing to read yet");
@@ -690,14 +615,14 @@ mod tests {
         g.push(2, 3, out(40, 0));
         g.consumed(1, 3, 1);
         assert_eq!(
-            g.admit(2, 1, || false, || -1),
+            g.admit(2, 1, || false),
             Admit::WouldBlock,
             "40 bytes not answered yet"
         );
         // A worker thread (2) answers; a blocking reader (3) waits for it.
         let reader = {
             let g = g.clone();
-            thread::spawn(move || g.admit(2, 3, || true, || -1))
+            thread::spawn(move || g.admit(2, 3, || true))
         };
         thread::sleep(Duration::from_millis(20));
         assert!(!reader.is_finished());
@@ -719,12 +644,12 @@ mod tests {
         g.push(1, 20, out(1, 1));
         g.wrote(2, 300, 1);
         assert_eq!(
-            g.admit(1, 1, || false, || -1),
+            g.admit(1, 1, || false),
             Admit::WouldBlock,
             "answered on 2 only"
         );
         g.wrote(1, 1, 1);
-        assert_eq!(g.admit(1, 1, || false, || -1), Admit::Read(12));
+        assert_eq!(g.admit(1, 1, || false), Admit::Read(12));
     }
 
     #[test]
@@ -734,7 +659,7 @@ mod tests {
         g.push(2, 8, out(0, 0));
         let reader = {
             let g = g.clone();
-            thread::spawn(move || g.admit(2, 9, || true, || -1))
+            thread::spawn(move || g.admit(2, 9, || true))
         };
         thread::sleep(Duration::from_millis(20));
         assert!(!reader.is_finished(), "2 read before 1");
@@ -765,7 +690,7 @@ mod tests {
         g.push(1, 5, out(0, 0));
         g.push(2, 5, out(0, 0));
         let at = Instant::now();
-        assert_eq!(g.admit(2, 1, || true, || -1), Admit::Read(5));
+        assert_eq!(g.admit(2, 1, || true), Admit::Read(5));
         assert!(
             at.elapsed() >= BLOCKED_THREAD,
             "passed over after {:?}",

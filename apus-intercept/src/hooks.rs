@@ -303,33 +303,19 @@ fn before_replay_read(fd: c_int) {
     set_errno(e);
 }
 
-/// What a read of a replay connection may do now (see [`crate::gate`]).
-enum ReplayTurn {
-    /// Read at most this many bytes.
-    Cap(usize),
-    /// Not its turn and the socket does not block: `EAGAIN`.
-    Again,
-    /// The read already ran (under the gate's lock), with this result and
-    /// errno; the gate counted what it returned.
-    Done(ssize_t, c_int),
-}
-
-/// The turn of a read of `fd`, if it is a replay connection of this
-/// process (the holder's); `read` is called here when the read must run
-/// under the gate's lock.
-fn replay_turn(
-    fd: c_int,
-    dont_wait: bool,
-    read: &mut Option<impl FnOnce(usize) -> ssize_t>,
-) -> ReplayTurn {
+/// How many bytes a read of `fd` may return now, if it is a replay
+/// connection of this process (the holder's) that the server reads ahead
+/// of its turn: `None` when it must not read yet (its socket does not
+/// block: `EAGAIN`). See [`crate::gate`].
+fn replay_turn(fd: c_int, dont_wait: bool) -> Option<usize> {
     if in_hook() {
-        return ReplayTurn::Cap(usize::MAX);
+        return Some(usize::MAX);
     }
     let Some(id) = REGISTRY.replay_conn(fd) else {
-        return ReplayTurn::Cap(usize::MAX);
+        return Some(usize::MAX);
     };
     let Proc::Holder(a) = proc() else {
-        return ReplayTurn::Cap(usize::MAX);
+        return Some(usize::MAX);
     };
     let e = errno();
     let blocking = || {
@@ -337,27 +323,11 @@ fn replay_turn(
         let fl = unsafe { real::fcntl(fd, libc::F_GETFL, 0) };
         !dont_wait && fl >= 0 && fl & libc::O_NONBLOCK == 0
     };
-    let mut read_errno = 0;
-    let tid = gettid();
-    let admit = inside(|| {
-        a.replay.gate.admit(id, tid, blocking, || {
-            set_errno(e);
-            let n = (read.take().expect("read once"))(usize::MAX);
-            read_errno = errno();
-            n
-        })
-    });
+    let admit = inside(|| a.replay.gate.admit(id, gettid(), blocking));
     set_errno(e);
     match admit {
-        Admit::Read(n) => ReplayTurn::Cap(n.max(1)),
-        Admit::WouldBlock => ReplayTurn::Again,
-        Admit::Done(n) => {
-            if n > 0 {
-                tracing::trace!(conn = id, n, tid, "replayed input read (nothing ahead)");
-                REGISTRY.consumed(id, n as u64, Reader::Thread(tid));
-            }
-            ReplayTurn::Done(n, read_errno)
-        }
+        Admit::Read(n) => Some(n.max(1)),
+        Admit::WouldBlock => None,
     }
 }
 
@@ -366,22 +336,13 @@ fn replay_turn(
 /// the most it may return.
 fn replay_read(fd: c_int, dont_wait: bool, read: impl FnOnce(usize) -> ssize_t) -> ssize_t {
     before_replay_read(fd);
-    let mut read = Some(read);
-    match replay_turn(fd, dont_wait, &mut read) {
-        ReplayTurn::Cap(cap) => {
-            let n = (read.take().expect("not read yet"))(cap);
-            note_replay_read(fd, n);
-            n
-        }
-        ReplayTurn::Again => {
-            set_errno(libc::EAGAIN);
-            -1
-        }
-        ReplayTurn::Done(n, err) => {
-            set_errno(err);
-            n
-        }
-    }
+    let Some(cap) = replay_turn(fd, dont_wait) else {
+        set_errno(libc::EAGAIN);
+        return -1;
+    };
+    let n = read(cap);
+    note_replay_read(fd, n);
+    n
 }
 
 /// The first iovecs of `iov`, holding `cap` bytes at most (the last one
