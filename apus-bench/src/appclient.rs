@@ -70,14 +70,35 @@ impl RespConn {
 
     /// Sends one command and reads its reply.
     pub fn call(&mut self, args: &[&[u8]]) -> io::Result<Resp> {
-        let mut req = format!("*{}\r\n", args.len()).into_bytes();
-        for a in args {
-            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            req.extend_from_slice(a);
-            req.extend_from_slice(b"\r\n");
-        }
+        let mut req = Vec::new();
+        encode(&mut req, args);
         self.w.write_all(&req)?;
         self.read()
+    }
+
+    /// Sends `depth` copies of one command at once (pipelined), then reads
+    /// their replies, each of which `check` must accept.
+    pub fn call_pipelined(
+        &mut self,
+        args: &[&[u8]],
+        depth: usize,
+        check: impl Fn(&Resp) -> bool,
+    ) -> io::Result<()> {
+        let mut req = Vec::new();
+        for _ in 0..depth {
+            encode(&mut req, args);
+        }
+        self.w.write_all(&req)?;
+        for _ in 0..depth {
+            let reply = self.read()?;
+            if !check(&reply) {
+                return Err(invalid(format!(
+                    "{}: {reply:?}",
+                    String::from_utf8_lossy(args[0])
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn read(&mut self) -> io::Result<Resp> {
@@ -118,6 +139,16 @@ impl RespConn {
     }
 }
 
+/// Appends one RESP command (an array of bulk strings) to `req`.
+fn encode(req: &mut Vec<u8>, args: &[&[u8]]) {
+    req.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        req.extend_from_slice(a);
+        req.extend_from_slice(b"\r\n");
+    }
+}
+
 /// One memcached text-protocol connection.
 #[derive(Debug)]
 pub struct McConn {
@@ -132,17 +163,30 @@ impl McConn {
     }
 
     pub fn set(&mut self, key: &str, value: &[u8]) -> io::Result<()> {
-        let mut req = format!("set {key} 0 0 {}\r\n", value.len()).into_bytes();
-        req.extend_from_slice(value);
-        req.extend_from_slice(b"\r\n");
-        self.w.write_all(&req)?;
-        match line(&mut self.r)?.as_slice() {
-            b"STORED" => Ok(()),
-            other => Err(invalid(format!(
-                "set {key}: {}",
-                String::from_utf8_lossy(other)
-            ))),
+        self.set_pipelined(key, value, 1)
+    }
+
+    /// `depth` sets sent at once, then their replies read.
+    pub fn set_pipelined(&mut self, key: &str, value: &[u8], depth: usize) -> io::Result<()> {
+        let mut req = Vec::new();
+        for _ in 0..depth {
+            req.extend_from_slice(format!("set {key} 0 0 {}\r\n", value.len()).as_bytes());
+            req.extend_from_slice(value);
+            req.extend_from_slice(b"\r\n");
         }
+        self.w.write_all(&req)?;
+        for _ in 0..depth {
+            match line(&mut self.r)?.as_slice() {
+                b"STORED" => {}
+                other => {
+                    return Err(invalid(format!(
+                        "set {key}: {}",
+                        String::from_utf8_lossy(other)
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `get k1 k2 ...`: the keys that exist, with their values.
@@ -206,12 +250,19 @@ impl AppConn {
     }
 
     pub fn set(&mut self, key: &str, value: &[u8]) -> io::Result<()> {
+        self.set_pipelined(key, value, 1)
+    }
+
+    /// `depth` sets of `key` sent at once (pipelined), then every reply
+    /// read and checked.
+    pub fn set_pipelined(&mut self, key: &str, value: &[u8], depth: usize) -> io::Result<()> {
         match self {
-            AppConn::Resp(c) => match c.call(&[b"SET", key.as_bytes(), value])? {
-                Resp::Simple(s) if s == "OK" => Ok(()),
-                other => Err(invalid(format!("SET {key}: {other:?}"))),
-            },
-            AppConn::Mc(c) => c.set(key, value),
+            AppConn::Resp(c) => c.call_pipelined(
+                &[b"SET", key.as_bytes(), value],
+                depth,
+                |r| matches!(r, Resp::Simple(s) if s == "OK"),
+            ),
+            AppConn::Mc(c) => c.set_pipelined(key, value, depth),
         }
     }
 

@@ -23,12 +23,21 @@ pub struct LoadSpec {
     pub warmup: Duration,
     /// The measured stretch after the warm-up.
     pub duration: Duration,
+    /// Requests sent at once on each connection before their replies are
+    /// read (1: one outstanding at a time).
+    pub pipeline: usize,
 }
 
 /// One connection to a target.
 pub trait Conn {
     /// Sends request number `seq` carrying `value` and waits for its reply.
     fn request(&mut self, seq: u64, value: &[u8]) -> Result<()>;
+
+    /// Sends `depth` requests at once and waits for every reply. Targets
+    /// that cannot pipeline send them one after another.
+    fn request_pipelined(&mut self, seq: u64, value: &[u8], depth: usize) -> Result<()> {
+        (0..depth as u64).try_for_each(|i| self.request(seq + i, value))
+    }
 }
 
 /// What a run measured.
@@ -90,6 +99,9 @@ where
     if spec.conns == 0 {
         bail!("at least one connection");
     }
+    if spec.pipeline == 0 {
+        bail!("a pipeline of at least one request");
+    }
     let value = vec![b'v'; spec.size];
     let start = Barrier::new(spec.conns + 1);
     let measuring = AtomicBool::new(false);
@@ -126,13 +138,22 @@ where
                         conn = connect(c);
                         continue;
                     };
-                    let n = seq.fetch_add(1, Ordering::Relaxed);
+                    let depth = spec.pipeline;
+                    let n = seq.fetch_add(depth as u64, Ordering::Relaxed);
                     let t = Instant::now();
-                    match cn.request(n, value) {
+                    let done = if depth == 1 {
+                        cn.request(n, value)
+                    } else {
+                        cn.request_pipelined(n, value, depth)
+                    };
+                    match done {
                         Ok(()) => {
                             if measuring.load(Ordering::Relaxed) {
-                                let _ = h.record(t.elapsed().as_nanos() as u64);
-                                ops += 1;
+                                // Each request of a batch waited as long as
+                                // the batch.
+                                let lat = t.elapsed().as_nanos() as u64;
+                                let _ = h.record_n(lat, depth as u64);
+                                ops += depth as u64;
                             }
                         }
                         Err(e) => {
@@ -198,6 +219,7 @@ mod tests {
             size: 8,
             warmup: Duration::from_millis(20),
             duration: Duration::from_millis(200),
+            pipeline: 1,
         };
         let r = run(spec, |_| Ok(Sleeper)).unwrap();
         assert!(r.ops > 0 && r.errors > 0, "{r}");
@@ -218,8 +240,37 @@ mod tests {
             size: 8,
             warmup: Duration::ZERO,
             duration: Duration::from_millis(50),
+            pipeline: 1,
         };
         let e = run(spec, |_| Ok(Broken)).unwrap_err();
         assert!(format!("{e:#}").contains("refused"), "{e:#}");
+    }
+
+    #[test]
+    fn a_pipelined_batch_counts_each_request() {
+        /// Counts what it was asked to send; every request takes 100 us.
+        struct Counting(std::sync::Arc<AtomicU64>);
+        impl Conn for Counting {
+            fn request(&mut self, _: u64, _: &[u8]) -> Result<()> {
+                unreachable!("a pipelined run sends batches")
+            }
+            fn request_pipelined(&mut self, _: u64, _: &[u8], depth: usize) -> Result<()> {
+                self.0.fetch_add(depth as u64, Ordering::Relaxed);
+                thread::sleep(Duration::from_micros(100));
+                Ok(())
+            }
+        }
+        let sent = std::sync::Arc::new(AtomicU64::new(0));
+        let spec = LoadSpec {
+            conns: 2,
+            size: 8,
+            warmup: Duration::ZERO,
+            duration: Duration::from_millis(100),
+            pipeline: 16,
+        };
+        let r = run(spec, |_| Ok(Counting(sent.clone()))).unwrap();
+        assert_eq!(r.ops % 16, 0, "{r}");
+        assert_eq!(r.latency.len(), r.ops, "one latency per request");
+        assert!(r.ops <= sent.load(Ordering::Relaxed), "{r}");
     }
 }

@@ -5,9 +5,12 @@
 //!
 //! Both ends run in this process on the transport the cluster
 //! configuration names, exactly as a node opens it
-//! ([`apus::node::open_bare_transport`]), and poll without sleeping (for
-//! the few seconds of the measurement), so the figure is the transport's
-//! best round trip, not a poll policy's wake-up delay.
+//! ([`apus::node::open_bare_transport`]), and wait between polls as the
+//! given [`PollPolicy`] says, exactly as an engine does
+//! ([`PollPolicy::spins`]): with `spin` the figure is the transport's best
+//! round trip; with the cluster's own policy it includes the same wake-up
+//! delays a commit pays, so commit latency / that figure compares like with
+//! like.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use apus::ClusterConfig;
+use apus::{ClusterConfig, PollPolicy};
 use apus_core::layout::SlotKind;
 use apus_core::{NodeId, OpId, RemoteOp, TransportEvent};
 use hdrhistogram::Histogram;
@@ -25,9 +28,18 @@ use crate::load::latency_histogram;
 /// Bytes per write: a small entry or control record.
 pub const WRITE_LEN: usize = 64;
 
+/// How long a poller that does not spin blocks in the transport at most
+/// (the stop flag is looked at in between).
+const WAIT_AT_MOST: Duration = Duration::from_millis(5);
+
 /// Measures `count` round trips (after `count / 10` not counted) between
-/// replicas 0 and 1 of `config`. Latencies in nanoseconds.
-pub fn write_round_trip(config: &ClusterConfig, count: usize) -> Result<Histogram<u64>> {
+/// replicas 0 and 1 of `config`, both ends polling as `policy` says.
+/// Latencies in nanoseconds.
+pub fn write_round_trip(
+    config: &ClusterConfig,
+    count: usize,
+    policy: PollPolicy,
+) -> Result<Histogram<u64>> {
     let (mut writer, region, layout) =
         apus::node::open_bare_transport(config, NodeId(0)).context("opening replica 0")?;
     let (target, _target_region, _) =
@@ -40,12 +52,14 @@ pub fn write_round_trip(config: &ClusterConfig, count: usize) -> Result<Histogra
         let mut target = target;
         thread::spawn(move || -> Result<()> {
             let mut events = Vec::new();
-            // Spins (yielding) until told to stop: the round trip is the
-            // transport's best, not a park policy's wake-up latency.
+            let mut last_activity = Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 events.clear();
                 target.poll(&mut events)?;
-                thread::yield_now();
+                if !events.is_empty() {
+                    last_activity = Instant::now();
+                }
+                idle(&mut *target, policy, last_activity)?;
             }
             Ok(())
         })
@@ -95,7 +109,7 @@ pub fn write_round_trip(config: &ClusterConfig, count: usize) -> Result<Histogra
                 if t.elapsed() > Duration::from_secs(5) {
                     bail!("write {i} not completed within 5 s");
                 }
-                thread::yield_now();
+                idle(&mut *writer, policy, t)?;
             }
             if i >= warmup {
                 let _ = h.record(t.elapsed().as_nanos() as u64);
@@ -110,4 +124,19 @@ pub fn write_round_trip(config: &ClusterConfig, count: usize) -> Result<Histogra
         _ => {}
     }
     result
+}
+
+/// Nothing to do: yield (spinning) or block in the transport, as `policy`
+/// says an engine would.
+fn idle(
+    transport: &mut (dyn apus_core::Transport + Send),
+    policy: PollPolicy,
+    last_activity: Instant,
+) -> Result<()> {
+    if policy.spins(last_activity.elapsed()) {
+        thread::yield_now();
+    } else {
+        transport.wait(WAIT_AT_MOST)?;
+    }
+    Ok(())
 }

@@ -89,6 +89,10 @@ impl Conn for KvConn {
     fn request(&mut self, _: u64, value: &[u8]) -> Result<()> {
         Ok(self.conn.set(&self.key, value)?)
     }
+
+    fn request_pipelined(&mut self, _: u64, value: &[u8], depth: usize) -> Result<()> {
+        Ok(self.conn.set_pipelined(&self.key, value, depth)?)
+    }
 }
 
 /// etcd's `KV/Put`, gRPC over HTTP/2 (prior knowledge, no TLS), as etcdctl

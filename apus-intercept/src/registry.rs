@@ -4,16 +4,23 @@
 //! indexed by the descriptor, so the library's own threads (transport,
 //! engine, replayer) and every non-client descriptor of the server pass
 //! straight through at the cost of one atomic load.
+//!
+//! A replicated connection's state sits in one of [`SHARDS`] tables, chosen
+//! by its id, each with its own lock: a read or write of one connection
+//! takes no lock that every other connection's reads and writes take.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::payload::StreamHash;
 
 /// Descriptors at or above this are never replicated (and pass through).
 pub const MAX_FD: usize = 1 << 16;
+/// Tables the connections are spread over (by id).
+const SHARDS: usize = 64;
+const _: () = assert!(SHARDS.is_power_of_two() && SHARDS <= 256);
 
 /// A replicated client connection on the leader.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -58,7 +65,8 @@ thread_local! {
 /// The table of replicated descriptors.
 pub struct Registry {
     ids: Box<[AtomicU64]>,
-    conns: Mutex<HashMap<u64, Conn>>,
+    /// Connections by id, in [`SHARDS`] tables (see [`Registry::shard`]).
+    conns: Box<[Mutex<HashMap<u64, Conn>>]>,
     /// Server-side descriptors of replay connections (followers), by fd:
     /// the connection id they replay.
     replay_ids: Box<[AtomicU64]>,
@@ -107,7 +115,7 @@ impl Default for Registry {
     fn default() -> Self {
         Registry {
             ids: (0..MAX_FD).map(|_| AtomicU64::new(0)).collect(),
-            conns: Mutex::new(HashMap::new()),
+            conns: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             replay_ids: (0..MAX_FD).map(|_| AtomicU64::new(0)).collect(),
             consumed: Mutex::new(HashMap::new()),
             consumed_changed: Condvar::new(),
@@ -131,22 +139,22 @@ impl Registry {
         let Some(i) = usize::try_from(fd).ok().filter(|&i| i < MAX_FD) else {
             return false;
         };
-        let mut t = self.table();
-        let c = t.entry(id).or_insert(Conn {
-            id,
-            fork_gen: forks(),
-            ..Conn::default()
-        });
-        c.fds += 1;
+        {
+            let mut t = self.shard(id);
+            let c = t.entry(id).or_insert(Conn {
+                id,
+                fork_gen: forks(),
+                ..Conn::default()
+            });
+            c.fds += 1;
+        }
         // A descriptor number being reused while still registered would
         // mean a close we did not see: do not leak its count.
         let old = self.ids[i].swap(id, Ordering::AcqRel);
-        if old != 0 && old != id {
-            if let Some(o) = t.get_mut(&old) {
-                o.fds = o.fds.saturating_sub(1);
-            }
-        } else if old == id {
-            c.fds -= 1;
+        if old != 0
+            && let Some(o) = self.shard(old).get_mut(&old)
+        {
+            o.fds = o.fds.saturating_sub(1);
         }
         true
     }
@@ -159,7 +167,7 @@ impl Registry {
         if id == 0 {
             return None;
         }
-        let mut t = self.table();
+        let mut t = self.shard(id);
         let c = t.get_mut(&id)?;
         c.fds = c.fds.saturating_sub(1);
         if c.fds == 0 { t.remove(&id) } else { None }
@@ -167,13 +175,15 @@ impl Registry {
 
     /// Runs `f` on connection `id`.
     pub fn with<R>(&self, id: u64, f: impl FnOnce(&mut Conn) -> R) -> Option<R> {
-        self.table().get_mut(&id).map(f)
+        self.shard(id).get_mut(&id).map(f)
     }
 
     /// Marks every connection broken; returns their descriptors.
     pub fn break_all(&self) -> Vec<i32> {
-        for c in self.table().values_mut() {
-            c.broken = true;
+        for shard in &self.conns {
+            for c in lock(shard).values_mut() {
+                c.broken = true;
+            }
         }
         (0..MAX_FD)
             .filter(|&i| self.ids[i].load(Ordering::Acquire) != 0)
@@ -183,12 +193,14 @@ impl Registry {
 
     /// `pthread_atfork` prepare: takes every lock (see `FORK_GUARDS`).
     pub fn before_fork(&'static self) {
-        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        let consumed = self.consumed.lock().unwrap_or_else(|p| p.into_inner());
+        // Always in the same order (shards, then `consumed`): no deadlock
+        // with another thread forking.
         FORK_GUARDS.with(|g| {
             let mut g = g.borrow_mut();
-            g.push(Box::new(conns));
-            g.push(Box::new(consumed));
+            for shard in &self.conns {
+                g.push(Box::new(lock(shard)));
+            }
+            g.push(Box::new(lock(&self.consumed)));
         });
     }
 
@@ -197,8 +209,10 @@ impl Registry {
     pub fn after_fork(&'static self, child: bool) {
         FORK_GUARDS.with(|g| g.borrow_mut().clear());
         if child {
-            for c in self.table().values_mut() {
-                c.used = false;
+            for shard in &self.conns {
+                for c in lock(shard).values_mut() {
+                    c.used = false;
+                }
             }
         } else {
             FORKS.fetch_add(1, Ordering::AcqRel);
@@ -245,7 +259,7 @@ impl Registry {
     /// Returns what it has read in all.
     pub fn consumed(&self, id: u64, n: u64, reader: Reader) -> u64 {
         let total = {
-            let mut c = self.consumed.lock().unwrap_or_else(|p| p.into_inner());
+            let mut c = lock(&self.consumed);
             let p = c.entry(id).or_default();
             p.consumed += n;
             match reader {
@@ -263,7 +277,7 @@ impl Registry {
     /// left to read, after reading `total` bytes.
     pub fn idle(&self, id: u64, total: u64) {
         {
-            let mut c = self.consumed.lock().unwrap_or_else(|p| p.into_inner());
+            let mut c = lock(&self.consumed);
             let p = c.entry(id).or_default();
             p.idle_at = p.idle_at.max(total);
         }
@@ -272,12 +286,7 @@ impl Registry {
 
     /// The progress of replay connection `id`.
     pub fn progress(&self, id: u64) -> Progress {
-        self.consumed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .copied()
-            .unwrap_or_default()
+        lock(&self.consumed).get(&id).copied().unwrap_or_default()
     }
 
     /// Whether this process should say it waits for input on replay
@@ -309,7 +318,7 @@ impl Registry {
 
     fn wait_for(&self, id: u64, timeout: Duration, done: impl Fn(&Progress) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut c = self.consumed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = lock(&self.consumed);
         loop {
             if done(&c.get(&id).copied().unwrap_or_default()) {
                 return true;
@@ -328,15 +337,19 @@ impl Registry {
 
     /// Forgets replay connection `id`'s consumption.
     pub fn forget_replay(&self, id: u64) {
-        self.consumed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        lock(&self.consumed).remove(&id);
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Conn>> {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    /// The table connection `id` lives in.
+    fn shard(&self, id: u64) -> MutexGuard<'_, HashMap<u64, Conn>> {
+        // Ids are a term and a count (`replay::conn_id`): the low bits of
+        // the count spread consecutive connections over every table.
+        lock(&self.conns[id as usize & (SHARDS - 1)])
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -370,6 +383,27 @@ mod tests {
         assert!(r.with(42, |_| ()).is_some());
         assert_eq!(r.remove(6).map(|c| c.id), Some(42));
         assert!(r.with(42, |_| ()).is_none());
+    }
+
+    #[test]
+    fn one_connection_is_used_while_another_is_locked() {
+        static R: std::sync::LazyLock<Registry> = std::sync::LazyLock::new(Registry::default);
+        let (a, b) = (
+            crate::replay::conn_id(1, 1).unwrap(),
+            crate::replay::conn_id(1, 2).unwrap(),
+        );
+        R.add(5, a);
+        R.add(6, b);
+        let (tx, rx) = std::sync::mpsc::channel();
+        R.with(a, |_| {
+            // Another server thread writes on b meanwhile.
+            std::thread::spawn(move || tx.send(R.with(b, |c| c.out.update(b"x"))).unwrap());
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("b's state is not behind a's lock");
+        });
+        assert_eq!(R.with(b, |c| c.out.bytes), Some(1));
+        R.break_all();
+        assert!(R.with(a, |c| c.broken).unwrap() && R.with(b, |c| c.broken).unwrap());
     }
 
     #[test]

@@ -14,6 +14,13 @@
 //! `park`/`hybrid` policies; with the `spin` policy the runtime calls `poll`
 //! in a loop (non-blocking sockets, `TCP_NODELAY`), which is the busy-poll
 //! mode.
+//!
+//! Frames are queued and sent at the start of the next `poll` or in `wait`
+//! (before it blocks), one system call per peer: what one pass of the
+//! engine posts to a peer, and the answers `poll` produced for it (DONE
+//! frames, read replies), leave together. An engine that reacts to a landed
+//! write with a write of its own (a follower's ack) sends both in one
+//! segment, so its peer wakes once, not twice.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -82,6 +89,15 @@ pub struct TcpTransport {
     events: VecDeque<TransportEvent>,
     pollfds: Vec<libc::pollfd>,
     interests: Vec<Interest>,
+    /// The peer behind each of `interests` after the first (the waker).
+    interest_peers: Vec<usize>,
+    /// The peers `wait` saw ready, by index, for the `poll` right after it
+    /// (which then reads no other socket: each read of an empty one is a
+    /// system call for nothing).
+    ready: Vec<bool>,
+    /// Whether `ready` holds for the next `poll` (else it reads every
+    /// connection: something may have arrived since the last wait).
+    only_ready: bool,
 }
 
 impl std::fmt::Debug for TcpTransport {
@@ -125,6 +141,9 @@ impl TcpTransport {
             events: VecDeque::new(),
             pollfds: Vec::with_capacity(n + 1),
             interests: Vec::with_capacity(n + 1),
+            interest_peers: Vec::with_capacity(n),
+            ready: vec![false; n],
+            only_ready: false,
         })
     }
 
@@ -180,7 +199,12 @@ impl TcpTransport {
             let Some(conn) = self.conns[peer.index()].as_mut() else {
                 return;
             };
-            let r = conn.stream.read(conn.link.rbuf.spare());
+            let room = conn.link.rbuf.spare();
+            let asked = room.len();
+            let r = conn.stream.read(room);
+            // A read that did not fill the room took all there was: no
+            // second read just to be told so.
+            let drained;
             match r {
                 Ok(0) => {
                     self.close(peer, "peer closed the connection");
@@ -189,6 +213,7 @@ impl TcpTransport {
                 Ok(n) => {
                     conn.link.rbuf.filled(n);
                     budget = budget.saturating_sub(n);
+                    drained = n < asked;
                 }
                 Err(e) => {
                     if e.kind() != io::ErrorKind::WouldBlock {
@@ -207,7 +232,7 @@ impl TcpTransport {
                 self.close(peer, "protocol violation");
                 return;
             }
-            if budget == 0 {
+            if budget == 0 || drained {
                 break;
             }
         }
@@ -230,6 +255,18 @@ impl TcpTransport {
             writer: self.writer,
         };
         conn.link.process(peer, local, &mut self.events)
+    }
+
+    /// [`flush`](Self::flush) every connection with something to send.
+    fn flush_all(&mut self) {
+        for p in 0..self.conns.len() {
+            if self.conns[p]
+                .as_ref()
+                .is_some_and(|c| !c.link.unsent().is_empty())
+            {
+                self.flush(NodeId(p as u8));
+            }
+        }
     }
 
     /// Writes as much of `peer`'s send buffer as the socket takes.
@@ -273,8 +310,10 @@ impl Transport for TcpTransport {
             self.fail_now(op.id(), peer);
             return Ok(());
         };
+        // Sent by the next `poll` or `wait` (the engine calls one right
+        // after carrying out a pass's actions): every frame a pass posts to
+        // one peer leaves in one system call.
         conn.link.encode(&self.region, op)?;
-        self.flush(peer);
         Ok(())
     }
 
@@ -289,10 +328,15 @@ impl Transport for TcpTransport {
         while let Some((peer, stream)) = self.connector.established() {
             self.install(peer, stream);
         }
+        // What the last pass queued goes first. What this pass queues (the
+        // DONE of every write that lands now) waits for the engine's
+        // reaction: an ack it posts leaves in the same segment, so the
+        // writer wakes once for both.
+        self.flush_all();
+        let only_ready = std::mem::take(&mut self.only_ready);
         for p in 0..self.conns.len() {
-            if self.conns[p].is_some() {
+            if self.conns[p].is_some() && (!only_ready || self.ready[p]) {
                 self.receive(NodeId(p as u8));
-                self.flush(NodeId(p as u8));
             }
         }
         events.extend(self.events.drain(..));
@@ -300,19 +344,35 @@ impl Transport for TcpTransport {
     }
 
     fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
+        self.flush_all();
         self.interests.clear();
         self.interests.push(Interest {
             fd: self.connector.wake().as_raw_fd(),
             writable: false,
         });
-        for c in self.conns.iter().flatten() {
-            self.interests.push(Interest {
-                fd: c.stream.as_raw_fd(),
-                writable: !c.link.unsent().is_empty(),
-            });
+        self.interest_peers.clear();
+        for (p, c) in self.conns.iter().enumerate() {
+            if let Some(c) = c {
+                self.interests.push(Interest {
+                    fd: c.stream.as_raw_fd(),
+                    writable: !c.link.unsent().is_empty(),
+                });
+                self.interest_peers.push(p);
+            }
         }
         sys::wait(&self.interests, &mut self.pollfds, timeout)?;
-        self.connector.wake().drain();
+        debug_assert_eq!(self.pollfds.len(), self.interest_peers.len() + 1);
+        self.ready.fill(false);
+        for (fd, &p) in self.pollfds[1..].iter().zip(&self.interest_peers) {
+            self.ready[p] = fd.revents != 0;
+        }
+        // A new connection is read at once, and the waker drained, only
+        // when the waker fired.
+        if self.pollfds[0].revents != 0 {
+            self.connector.wake().drain();
+            self.ready.fill(true);
+        }
+        self.only_ready = true;
         Ok(())
     }
 

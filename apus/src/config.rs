@@ -100,6 +100,22 @@ pub enum PollPolicy {
     Park,
 }
 
+impl PollPolicy {
+    /// How long a `hybrid` engine keeps spinning after its last activity.
+    pub const HYBRID_SPIN: Duration = Duration::from_micros(50);
+
+    /// Whether a poller with nothing to do spins (rather than blocks), its
+    /// last activity `idle_for` ago. The engine and the benchmark's raw
+    /// round trip both ask this, so their figures compare.
+    pub fn spins(self, idle_for: Duration) -> bool {
+        match self {
+            PollPolicy::Spin => true,
+            PollPolicy::Hybrid => idle_for < Self::HYBRID_SPIN,
+            PollPolicy::Park => false,
+        }
+    }
+}
+
 /// The replication transport.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

@@ -31,6 +31,9 @@ pub struct Counters {
     pub elections: AtomicU64,
     /// Syncs (fdatasync batches) completed.
     pub syncs: AtomicU64,
+    /// Times the engine woke the apply thread (entries nobody waits for
+    /// are applied in batches: see `node::APPLY_WAKE_AT`).
+    pub apply_wakeups: AtomicU64,
 }
 
 /// Latency quantiles, in microseconds.
@@ -132,6 +135,11 @@ impl Metrics {
             ("apus_applied_total", "Entries applied", &c.applied),
             ("apus_elections_total", "Elections started", &c.elections),
             ("apus_syncs_total", "fdatasync batches", &c.syncs),
+            (
+                "apus_apply_wakeups_total",
+                "Times the engine woke the apply thread",
+                &c.apply_wakeups,
+            ),
         ] {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
             let _ = writeln!(s, "{name}{{node=\"{node}\"}} {}", v.load(Ordering::Relaxed));

@@ -17,7 +17,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,18 @@ use crate::storage::{MemoryStore, NodeStore, Recovery, SegmentStore, SyncHandle}
 pub const PROPOSAL_QUEUE: usize = 4096;
 /// Committed entries queued for the apply thread, at most.
 pub const APPLY_QUEUE: usize = 4096;
+/// Committed entries that nobody waits for (this leader's submitted input:
+/// its server has it already) wait in the apply queue until this many are
+/// queued, or until the apply thread's own timed wake-up
+/// ([`APPLY_IDLE_WAIT`]): waking it on every commit round would cost the
+/// leader a thread wake-up per round on top of the engine's and the
+/// server's. Small next to the spare buffers, which the queued entries
+/// hold until applied.
+const APPLY_WAKE_AT: usize = SPARE_BUFFERS / 4;
+/// How long an idle apply thread sleeps before it looks at its queue
+/// unwoken.
+const APPLY_IDLE_WAIT: Duration = Duration::from_millis(20);
+const _: () = assert!(APPLY_WAKE_AT >= 1 && APPLY_WAKE_AT < APPLY_QUEUE);
 /// Payload buffers kept for reuse between proposals and applied entries, so
 /// that the steady state allocates none per entry.
 const SPARE_BUFFERS: usize = 256;
@@ -47,8 +59,6 @@ const SPARE_BUFFER_MIN: usize = 512;
 // What the spare pool may hold at most, kept small next to the queues.
 const _: () = assert!(SPARE_BUFFERS * SPARE_BUFFER_MAX <= 4 << 20);
 const _: () = assert!(SPARE_BUFFER_MIN <= SPARE_BUFFER_MAX);
-/// How long a `hybrid` engine keeps spinning after its last activity.
-pub const HYBRID_SPIN: Duration = Duration::from_micros(50);
 /// How long a proposer spins before it parks.
 const PROPOSER_SPIN: Duration = Duration::from_micros(20);
 /// Default time a proposal may take before `propose` gives up.
@@ -285,7 +295,7 @@ struct Shared {
     /// Whether the replica leads, as last published (one load, for
     /// [`Node::is_leader`]).
     leading: AtomicBool,
-    apply_thread: Mutex<Option<Thread>>,
+    apply_thread: OnceLock<Thread>,
 }
 
 /// A running replica. See the module docs.
@@ -396,7 +406,7 @@ impl Node {
             max_payload,
             speculation: Speculation::default(),
             leading: AtomicBool::new(false),
-            apply_thread: Mutex::new(None),
+            apply_thread: OnceLock::new(),
         });
         let mut threads = Vec::new();
         let apply = {
@@ -405,7 +415,7 @@ impl Node {
                 .name(format!("apus-apply-{id}"))
                 .spawn(move || apply_loop(shared, sm))?
         };
-        *shared.apply_thread.lock().expect("fresh mutex") = Some(apply.thread().clone());
+        let _ = shared.apply_thread.set(apply.thread().clone());
         threads.push(apply);
         let (synced_tx, synced_rx) = mpsc::channel();
         let sync_tx = match (sync, config.fsync) {
@@ -706,7 +716,7 @@ impl Node {
     fn stop_threads(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.waker.wake();
-        if let Some(t) = self.shared.apply_thread.lock().ok().and_then(|t| t.clone()) {
+        if let Some(t) = self.shared.apply_thread.get() {
             t.unpark();
         }
         for t in self.threads.drain(..) {
@@ -963,7 +973,7 @@ impl Engine {
         }
         self.shared.stop.store(true, Ordering::SeqCst);
         spec.wake();
-        if let Some(t) = self.shared.apply_thread.lock().ok().and_then(|t| t.clone()) {
+        if let Some(t) = self.shared.apply_thread.get() {
             t.unpark();
         }
     }
@@ -1081,6 +1091,9 @@ impl Engine {
     /// Moves committed entries to the apply thread while it has room.
     fn hand_over_committed(&mut self) -> Result<bool, String> {
         let mut any = false;
+        // Someone waits for an entry handed over now: a proposer, a
+        // replayed server (an entry proposed elsewhere), a stopping node.
+        let mut wake = false;
         while self.shared.apply_queue.len() < self.shared.apply_queue.capacity() {
             let Some(e) = self.replica.next_committed().map_err(|e| e.to_string())? else {
                 break;
@@ -1113,6 +1126,7 @@ impl Engine {
                     p.fail(ProposeError::Lost, &self.shared.speculation);
                 }
             }
+            wake |= waiter.is_some() || !proposed_here;
             let item = ApplyItem {
                 index: e.index,
                 term: e.term,
@@ -1128,11 +1142,22 @@ impl Engine {
         }
         if any {
             self.shared.speculation.wake();
-            if let Some(t) = self.shared.apply_thread.lock().ok().and_then(|t| t.clone()) {
-                t.unpark();
-            }
+        }
+        if any && (wake || self.shared.apply_queue.len() >= APPLY_WAKE_AT) {
+            self.wake_apply();
         }
         Ok(any)
+    }
+
+    fn wake_apply(&self) {
+        if let Some(t) = self.shared.apply_thread.get() {
+            self.shared
+                .metrics
+                .counters
+                .apply_wakeups
+                .fetch_add(1, Ordering::Relaxed);
+            t.unpark();
+        }
     }
 
     fn publish_status(&mut self) {
@@ -1166,16 +1191,9 @@ impl Engine {
 
     /// Nothing happened: spin or block, as the policy says.
     fn idle(&mut self, last_activity: Instant) -> Result<(), String> {
-        match self.policy {
-            PollPolicy::Spin => {
-                std::hint::spin_loop();
-                return Ok(());
-            }
-            PollPolicy::Hybrid if last_activity.elapsed() < HYBRID_SPIN => {
-                std::hint::spin_loop();
-                return Ok(());
-            }
-            PollPolicy::Hybrid | PollPolicy::Park => {}
+        if self.policy.spins(last_activity.elapsed()) {
+            std::hint::spin_loop();
+            return Ok(());
         }
         let now = self.now();
         let until = self.replica.next_timeout();
@@ -1231,7 +1249,7 @@ fn apply_loop<S: StateMachine>(shared: Arc<Shared>, mut sm: S) {
             if shared.stop.load(Ordering::SeqCst) {
                 return;
             }
-            thread::park_timeout(Duration::from_millis(20));
+            thread::park_timeout(APPLY_IDLE_WAIT);
         }
     }
 }

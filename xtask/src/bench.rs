@@ -21,10 +21,11 @@ use apus_core::Role;
 use crate::e2e::{AppCluster, PortPool, ServerKind, status_at, target_dir};
 
 const USAGE: &str = "\
-usage: cargo xtask bench [--transport tcp|quic|fabric|verbs|all] [--provider P]
+usage: cargo xtask bench [--transport tcp,quic,fabric,verbs|all] [--provider P]
                          [--replicas 3,5,7] [--conns 1,8,32] [--size 64]
                          [--durability memory|durable] [--duration S]
-                         [--app redis,memcached] [--no-etcd] [--softroce] [--smoke]";
+                         [--app redis,memcached] [--pipeline 16] [--no-etcd] [--softroce]
+                         [--smoke]";
 
 /// Transports in report order.
 const ALL_TRANSPORTS: [&str; 4] = ["tcp", "quic", "fabric", "verbs"];
@@ -40,6 +41,9 @@ struct Opts {
     durability: String,
     duration: f64,
     apps: Vec<ServerKind>,
+    /// Requests sent at once per connection in the apps' pipelined points
+    /// (1: none).
+    pipeline: usize,
     etcd: bool,
     softroce: bool,
     /// Inside the Soft-RoCE guest: verbs points only, rows on stdout.
@@ -71,6 +75,7 @@ impl Opts {
             durability: "memory".into(),
             duration: 5.0,
             apps: Vec::new(),
+            pipeline: 16,
             etcd: true,
             softroce: false,
             in_guest: false,
@@ -97,6 +102,7 @@ impl Opts {
                         .map(ServerKind::parse)
                         .collect::<Result<_>>()?
                 }
+                "--pipeline" => o.pipeline = list(flag, value()?)?[0],
                 "--no-etcd" => o.etcd = false,
                 "--softroce" => o.softroce = true,
                 "--smoke" => smoke = true,
@@ -110,10 +116,20 @@ impl Opts {
         o.all = transport == "all";
         o.transports = if o.all {
             ALL_TRANSPORTS.iter().map(|t| t.to_string()).collect()
-        } else if ALL_TRANSPORTS.contains(&transport.as_str()) {
-            vec![transport]
         } else {
-            bail!("--transport {transport:?}: one of tcp, quic, fabric, verbs, all");
+            let chosen: Vec<String> = transport.split(',').map(|t| t.trim().to_string()).collect();
+            if let Some(bad) = chosen
+                .iter()
+                .find(|t| !ALL_TRANSPORTS.contains(&t.as_str()))
+            {
+                bail!("--transport {bad:?}: tcp, quic, fabric or verbs (comma-separated), or all");
+            }
+            // Report order, once each.
+            ALL_TRANSPORTS
+                .iter()
+                .filter(|t| chosen.iter().any(|c| c == *t))
+                .map(|t| t.to_string())
+                .collect()
         };
         if smoke {
             // Seconds long: keeps every path of the bench working in CI.
@@ -135,6 +151,10 @@ impl Opts {
             "--conns: 1 to 256 each"
         );
         ensure!(
+            (1..=256).contains(&o.pipeline),
+            "--pipeline: 1 (none) to 256 requests at once"
+        );
+        ensure!(
             (8..=4096).contains(&o.size),
             "--size: 8 to 4096 bytes (the engine's max_payload here)"
         );
@@ -147,6 +167,22 @@ impl Opts {
             "--duration: seconds, up to 600"
         );
         Ok(o)
+    }
+}
+
+impl Opts {
+    /// The apps' points: every connection count one request at a time,
+    /// then pipelined.
+    fn app_points(&self) -> Vec<(usize, usize)> {
+        let depths: &[usize] = if self.pipeline > 1 {
+            &[1, self.pipeline]
+        } else {
+            &[1]
+        };
+        depths
+            .iter()
+            .flat_map(|&d| self.conns.iter().map(move |&c| (c, d)))
+            .collect()
     }
 }
 
@@ -212,6 +248,8 @@ struct Row {
     system: String,
     replicas: usize,
     conns: usize,
+    /// Requests sent at once per connection (1: one at a time).
+    pipeline: usize,
     emulated: bool,
     m: Measure,
 }
@@ -241,6 +279,7 @@ impl Row {
             system: String::new(),
             replicas: field("replicas")?.parse().ok()?,
             conns: field("conns")?.parse().ok()?,
+            pipeline: 1,
             emulated: true,
             m: Measure::parse(&format!("RESULT {rest}"))?,
         })
@@ -325,8 +364,8 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
         .count();
     let mut p = Progress {
         done: 0,
-        total: local.len() * (1 + o.replicas.len() * o.conns.len())
-            + o.apps.len() * o.conns.len() * (1 + replicated_apps)
+        total: local.len() * (RTT_POLICIES.len() + o.replicas.len() * o.conns.len())
+            + o.apps.len() * o.app_points().len() * (1 + replicated_apps)
             + if o.etcd { o.conns.len() } else { 0 }
             + usize::from(guest),
         started: Instant::now(),
@@ -335,20 +374,23 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
     for t in &local {
         let dir = out.join(t);
         let cluster = ApusCluster::new(&o, t, 3, &bins.apus, &dir.join("rtt"), &pin)?;
-        let rtt = cluster.rtt(&bench_bin, &pin)?;
-        p.step(&format!(
-            "{t}: raw write round trip p50 {:.1} us, p99 {:.1} us",
-            rtt.p50, rtt.p99
-        ));
-        rows.push(Row {
-            kind: "rtt".into(),
-            transport: t.clone(),
-            system: String::new(),
-            replicas: 2,
-            conns: 1,
-            emulated: false,
-            m: rtt,
-        });
+        for (kind, poll) in RTT_POLICIES {
+            let rtt = cluster.rtt(&bench_bin, &pin, poll)?;
+            p.step(&format!(
+                "{t}: raw write round trip ({poll}) p50 {:.1} us, p99 {:.1} us",
+                rtt.p50, rtt.p99
+            ));
+            rows.push(Row {
+                kind: kind.into(),
+                transport: t.clone(),
+                system: String::new(),
+                replicas: 2,
+                conns: 1,
+                pipeline: 1,
+                emulated: false,
+                m: rtt,
+            });
+        }
         for &r in &o.replicas {
             let mut cluster =
                 ApusCluster::new(&o, t, r, &bins.apus, &dir.join(format!("r{r}")), &pin)?;
@@ -365,6 +407,7 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
                     system: String::new(),
                     replicas: r,
                     conns: c,
+                    pipeline: 1,
                     emulated: false,
                     m,
                 });
@@ -372,10 +415,10 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
         }
     }
     for &kind in &o.apps {
-        for &c in &o.conns {
-            let m = bare_app(kind, &bins, &bench_bin, &o, c, &out, &pin)?;
+        for (c, depth) in o.app_points() {
+            let m = bare_app(kind, &bins, &bench_bin, &o, (c, depth), &out, &pin)?;
             p.step(&format!(
-                "{} bare, {c} conns: {:.0}/s, p50 {:.1} us",
+                "{} bare, {c} conns x{depth}: {:.0}/s, p50 {:.1} us",
                 kind.name(),
                 m.throughput,
                 m.p50
@@ -386,6 +429,7 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
                 system: kind.name().into(),
                 replicas: 1,
                 conns: c,
+                pipeline: depth,
                 emulated: false,
                 m,
             });
@@ -410,25 +454,25 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
                 app.start(i)?;
             }
             let leader = app.wait_ready(&[0, 1, 2], Duration::from_secs(60))?;
-            for &c in &o.conns {
+            for (c, depth) in o.app_points() {
                 let pids: Vec<u32> = (0..3).flat_map(|i| app.server_pids(i)).collect();
                 let m = with_cpu(&o, &pids, || {
                     run_load(
                         &bench_bin,
                         &[kind.name(), "--addr", &app.apps[leader].to_string()],
                         &o,
-                        c,
+                        (c, depth),
                         &pin,
                     )
                 })?;
                 if app.leader() != Some(leader) {
                     notes.push(format!(
-                        "{} over {t}, {c} conns: the leader changed during the point (requests to the old one failed and were retried)",
+                        "{} over {t}, {c} conns x{depth}: the leader changed during the point (requests to the old one failed and were retried)",
                         kind.name()
                     ));
                 }
                 p.step(&format!(
-                    "{} over apus/{t}, {c} conns: {:.0}/s, p50 {:.1} us",
+                    "{} over apus/{t}, {c} conns x{depth}: {:.0}/s, p50 {:.1} us",
                     kind.name(),
                     m.throughput,
                     m.p50
@@ -439,6 +483,7 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
                     system: kind.name().into(),
                     replicas: 3,
                     conns: c,
+                    pipeline: depth,
                     emulated: false,
                     m,
                 });
@@ -452,7 +497,7 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
                 &bench_bin,
                 &["etcd", "--addr", &etcd.leader.to_string()],
                 &o,
-                c,
+                (c, 1),
                 &pin,
             )?;
             p.step(&format!(
@@ -465,6 +510,7 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
                 system: "etcd".into(),
                 replicas: 3,
                 conns: c,
+                pipeline: 1,
                 emulated: false,
                 m,
             });
@@ -666,11 +712,13 @@ fn with_cpu(o: &Opts, pids: &[u32], point: impl FnOnce() -> Result<Measure>) -> 
     Ok(m)
 }
 
+/// `apus-bench load` against `target`: `conns` connections, each sending
+/// `pipeline` requests at once.
 fn run_load(
     bench: &Path,
     target: &[&str],
     o: &Opts,
-    conns: usize,
+    (conns, pipeline): (usize, usize),
     pin: &Pinning,
 ) -> Result<Measure> {
     let mut c = pin.command(&pin.load_cpu(), bench)?;
@@ -678,6 +726,8 @@ fn run_load(
     c.args([
         "--conns",
         &conns.to_string(),
+        "--pipeline",
+        &pipeline.to_string(),
         "--size",
         &o.size.to_string(),
         "--duration",
@@ -697,6 +747,13 @@ fn run_load(
         ),
     }
 }
+
+/// The cluster's poll policy in every benchmarked configuration.
+const CLUSTER_POLL: &str = "park";
+/// The raw round trip's row kinds and how each polls: with the cluster's
+/// own policy (the baseline every ratio uses) and spinning (the
+/// transport's best).
+const RTT_POLICIES: [(&str, &str); 2] = [("rtt", CLUSTER_POLL), ("rtt-spin", "spin")];
 
 /// `replicas` processes of `apus node`.
 struct ApusCluster {
@@ -723,7 +780,7 @@ impl ApusCluster {
         std::fs::create_dir_all(dir)?;
         let mut cfg = format!(
             "# written by cargo xtask bench\n[cluster]\nsecret = \"apus-bench secret {}\"\n\
-             durability = \"{}\"\ntransport = \"{transport}\"\npoll = \"park\"\n",
+             durability = \"{}\"\ntransport = \"{transport}\"\npoll = \"{CLUSTER_POLL}\"\n",
             std::process::id(),
             o.durability
         );
@@ -803,19 +860,20 @@ impl ApusCluster {
             .map(|a| a.to_string())
             .collect::<Vec<_>>()
             .join(",");
-        run_load(bench, &["apus", "--clients", &clients], o, conns, pin)
+        run_load(bench, &["apus", "--clients", &clients], o, (conns, 1), pin)
             .with_context(|| format!("logs in {}", self.dir.display()))
     }
 
-    /// The transport's raw write round trip between replicas 0 and 1.
-    fn rtt(&self, bench: &Path, pin: &Pinning) -> Result<Measure> {
+    /// The transport's raw write round trip between replicas 0 and 1, both
+    /// ends polling as `poll` says.
+    fn rtt(&self, bench: &Path, pin: &Pinning, poll: &str) -> Result<Measure> {
         // Both ends in one process: every core, as the two replicas of a
         // cluster would have.
         let out = pin
             .command(&pin.all_cpus(), bench)?
             .args(["rtt", "--config"])
             .arg(&self.config)
-            .args(["--count", "3000"])
+            .args(["--count", "3000", "--poll", poll])
             .current_dir(&self.dir)
             .output()
             .context("running apus-bench rtt")?;
@@ -845,7 +903,7 @@ fn bare_app(
     bins: &crate::e2e::Binaries,
     bench: &Path,
     o: &Opts,
-    conns: usize,
+    point: (usize, usize),
     out: &Path,
     pin: &Pinning,
 ) -> Result<Measure> {
@@ -876,7 +934,7 @@ fn bare_app(
             bench,
             &[kind.name(), "--addr", &addr.to_string()],
             o,
-            conns,
+            point,
             pin,
         )
     });
@@ -1059,17 +1117,20 @@ fn in_guest(o: &Opts) -> Result<ExitCode> {
     let pin = Pinning { cores: 1 };
     let out = target_dir().join("apus-bench-guest");
     let cluster = ApusCluster::new(o, "verbs", 3, &apus, &out.join("rtt"), &pin)?;
-    let rtt = cluster.rtt(&bench, &pin)?;
     let row = |kind: &str, replicas, conns, m| Row {
         kind: kind.into(),
         transport: "verbs".into(),
         system: String::new(),
         replicas,
         conns,
+        pipeline: 1,
         emulated: true,
         m,
     };
-    println!("{}", row("rtt", 2, 1, rtt).guest_line());
+    for (kind, poll) in RTT_POLICIES {
+        let rtt = cluster.rtt(&bench, &pin, poll)?;
+        println!("{}", row(kind, 2, 1, rtt).guest_line());
+    }
     for &r in &o.replicas {
         let mut c = ApusCluster::new(o, "verbs", r, &apus, &out.join(format!("r{r}")), &pin)?;
         c.start()?;
@@ -1126,10 +1187,11 @@ fn machine() -> String {
 }
 
 impl Report<'_> {
-    fn rtt(&self, transport: &str) -> Option<&Row> {
+    /// The raw round trip measured as `kind` (see [`RTT_POLICIES`]).
+    fn rtt(&self, transport: &str, kind: &str) -> Option<&Row> {
         self.rows
             .iter()
-            .find(|r| r.kind == "rtt" && r.transport == transport)
+            .find(|r| r.kind == kind && r.transport == transport)
     }
 
     fn apus(&self, transport: &str, replicas: usize, conns: usize) -> Option<&Row> {
@@ -1181,7 +1243,8 @@ impl Report<'_> {
         let _ = writeln!(md, "- pinning: {}", self.pin.describe());
         let _ = writeln!(
             md,
-            "- load: closed loop, one request outstanding per connection, {} B values, {} s measured after a warm-up; durability {}{}",
+            "- load: closed loop, one request outstanding per connection (servers: also `x{}`, that many sent at once, like redis-benchmark -P; each request's latency is its batch's), {} B values, {} s measured after a warm-up; durability {}{}",
+            o.pipeline,
             o.size,
             o.duration,
             o.durability,
@@ -1193,32 +1256,35 @@ impl Report<'_> {
         );
         let _ = writeln!(
             md,
-            "- latency in microseconds (HdrHistogram, 3 digits); ratio = commit latency / the transport's raw write round trip at the same percentile\n"
+            "- latency in microseconds (HdrHistogram, 3 digits); ratio = commit latency / the transport's raw write round trip at the same percentile, measured with the cluster's poll policy (`{CLUSTER_POLL}`, like for like); `/ spin` = against the spinning round trip, the transport's best\n"
         );
         let _ = writeln!(md, "## Raw remote-write round trip (no consensus)\n");
         let _ = writeln!(
             md,
-            "| transport | p50 | p99 | p99.9 |\n|---|---:|---:|---:|"
+            "| transport | poll | p50 | p99 | p99.9 |\n|---|---|---:|---:|---:|"
         );
         for t in self.transports() {
-            if let Some(r) = self.rtt(&t) {
-                let _ = writeln!(
-                    md,
-                    "| {} | {:.1} | {:.1} | {:.1} |",
-                    self.label(&t),
-                    r.m.p50,
-                    r.m.p99,
-                    r.m.p999
-                );
+            for (kind, poll) in RTT_POLICIES {
+                if let Some(r) = self.rtt(&t, kind) {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {poll} | {:.1} | {:.1} | {:.1} |",
+                        self.label(&t),
+                        r.m.p50,
+                        r.m.p99,
+                        r.m.p999
+                    );
+                }
             }
         }
         let _ = writeln!(md, "\n## Commit latency and throughput\n");
         let _ = writeln!(
             md,
-            "| transport | replicas | conns | commits/s | p50 | p99 | p99.9 | p50 / raw | p99 / raw | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "| transport | replicas | conns | commits/s | p50 | p99 | p99.9 | p50 / raw | p99 / raw | p50 / spin | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for t in self.transports() {
-            let raw = self.rtt(&t).map(|r| r.m);
+            let raw = self.rtt(&t, "rtt").map(|r| r.m);
+            let spin = self.rtt(&t, "rtt-spin").map(|r| r.m);
             for &rep in &o.replicas {
                 for &c in &o.conns {
                     let Some(r) = self.apus(&t, rep, c) else {
@@ -1230,7 +1296,7 @@ impl Report<'_> {
                     };
                     let _ = writeln!(
                         md,
-                        "| {} | {rep} | {c} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
+                        "| {} | {rep} | {c} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} |",
                         self.label(&t),
                         r.m.throughput,
                         r.m.p50,
@@ -1238,6 +1304,7 @@ impl Report<'_> {
                         r.m.p999,
                         ratio(r.m.p50, raw.map(|m| m.p50)),
                         ratio(r.m.p99, raw.map(|m| m.p99)),
+                        ratio(r.m.p50, spin.map(|m| m.p50)),
                         r.m.errors
                     );
                 }
@@ -1271,28 +1338,50 @@ impl Report<'_> {
             );
             let _ = writeln!(
                 md,
-                "| server | transport | conns | ops/s | p50 | p99 | CPU/op (us) | throughput vs bare | p50 vs bare | CPU/op vs bare |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+                "| server | transport | conns | ops/s | p50 | p99 | CPU/op (us) | throughput vs bare | p50 vs bare | added p50 / raw | CPU/op vs bare |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
             );
             for r in &apps {
-                let bare = apps
-                    .iter()
-                    .find(|b| b.system == r.system && b.transport == "bare" && b.conns == r.conns);
-                let (tp, lat, cpu_ratio) = match bare {
+                let bare = apps.iter().find(|b| {
+                    b.system == r.system
+                        && b.transport == "bare"
+                        && (b.conns, b.pipeline) == (r.conns, r.pipeline)
+                });
+                // What replication adds to the median, in raw round trips
+                // of the same transport and poll policy.
+                let added = |b: &Row| {
+                    self.rtt(&r.transport, "rtt")
+                        .filter(|raw| raw.m.p50 > 0.0)
+                        .map_or("-".into(), |raw| {
+                            format!("{:.1}", (r.m.p50 - b.m.p50) / raw.m.p50)
+                        })
+                };
+                let (tp, lat, added, cpu_ratio) = match bare {
                     Some(b) if r.transport != "bare" => (
                         format!("{:.2}x", r.m.throughput / b.m.throughput.max(1e-9)),
                         format!("{:.1}x", r.m.p50 / b.m.p50.max(1e-9)),
+                        added(b),
                         match (r.m.cpu_per_op, b.m.cpu_per_op) {
                             (Some(x), Some(y)) if y > 0.0 => format!("{:.1}x", x / y),
                             _ => "-".into(),
                         },
                     ),
-                    _ => ("1x".into(), "1x".into(), "1x".into()),
+                    _ => ("1x".into(), "1x".into(), "-".into(), "1x".into()),
                 };
                 let cpu = r.m.cpu_per_op.map_or("-".into(), |c| format!("{c:.1}"));
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {cpu} | {tp} | {lat} | {cpu_ratio} |",
-                    r.system, r.transport, r.conns, r.m.throughput, r.m.p50, r.m.p99
+                    "| {} | {} | {}{} | {:.0} | {:.1} | {:.1} | {cpu} | {tp} | {lat} | {added} | {cpu_ratio} |",
+                    r.system,
+                    r.transport,
+                    r.conns,
+                    if r.pipeline > 1 {
+                        format!(" x{}", r.pipeline)
+                    } else {
+                        String::new()
+                    },
+                    r.m.throughput,
+                    r.m.p50,
+                    r.m.p99
                 );
             }
         }
@@ -1561,6 +1650,7 @@ mod tests {
             system: String::new(),
             replicas: 5,
             conns: 8,
+            pipeline: 1,
             emulated: true,
             m: Measure {
                 ops: 10,
@@ -1591,6 +1681,19 @@ mod tests {
         assert!(parse(&["--conns", "0"]).is_err());
         assert!(parse(&["--durability", "paper"]).is_err());
         assert!(parse(&["--transport", "tcp", "--replicas", "3,5"]).is_ok());
+        assert!(parse(&["--transport", "tcp,carrier-pigeon"]).is_err());
+        assert!(parse(&["--pipeline", "0"]).is_err());
+        let o = parse(&[
+            "--transport",
+            "fabric,tcp",
+            "--conns",
+            "1,8",
+            "--pipeline",
+            "16",
+        ])
+        .unwrap();
+        assert_eq!(o.transports, ["tcp", "fabric"], "report order");
+        assert_eq!(o.app_points(), [(1, 1), (8, 1), (1, 16), (8, 16)]);
     }
 
     #[test]

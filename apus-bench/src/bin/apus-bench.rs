@@ -3,7 +3,7 @@
 //! ```text
 //! apus-bench load --target apus --clients A,B,C   --conns N --size S --duration SECS [--warmup SECS]
 //! apus-bench load --target redis|memcached|etcd --addr A   (same options)
-//! apus-bench rtt  --config CLUSTER.toml [--count N]
+//! apus-bench rtt  --config CLUSTER.toml [--count N] [--poll spin|hybrid|park]
 //! ```
 //!
 //! Each prints one `RESULT key=value ...` line on success.
@@ -23,7 +23,8 @@ usage:
   apus-bench load --target apus --clients ADDR,ADDR,... [options]
   apus-bench load --target redis|memcached|etcd --addr ADDR [options]
       options: --conns N (1) --size BYTES (64) --duration SECS (5) --warmup SECS (1)
-  apus-bench rtt --config CLUSTER.toml [--count N (2000)]";
+               --pipeline N (1: requests sent at once per connection; redis, memcached)
+  apus-bench rtt --config CLUSTER.toml [--count N (2000)] [--poll spin|hybrid|park (the cluster's)]";
 
 #[derive(Default)]
 struct Args {
@@ -37,6 +38,8 @@ struct Args {
     duration: Option<f64>,
     warmup: Option<f64>,
     count: Option<usize>,
+    pipeline: Option<usize>,
+    poll: Option<apus::PollPolicy>,
 }
 
 fn parse() -> Result<Args> {
@@ -76,6 +79,15 @@ fn parse() -> Result<Args> {
             "--duration" => a.duration = Some(num("seconds")?),
             "--warmup" => a.warmup = Some(num("seconds")?),
             "--count" => a.count = Some(num("a count")? as usize),
+            "--pipeline" => a.pipeline = Some(num("a count")? as usize),
+            "--poll" => {
+                a.poll = Some(match v.as_str() {
+                    "spin" => apus::PollPolicy::Spin,
+                    "hybrid" => apus::PollPolicy::Hybrid,
+                    "park" => apus::PollPolicy::Park,
+                    _ => bail!("--poll expects spin, hybrid or park, got {v:?}"),
+                })
+            }
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -107,6 +119,7 @@ fn load_cmd(a: &Args) -> Result<()> {
         size: a.size.unwrap_or(64).max(8),
         warmup: Duration::from_secs_f64(a.warmup.unwrap_or(1.0)),
         duration: Duration::from_secs_f64(a.duration.unwrap_or(5.0).max(0.1)),
+        pipeline: a.pipeline.unwrap_or(1).max(1),
     };
     let addr = || a.addr.context("--addr is required for this target");
     let result = match a.target.as_deref().context("--target is required")? {
@@ -143,7 +156,8 @@ fn rtt_cmd(a: &Args) -> Result<()> {
     let path = a.config.as_ref().context("--config is required")?;
     let config = apus::ClusterConfig::load(path)?;
     let count = a.count.unwrap_or(2000).max(10);
-    let h = apus_bench::rtt::write_round_trip(&config, count)?;
+    let poll = a.poll.unwrap_or(config.poll);
+    let h = apus_bench::rtt::write_round_trip(&config, count, poll)?;
     println!(
         "RESULT ops={} errors=0 secs=0 throughput=0 p50_us={:.2} p99_us={:.2} p999_us={:.2} max_us={:.2}",
         h.len(),

@@ -38,6 +38,54 @@ pub const CONFIRM_WITHIN: Duration = Duration::from_secs(10);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Rebuilds in a row (without a confirmed start in between) before giving up.
 const MAX_REBUILDS: u32 = 5;
+/// How long a rebuild waits for the app port to be free before it starts
+/// the server again anyway (which then says why it cannot listen).
+const PORT_FREE_WAIT: Duration = Duration::from_secs(5);
+
+/// The kernel's range of local ports for outgoing connections
+/// (`net.ipv4.ip_local_port_range`; Linux's default if unreadable).
+pub fn ephemeral_ports() -> std::ops::RangeInclusive<u16> {
+    let read = || -> Option<(u16, u16)> {
+        let s = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+        let mut it = s.split_whitespace().map(|w| w.parse::<u16>().ok());
+        Some((it.next()??, it.next()??))
+    };
+    let (low, high) = read().unwrap_or((32_768, 60_999));
+    low..=high
+}
+
+/// Whether nothing holds `port` on any local address (a probe bind, with
+/// `SO_REUSEADDR` as servers set it, so connections in TIME_WAIT do not
+/// count).
+fn port_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+}
+
+/// Waits until the app port is free again after the server was stopped
+/// (its sockets may take a moment to go); says so if it stays taken.
+fn wait_port_free(port: u16) {
+    let since = Instant::now();
+    while !port_free(port) {
+        if since.elapsed() >= PORT_FREE_WAIT {
+            let range = ephemeral_ports();
+            let why = if range.contains(&port) {
+                format!(
+                    "it lies in the kernel's ephemeral range {}-{}, so an outgoing connection                      may hold it as its local port: choose an app port outside that range",
+                    range.start(),
+                    range.end()
+                )
+            } else {
+                "another process holds it".to_string()
+            };
+            eprintln!(
+                "apus run: the app port {port} is still taken {} s after the server stopped ({why});                  starting the server anyway",
+                PORT_FREE_WAIT.as_secs()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 /// What `apus run` starts.
 #[derive(Clone, Debug)]
@@ -95,6 +143,17 @@ pub fn supervise(spec: &ServerSpec) -> Result<i32> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
+    let range = ephemeral_ports();
+    if range.contains(&spec.app_port) {
+        eprintln!(
+            "apus run: warning: the app port {} lies in the kernel's ephemeral range {}-{} \
+             (net.ipv4.ip_local_port_range): while the server is down for a rebuild, an outgoing \
+             connection may take it and the server cannot listen again",
+            spec.app_port,
+            range.start(),
+            range.end()
+        );
+    }
     let mut rebuilds = 0;
     loop {
         if let Some(p) = &spec.pristine {
@@ -117,6 +176,7 @@ pub fn supervise(spec: &ServerSpec) -> Result<i32> {
                     return Ok(EXIT_REFUSED);
                 }
                 eprintln!("apus run: restarting the server empty; the log rebuilds its state");
+                wait_port_free(spec.app_port);
             }
         }
     }

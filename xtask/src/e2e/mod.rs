@@ -92,12 +92,45 @@ pub fn build_release() -> Result<Binaries> {
 }
 
 pub fn free_addr() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    Ok(bind_fixed(TcpListener::bind)?.0)
+}
+
+/// Where ports are looked for: below the kernel's ephemeral range. A port
+/// in that range is free only while nobody connects: a server restarted
+/// on one (a rebuilt replica's) found it taken by some outgoing
+/// connection's local port ("Address already in use").
+const FIXED_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// Binds the first free loopback port of [`FIXED_PORTS`] (outside the
+/// ephemeral range, checked), from a start that differs between processes.
+fn bind_fixed<S>(bind: impl Fn(SocketAddr) -> std::io::Result<S>) -> Result<(SocketAddr, S)> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = apus::supervisor::run::ephemeral_ports();
+    let span = u32::from(FIXED_PORTS.end - FIXED_PORTS.start);
+    let start = std::process::id().wrapping_mul(7919) + NEXT.fetch_add(1, Ordering::Relaxed) * 13;
+    for i in 0..span {
+        let port = FIXED_PORTS.start + ((start + i) % span) as u16;
+        if ephemeral.contains(&port) {
+            continue;
+        }
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if let Ok(s) = bind(addr) {
+            NEXT.fetch_add(i, Ordering::Relaxed);
+            return Ok((addr, s));
+        }
+    }
+    bail!(
+        "no free loopback port in {FIXED_PORTS:?} outside the ephemeral range {}-{}",
+        ephemeral.start(),
+        ephemeral.end()
+    )
 }
 
 /// Free loopback ports for one configuration: each socket stays bound until
 /// the pool is dropped, so the kernel cannot hand out one port twice (it
-/// did: two replicas got the same address).
+/// did: two replicas got the same address). They lie outside the
+/// ephemeral range (see [`FIXED_PORTS`]).
 #[derive(Default)]
 pub struct PortPool {
     tcp: Vec<TcpListener>,
@@ -106,15 +139,13 @@ pub struct PortPool {
 
 impl PortPool {
     pub fn tcp(&mut self) -> Result<SocketAddr> {
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        let a = l.local_addr()?;
+        let (a, l) = bind_fixed(TcpListener::bind)?;
         self.tcp.push(l);
         Ok(a)
     }
 
     pub fn udp(&mut self) -> Result<SocketAddr> {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        let a = s.local_addr()?;
+        let (a, s) = bind_fixed(std::net::UdpSocket::bind)?;
         self.udp.push(s);
         Ok(a)
     }
