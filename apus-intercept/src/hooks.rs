@@ -235,11 +235,27 @@ pub unsafe extern "C" fn accept4(
     unsafe { accept_common(fd, || real::accept4(fd, addr, len, flags)) }
 }
 
+thread_local! {
+    /// This thread's id, once asked (0: not yet): replay's hooks ask on
+    /// every read and write, and each ask would be a system call.
+    static TID: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
 /// The calling thread's id.
-fn gettid() -> u32 {
-    // SAFETY: gettid has no preconditions and cannot fail.
-    let tid = unsafe { libc::gettid() };
-    tid as u32
+pub(crate) fn gettid() -> u32 {
+    TID.with(|t| {
+        if t.get() == 0 {
+            // SAFETY: gettid has no preconditions and cannot fail.
+            t.set(unsafe { libc::gettid() } as u32);
+        }
+        t.get()
+    })
+}
+
+/// In a forked child: the forking thread, the only one the child has,
+/// holds its parent thread's id (`pthread_atfork` child handler).
+pub(crate) fn forget_tid() {
+    TID.with(|t| t.set(0));
 }
 
 /// Counts what the server read from a replay connection (followers).

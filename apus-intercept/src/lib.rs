@@ -201,6 +201,7 @@ extern "C" fn after_fork_parent() {
 }
 
 extern "C" fn after_fork_child() {
+    hooks::forget_tid();
     REGISTRY.after_fork(true);
 }
 
@@ -866,5 +867,31 @@ mod tests {
         let mut l = Lifeline { reads: 0 };
         wait_until_closed(&mut l);
         assert_eq!(l.reads, 3, "returned only at end of stream");
+    }
+
+    /// The hooks cache each thread's id; a forked child's only thread must
+    /// not report its parent thread's (the gate and the turnstile tell
+    /// readers apart by it).
+    #[test]
+    fn a_forked_child_knows_its_own_thread_id() {
+        let parent = hooks::gettid();
+        // SAFETY: the child only calls the fork handler, gettid and _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            after_fork_child();
+            // SAFETY: gettid has no preconditions.
+            let real = unsafe { libc::gettid() } as u32;
+            let ok = hooks::gettid() == real && real != parent;
+            // SAFETY: ends the child without running the test harness's exit.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid int.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child saw its parent's thread id"
+        );
     }
 }

@@ -453,10 +453,10 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
             for i in 0..3 {
                 app.start(i)?;
             }
-            let leader = app.wait_ready(&[0, 1, 2], Duration::from_secs(60))?;
+            let mut leader = app.wait_ready(&[0, 1, 2], Duration::from_secs(60))?;
             for (c, depth) in o.app_points() {
                 let pids: Vec<u32> = (0..3).flat_map(|i| app.server_pids(i)).collect();
-                let m = with_cpu(&o, &pids, || {
+                let measured = with_cpu(&o, &pids, || {
                     run_load(
                         &bench_bin,
                         &[kind.name(), "--addr", &app.apps[leader].to_string()],
@@ -464,18 +464,28 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
                         (c, depth),
                         &pin,
                     )
-                })?;
+                });
+                let point = format!("{} over apus/{t}, {c} conns x{depth}", kind.name());
                 if app.leader() != Some(leader) {
                     notes.push(format!(
-                        "{} over {t}, {c} conns x{depth}: the leader changed during the point (requests to the old one failed and were retried)",
-                        kind.name()
+                        "{point}: the leader changed during the point (requests to the old one failed and were retried, or the point has no result)"
                     ));
+                    // The next points go to the new leader.
+                    leader = app.wait_ready(&[0, 1, 2], Duration::from_secs(60))?;
                 }
+                let m = match measured {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // Reported, not fatal: the other points still say
+                        // something.
+                        notes.push(format!("{point}: no result: {e:#}"));
+                        p.step(&format!("{point}: FAILED (see the notes)"));
+                        continue;
+                    }
+                };
                 p.step(&format!(
-                    "{} over apus/{t}, {c} conns x{depth}: {:.0}/s, p50 {:.1} us",
-                    kind.name(),
-                    m.throughput,
-                    m.p50
+                    "{point}: {:.0}/s, p50 {:.1} us",
+                    m.throughput, m.p50
                 ));
                 rows.push(Row {
                     kind: "app".into(),
