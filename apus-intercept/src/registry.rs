@@ -5,7 +5,7 @@
 //! engine, replayer) and every non-client descriptor of the server pass
 //! straight through at the cost of one atomic load.
 //!
-//! A replicated connection's state sits in one of [`SHARDS`] tables, chosen
+//! A replicated connection's state sits in one of `SHARDS` (64) tables, chosen
 //! by its id, each with its own lock: a read or write of one connection
 //! takes no lock that every other connection's reads and writes take.
 
