@@ -32,15 +32,48 @@ pub enum PlantedBug {
     /// A follower accepts an entry written into its ring under an older term
     /// than its source's (it checks the writer term with `<=`, not `==`).
     AcceptStaleTerm,
+    /// A node whose election timer fires stands at once, raising its term,
+    /// instead of asking for a pre-vote first.
+    NoPreVote,
+    /// A follower keeps the term of its writer's first grant when the same
+    /// writer leads a later term, so a revocation drains nothing of it.
+    StaleWriterTerm,
+    /// A revoked writer's last landed sync is never drained.
+    NoRevokedDrain,
+    /// A voter answers and a candidate asks before what the old writer
+    /// landed is drained into their logs.
+    NoDrainBeforeVote,
+    /// The leader record has one copy: a write in flight hides it.
+    SingleBufferedLeaderRecord,
+    /// A replica that lost its memory votes before it has recovered.
+    NoRecoveringGate,
 }
 
 #[cfg(any(test, feature = "sim"))]
 impl PlantedBug {
+    /// Every planted bug.
+    pub const ALL: [PlantedBug; 8] = [
+        PlantedBug::CommitWithoutMajority,
+        PlantedBug::AcceptStaleTerm,
+        PlantedBug::NoPreVote,
+        PlantedBug::StaleWriterTerm,
+        PlantedBug::NoRevokedDrain,
+        PlantedBug::NoDrainBeforeVote,
+        PlantedBug::SingleBufferedLeaderRecord,
+        PlantedBug::NoRecoveringGate,
+    ];
+
     /// Parses the command-line name of a bug.
     pub fn from_name(name: &str) -> Option<PlantedBug> {
         match name {
             "commit-without-majority" => Some(PlantedBug::CommitWithoutMajority),
             "accept-stale-term" => Some(PlantedBug::AcceptStaleTerm),
+            "no-pre-vote" => Some(PlantedBug::NoPreVote),
+            "stale-writer-term" => Some(PlantedBug::StaleWriterTerm),
+            "no-revoked-drain" => Some(PlantedBug::NoRevokedDrain),
+            "no-drain-before-vote" => Some(PlantedBug::NoDrainBeforeVote),
+            "single-buffered-leader-record" => Some(PlantedBug::SingleBufferedLeaderRecord),
+            "no-recovering-gate" => Some(PlantedBug::NoRecoveringGate),
             _ => None,
         }
     }
@@ -50,6 +83,12 @@ impl PlantedBug {
         match self {
             PlantedBug::CommitWithoutMajority => "commit-without-majority",
             PlantedBug::AcceptStaleTerm => "accept-stale-term",
+            PlantedBug::NoPreVote => "no-pre-vote",
+            PlantedBug::StaleWriterTerm => "stale-writer-term",
+            PlantedBug::NoRevokedDrain => "no-revoked-drain",
+            PlantedBug::NoDrainBeforeVote => "no-drain-before-vote",
+            PlantedBug::SingleBufferedLeaderRecord => "single-buffered-leader-record",
+            PlantedBug::NoRecoveringGate => "no-recovering-gate",
         }
     }
 }

@@ -124,6 +124,15 @@ fn unused_zero(w: &[u64; FIELDS], used: usize) -> Result<(), RecordError> {
     Ok(())
 }
 
+/// A word that holds a flag: 0 or 1, nothing else.
+fn boolean(word: u64, what: &'static str) -> Result<bool, RecordError> {
+    match word {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(RecordError::Field(what)),
+    }
+}
+
 /// Written by the leader of `term` into each follower's leader slot: a
 /// heartbeat, the commit index, and the sync command that tells the follower
 /// where the leader's stream into its ring begins.
@@ -257,27 +266,36 @@ impl Record for AckRecord {
 /// Written by a candidate into each voter's vote-request slot.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct VoteRequest {
-    /// The candidate's term.
+    /// The candidate's term (a pre-vote: the term it would stand in).
     pub term: Term,
     /// The candidate's last log index...
     pub last_index: Index,
     /// ...and its term.
     pub last_term: Term,
+    /// A pre-vote (Raft thesis 9.6): would the voter grant a vote in
+    /// `term`? Nobody's term or vote changes on it.
+    pub pre: bool,
 }
 
 impl Record for VoteRequest {
     const KIND: u8 = 3;
     fn to_words(&self) -> [u64; FIELDS] {
         let mut w = [0; FIELDS];
-        w[..3].copy_from_slice(&[self.term, self.last_index, self.last_term]);
+        w[..4].copy_from_slice(&[
+            self.term,
+            self.last_index,
+            self.last_term,
+            u64::from(self.pre),
+        ]);
         w
     }
     fn from_words(w: &[u64; FIELDS]) -> Result<Self, RecordError> {
-        unused_zero(w, 3)?;
+        unused_zero(w, 4)?;
         let r = VoteRequest {
             term: w[0],
             last_index: w[1],
             last_term: w[2],
+            pre: boolean(w[3], "pre-vote is not a boolean")?,
         };
         if r.term == 0 || r.last_term >= r.term {
             return Err(RecordError::Field("vote request terms"));
@@ -292,10 +310,12 @@ impl Record for VoteRequest {
 /// Written by a voter into the candidate's vote-response slot.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct VoteResponse {
-    /// The voter's current term.
+    /// The voter's current term (a pre-vote's answer: the term asked about).
     pub term: Term,
     /// Whether the vote is granted for that term.
     pub granted: bool,
+    /// The answer to a pre-vote.
+    pub pre: bool,
 }
 
 impl Record for VoteResponse {
@@ -304,16 +324,15 @@ impl Record for VoteResponse {
         let mut w = [0; FIELDS];
         w[0] = self.term;
         w[1] = u64::from(self.granted);
+        w[2] = u64::from(self.pre);
         w
     }
     fn from_words(w: &[u64; FIELDS]) -> Result<Self, RecordError> {
-        unused_zero(w, 2)?;
-        if w[1] > 1 {
-            return Err(RecordError::Field("granted is not a boolean"));
-        }
+        unused_zero(w, 3)?;
         Ok(VoteResponse {
             term: w[0],
-            granted: w[1] == 1,
+            granted: boolean(w[1], "granted is not a boolean")?,
+            pre: boolean(w[2], "pre-vote is not a boolean")?,
         })
     }
 }
@@ -418,17 +437,21 @@ mod tests {
             last_index: 12,
         };
         assert_eq!(AckRecord::decode(&a.encode()), Ok(a));
-        let v = VoteRequest {
-            term: 6,
-            last_index: 12,
-            last_term: 5,
-        };
-        assert_eq!(VoteRequest::decode(&v.encode()), Ok(v));
-        let r = VoteResponse {
-            term: 6,
-            granted: true,
-        };
-        assert_eq!(VoteResponse::decode(&r.encode()), Ok(r));
+        for pre in [false, true] {
+            let v = VoteRequest {
+                term: 6,
+                last_index: 12,
+                last_term: 5,
+                pre,
+            };
+            assert_eq!(VoteRequest::decode(&v.encode()), Ok(v));
+            let r = VoteResponse {
+                term: 6,
+                granted: true,
+                pre,
+            };
+            assert_eq!(VoteResponse::decode(&r.encode()), Ok(r));
+        }
         let s = StatusRecord {
             term: 6,
             writer: Some(NodeId(2)),
@@ -452,6 +475,7 @@ mod tests {
         let v = VoteResponse {
             term: 1,
             granted: false,
+            pre: false,
         };
         assert_eq!(
             LeaderRecord::decode(&v.encode()),

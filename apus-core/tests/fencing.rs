@@ -6,8 +6,9 @@ mod common;
 use apus_core::{NodeId, Role};
 use common::{Follower, FromLeader};
 
-#[test]
-fn a_revoked_leaders_landed_sync_and_entries_are_drained_first() {
+/// Two entries from n0 (term 1); then n2 leads term 2 with no sync yet: we
+/// grant it (revoking n0) and settle. Returns n2's record.
+fn granted_to_n2() -> (Follower, FromLeader) {
     let mut f = Follower::synced();
     for i in 1..=2 {
         f.push_entry(i, 1, b"from n0, term 1");
@@ -28,6 +29,12 @@ fn a_revoked_leaders_landed_sync_and_entries_are_drained_first() {
     f.poll();
     f.poll();
     assert_eq!((f.r.term(), f.r.log_writer()), (2, Some(NodeId(2))));
+    (f, n2)
+}
+
+#[test]
+fn a_revoked_leaders_landed_sync_and_entries_are_drained_first() {
+    let (mut f, n2) = granted_to_n2();
     // n2 syncs us at index 2 and streams two entries (it counts them once
     // its writes complete); before we read n2's record, n0 wins term 3 and
     // we revoke n2.
@@ -101,4 +108,94 @@ fn a_live_leader_is_not_deposed_by_a_cut_off_candidate() {
     f.vote_request(NodeId(2), 5);
     f.poll();
     assert_eq!((f.r.term(), f.r.log_writer()), (1, Some(NodeId(0))));
+}
+
+/// n2 leads term 2, then term 4, and we learn the second term from its
+/// record alone (no vote of ours, no grant change). What it lands in term 4
+/// before n0's term 5 revokes it must still be drained: the grant's term
+/// is renewed with the leader's term (it used to stay 2, and the drain,
+/// which looks for a record of the grant's term, skipped n2's term-4 sync).
+#[test]
+fn a_writer_that_led_again_is_drained_with_its_new_term() {
+    let (mut f, n2) = granted_to_n2();
+    // n2 wins term 4 without us: its heartbeat says so.
+    f.write_leader_record(FromLeader {
+        term: 4,
+        version: 2,
+        ..n2
+    });
+    f.poll();
+    f.poll();
+    assert_eq!((f.r.term(), f.r.log_writer()), (4, Some(NodeId(2))));
+    // In term 4 n2 syncs us and streams two entries; before we read its
+    // record, n0 wins term 5 and we revoke n2.
+    let (pos, term) = f.tail();
+    f.write_leader_record(FromLeader {
+        term: 4,
+        version: 3,
+        sync_seq: 1,
+        sync_index: 2,
+        sync_term: term,
+        sync_pos: pos,
+        last_index: 4,
+        ..n2
+    });
+    f.push_entry_by(3, 4, 4, b"from n2, term 4");
+    f.push_entry_by(4, 4, 4, b"from n2, term 4");
+    f.write_leader_record(FromLeader {
+        leader: NodeId(0),
+        term: 5,
+        version: 9,
+        last_index: 2,
+        ..n2
+    });
+    f.poll(); // n0's term 5: n2 revoked, settling
+    assert_eq!((f.r.term(), f.r.log_writer()), (5, Some(NodeId(0))));
+    f.poll(); // the settle drain takes what n2 landed in term 4
+    assert_eq!(
+        f.r.last_index(),
+        4,
+        "what n2 landed in its second term must be in our log"
+    );
+}
+
+/// Two grant changes in one poll (n0's term 3 from its record, then n2's
+/// vote request of term 4) revoke two writers; the drain takes what each
+/// landed. A single revoked slot kept only the last one (n0), and what n2
+/// landed under its term-2 grant was lost.
+#[test]
+fn two_revocations_in_one_poll_drain_both_writers() {
+    let (mut f, n2) = granted_to_n2();
+    // n2 syncs us and streams two entries. Before we read any of it, n0's
+    // record says it leads term 3, and n2 (cut off from n0) asks for our
+    // vote in term 4; we have heard no leader for a long time.
+    let (pos, term) = f.tail();
+    f.write_leader_record(FromLeader {
+        version: 2,
+        sync_seq: 1,
+        sync_index: 2,
+        sync_term: term,
+        sync_pos: pos,
+        last_index: 4,
+        ..n2
+    });
+    f.push_entry_by(3, 2, 2, b"from n2, term 2");
+    f.push_entry_by(4, 2, 2, b"from n2, term 2");
+    f.write_leader_record(FromLeader {
+        leader: NodeId(0),
+        term: 3,
+        version: 9,
+        last_index: 2,
+        ..n2
+    });
+    f.vote_request(NodeId(2), 4);
+    f.advance(10_000_000_000);
+    f.poll(); // term 3 (n2 revoked, n0 granted), then term 4 (n0 revoked)
+    assert_eq!((f.r.term(), f.r.log_writer()), (4, None));
+    f.poll(); // the settle drain takes what n2 landed
+    assert_eq!(
+        f.r.last_index(),
+        4,
+        "what the first revoked writer landed must be in our log"
+    );
 }

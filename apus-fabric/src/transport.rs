@@ -171,7 +171,8 @@ pub struct RingGrant {
 pub struct FabricStats {
     /// Writes to a peer's log ring refused: no grant, or a revoked key.
     pub fenced_writes: AtomicU64,
-    /// Ring grants this node revoked from a peer.
+    /// Ring grants this node revoked from a peer: moved by the engine, or
+    /// closed with the writer's connection.
     pub revocations: AtomicU64,
     /// Connections ended because an operation did not complete in time.
     pub timeouts: AtomicU64,
@@ -319,16 +320,34 @@ pub enum StartError {
 /// endpoint's own inbound path makes progress. The shm provider's receive
 /// queue can be left wedged by a peer killed in the middle of enqueueing
 /// into it (libfabric 1.17): every later operation to this node then waits
-/// forever. A probe that does not complete in time reopens the endpoint.
+/// forever; a peer stopped (SIGSTOP) mid-enqueue wedges it until it runs
+/// again. A probe that does not complete in time reopens the endpoint.
 #[derive(Debug)]
 struct SelfProbe {
     addr: PeerAddr,
     mr: MemoryRegion,
-    /// A probe is due (a peer was lost).
+    /// A probe is due (a peer was lost, or an operation is late).
     wanted: bool,
     /// The probe in flight: its context and when it was posted.
     pending: Option<(u64, Instant)>,
+    /// Progress passes since the probe in flight was posted: a wedge is a
+    /// probe that many passes could not complete, not one whose engine
+    /// was descheduled meanwhile.
+    passes: u32,
+    /// When the last probe was posted: late operations ask for one at most
+    /// once per `op_timeout / PROBE_FRACTION`.
+    last_posted: Option<Instant>,
 }
+
+/// An operation `op_timeout / PROBE_FRACTION` late has the self probe
+/// posted, and a probe as late reopens the endpoint: a wedged inbound path
+/// is found well before the peers' operations time out (a paused leader's
+/// followers elect a successor only once their paths to each other work).
+const PROBE_FRACTION: u32 = 4;
+
+/// Progress passes a probe must survive before it counts as stuck. A pass
+/// takes microseconds; a healthy self write completes within two.
+const PROBE_PASSES: u32 = 64;
 
 /// Context of the self probe (peer index 0xff, never a replica's).
 const PROBE_PEER: u64 = 0xff;
@@ -396,6 +415,8 @@ fn open_endpoint(
             mr,
             wanted: false,
             pending: None,
+            passes: 0,
+            last_posted: None,
         })
     };
     Ok(Opened {
@@ -593,6 +614,12 @@ impl FabricTransport {
     }
 
     fn release_registrations(&mut self, p: &mut Peer) {
+        if p.ring.is_some() {
+            // The granted writer's key dies with its registration: a
+            // connection closed before the engine moved the grant (an
+            // operation timed out on a paused leader) revokes it as surely.
+            self.stats.revocations.fetch_add(1, AtomicOrdering::Relaxed);
+        }
         for mr in p.granted.drain(..).chain(p.ring.take()) {
             if let Err(e) = self.endpoint.deregister(mr) {
                 warn!(me = %self.me, error = %e, "deregistration failed");
@@ -659,7 +686,7 @@ impl FabricTransport {
             return Ok(());
         };
         if let Some((_, posted)) = probe.pending {
-            if posted.elapsed() > self.op_timeout {
+            if posted.elapsed() > self.op_timeout / PROBE_FRACTION && probe.passes >= PROBE_PASSES {
                 self.stats.resets.fetch_add(1, AtomicOrdering::Relaxed);
                 warn!(
                     me = %self.me,
@@ -689,7 +716,10 @@ impl FabricTransport {
             Ok(true) => {
                 self.next_ctx += 1;
                 probe.wanted = false;
-                probe.pending = Some((ctx, Instant::now()));
+                let now = Instant::now();
+                probe.pending = Some((ctx, now));
+                probe.passes = 0;
+                probe.last_posted = Some(now);
             }
             Ok(false) => {}
             Err(e) => {
@@ -1089,6 +1119,11 @@ impl FabricTransport {
         self.endpoint
             .poll(&mut self.completions)
             .map_err(|e| TransportError::Other(e.to_string()))?;
+        if let Some(probe) = self.probe.as_mut()
+            && probe.pending.is_some()
+        {
+            probe.passes = probe.passes.saturating_add(1);
+        }
         let mut broken = Vec::new();
         for c in self.completions.drain(..) {
             if c.context & 0xff == PROBE_PEER {
@@ -1228,11 +1263,22 @@ impl Transport for FabricTransport {
                 self.release(peer);
                 self.post_held(peer)?;
                 let p = self.peers[i].as_ref().expect("connected");
-                if p.inflight
+                let oldest = p
+                    .inflight
                     .iter()
                     .find(|f| f.done.is_none())
-                    .is_some_and(|f| now.duration_since(f.posted) > self.op_timeout)
+                    .map(|f| now.duration_since(f.posted));
+                if let Some(probe) = self.probe.as_mut()
+                    && probe.pending.is_none()
+                    && oldest.is_some_and(|age| age > self.op_timeout / PROBE_FRACTION)
+                    && probe
+                        .last_posted
+                        .is_none_or(|t| now.duration_since(t) > self.op_timeout / PROBE_FRACTION)
                 {
+                    // Late: our own inbound path may be what is wedged.
+                    probe.wanted = true;
+                }
+                if oldest.is_some_and(|age| age > self.op_timeout) {
                     self.stats.timeouts.fetch_add(1, AtomicOrdering::Relaxed);
                     self.close(peer, "an operation did not complete in time");
                 }

@@ -321,6 +321,35 @@ fn peer_loss_and_return(provider: &str) {
     assert!(!t.node(0).t.connected(NodeId(2)));
 }
 
+/// A granted writer whose connection ends (a paused leader's operations
+/// time out before anyone is elected) loses its key with it: the close
+/// counts as the revocation, once, and moving the grant later adds none.
+fn lost_writer_is_revoked(provider: &str) {
+    let Some(mut t) = Trio::start(provider, Duration::from_secs(2)) else {
+        return;
+    };
+    let revocations = |t: &mut Trio| {
+        t.node(0)
+            .t
+            .stats()
+            .revocations
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    t.node(0).t.set_log_writer(Some(NodeId(1))).unwrap();
+    assert_eq!(revocations(&mut t), 0, "a grant is no revocation");
+    t.nodes[1] = None;
+    t.until("PeerDown", |t| {
+        t.node(0)
+            .events
+            .contains(&TransportEvent::PeerDown(NodeId(1)))
+    });
+    assert_eq!(revocations(&mut t), 1, "the lost writer's key was closed");
+    t.node(0).t.set_log_writer(Some(NodeId(2))).unwrap();
+    assert_eq!(revocations(&mut t), 1, "counted twice");
+    t.node(0).t.set_log_writer(None).unwrap();
+    assert_eq!(revocations(&mut t), 2, "a connected writer's revocation");
+}
+
 macro_rules! per_provider {
     ($($name:ident: $provider:expr, $test:ident;)*) => {$(
         #[test]
@@ -334,9 +363,11 @@ per_provider! {
     shm_slots_reads_and_rules: "shm", slots_reads_and_rules;
     shm_ring_grant_and_fencing: "shm", ring_grant_and_fencing;
     shm_peer_loss: "shm", peer_loss_and_return;
+    shm_lost_writer_is_revoked: "shm", lost_writer_is_revoked;
     rxm_slots_reads_and_rules: "tcp;ofi_rxm", slots_reads_and_rules;
     rxm_ring_grant_and_fencing: "tcp;ofi_rxm", ring_grant_and_fencing;
     rxm_peer_loss: "tcp;ofi_rxm", peer_loss_and_return;
+    rxm_lost_writer_is_revoked: "tcp;ofi_rxm", lost_writer_is_revoked;
     tcp_connected_slots_reads_and_rules: "tcp", slots_reads_and_rules;
     tcp_connected_ring_grant_and_fencing: "tcp", ring_grant_and_fencing;
     tcp_connected_peer_loss: "tcp", peer_loss_and_return;
@@ -354,6 +385,7 @@ fn a_tcp_transport_replica_is_refused_with_a_reason() {
             peers: peers.clone(),
             secret: SECRET.to_vec(),
             layout: layout(),
+            op_timeout: apus_tcp::DEFAULT_OP_TIMEOUT,
         },
         Region::new(layout().region_len()),
     )

@@ -252,10 +252,30 @@ pub(crate) fn gettid() -> u32 {
     })
 }
 
-/// In a forked child: the forking thread, the only one the child has,
-/// holds its parent thread's id (`pthread_atfork` child handler).
-pub(crate) fn forget_tid() {
+/// This process's id, once asked (0: not yet): every hook asks which
+/// process it runs in, and glibc makes `getpid` a system call.
+static PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// The calling process's id.
+pub(crate) fn getpid() -> u32 {
+    let pid = PID.load(std::sync::atomic::Ordering::Relaxed);
+    if pid != 0 {
+        return pid;
+    }
+    // SAFETY: getpid has no preconditions and cannot fail.
+    let pid = unsafe { libc::getpid() } as u32;
+    PID.store(pid, std::sync::atomic::Ordering::Relaxed);
+    pid
+}
+
+/// In a forked child (`pthread_atfork` child handler, which the child runs
+/// before any other code): the forking thread, the only one the child has,
+/// holds its parent thread's id, and the process its parent's. Processes
+/// that clone without glibc's `fork` are not told apart from their parent
+/// at all (the registry's fork handling rests on the same handler).
+pub(crate) fn forget_ids() {
     TID.with(|t| t.set(0));
+    PID.store(0, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Counts what the server read from a replay connection (followers).

@@ -201,7 +201,7 @@ extern "C" fn after_fork_parent() {
 }
 
 extern "C" fn after_fork_child() {
-    hooks::forget_tid();
+    hooks::forget_ids();
     REGISTRY.after_fork(true);
 }
 
@@ -241,8 +241,7 @@ fn proc() -> Proc {
         return Proc::Outside;
     }
     match HOLDER.get() {
-        // SAFETY: getpid has no preconditions.
-        Some(h) if h.pid == unsafe { libc::getpid() } as u32 => Proc::Holder(&h.apus),
+        Some(h) if h.pid == hooks::getpid() => Proc::Holder(&h.apus),
         Some(h) => Proc::Child(&h.children),
         None => Proc::Candidate,
     }
@@ -276,6 +275,9 @@ struct Apus {
 /// The engine thread's nice value inside a server, where allowed (see
 /// [`Node::set_engine_nice`]).
 const ENGINE_NICE: i32 = -10;
+/// Its realtime priority, where allowed (see [`Node::set_engine_realtime`]):
+/// low among realtime threads (the kernel's own run at 50 and above).
+const ENGINE_REALTIME_PRIORITY: u8 = 10;
 
 fn start() -> Holder {
     let s = settings().expect("only a server process becomes the holder");
@@ -317,10 +319,23 @@ fn start() -> Holder {
     if s.config.poll == apus::PollPolicy::Park {
         // The server's threads share the cores: a heartbeat that waits
         // behind them longer than the election timeout is an election for
-        // nothing (seen under redis-benchmark -c 50 on two cores). An engine
-        // that spins is not raised: it would take the server's cores.
+        // nothing (seen under redis-benchmark -c 50 on two cores, with nice
+        // -10 too: engines waited up to 200 ms for a core). An engine that
+        // spins is not raised: it would take the server's cores.
         if let Err(e) = node.set_engine_nice(ENGINE_NICE) {
-            tracing::debug!(error = %e, "the engine thread keeps the default priority");
+            tracing::debug!(error = %e, "the engine thread keeps the default nice value");
+        }
+        match node.set_engine_realtime(ENGINE_REALTIME_PRIORITY) {
+            Ok(()) => tracing::debug!("the engine thread runs under SCHED_FIFO"),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                info!(error = %e, "the engine thread runs under the normal policy")
+            }
+            Err(e) => warn!(
+                error = %e,
+                "the engine thread cannot run under SCHED_FIFO (needs root, CAP_SYS_NICE or \
+                 RLIMIT_RTPRIO): on busy cores heartbeats may wait for a core and the \
+                 cluster elect leaders for nothing"
+            ),
         }
     }
     let children = match child::serve(Arc::new(ChildRequests), sessions.clone()) {
@@ -363,8 +378,7 @@ fn start() -> Holder {
         Err(e) => refuse(&format!("cannot reach `apus run`: {e}")),
     }
     Holder {
-        // SAFETY: getpid has no preconditions.
-        pid: unsafe { libc::getpid() } as u32,
+        pid: hooks::getpid(),
         apus,
         children,
     }
@@ -869,12 +883,14 @@ mod tests {
         assert_eq!(l.reads, 3, "returned only at end of stream");
     }
 
-    /// The hooks cache each thread's id; a forked child's only thread must
-    /// not report its parent thread's (the gate and the turnstile tell
-    /// readers apart by it).
+    /// The hooks cache each thread's id and the process's; a forked
+    /// child's only thread must not report its parent thread's (the gate
+    /// and the turnstile tell readers apart by it), nor the child its
+    /// parent's process id (it would take itself for the node's holder).
     #[test]
-    fn a_forked_child_knows_its_own_thread_id() {
+    fn a_forked_child_knows_its_own_thread_and_process_id() {
         let parent = hooks::gettid();
+        let parent_pid = hooks::getpid();
         // SAFETY: the child only calls the fork handler, gettid and _exit.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
@@ -882,7 +898,12 @@ mod tests {
             after_fork_child();
             // SAFETY: gettid has no preconditions.
             let real = unsafe { libc::gettid() } as u32;
-            let ok = hooks::gettid() == real && real != parent;
+            // SAFETY: getpid has no preconditions.
+            let real_pid = unsafe { libc::getpid() } as u32;
+            let ok = hooks::gettid() == real
+                && real != parent
+                && hooks::getpid() == real_pid
+                && real_pid != parent_pid;
             // SAFETY: ends the child without running the test harness's exit.
             unsafe { libc::_exit(if ok { 0 } else { 1 }) };
         }
@@ -891,7 +912,7 @@ mod tests {
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "the child saw its parent's thread id"
+            "the child saw its parent's thread or process id"
         );
     }
 }

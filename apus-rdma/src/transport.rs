@@ -195,7 +195,8 @@ pub struct RdmaStats {
     /// Writes to a peer's log ring it refused (a remote access error from
     /// its NIC: this node no longer held the grant).
     pub fenced_writes: AtomicU64,
-    /// Ring grants this node revoked from a peer.
+    /// Ring grants this node revoked from a peer: moved by the engine, or
+    /// closed with the writer's connection.
     pub revocations: AtomicU64,
     /// Connections ended because an operation did not complete in time.
     pub timeouts: AtomicU64,
@@ -517,6 +518,11 @@ impl RdmaTransport {
             return;
         };
         info!(me = %self.me, %peer, why, "connection closed");
+        if self.writer == Some(peer) {
+            // Its ring key dies with the queue pair below: a connection
+            // closed before the engine moved the grant revokes it as surely.
+            self.stats.revocations.fetch_add(1, AtomicOrdering::Relaxed);
+        }
         for f in p.inflight.drain(..) {
             self.events.push_back(TransportEvent::Completed(Completion {
                 op: f.op,

@@ -377,6 +377,7 @@ fn a_tcp_transport_replica_is_refused_with_a_reason() {
             peers: peers.clone(),
             secret: SECRET.to_vec(),
             layout: layout(),
+            op_timeout: apus_tcp::DEFAULT_OP_TIMEOUT,
         },
         Region::new(layout().region_len()),
     )

@@ -33,6 +33,7 @@ fn main() {
             peers: peers.clone(),
             secret: b"rtt example secret, 32 bytes....".to_vec(),
             layout,
+            op_timeout: apus_tcp::DEFAULT_OP_TIMEOUT,
         };
         (TcpTransport::start(cfg, region.clone()).unwrap(), region)
     };

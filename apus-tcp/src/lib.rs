@@ -29,8 +29,14 @@ mod tcp;
 pub mod wire;
 
 use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
 
 pub use tcp::{TcpConfig, TcpTransport};
+
+/// The default per-operation deadline (`cluster.op_timeout_ms`): an
+/// operation without its answer this long after it was posted ends the
+/// connection.
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Counters of a transport (monotonic).
 #[derive(Debug, Default)]
@@ -42,4 +48,6 @@ pub struct TransportStats {
     pub violations: AtomicUsize,
     /// Connections established.
     pub established: AtomicUsize,
+    /// Connections closed because an operation did not complete in time.
+    pub timeouts: AtomicUsize,
 }

@@ -4,6 +4,7 @@
 //! this side posts are framed out and matched with their completions.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use apus_core::layout::RemoteAccess;
 use apus_core::{
@@ -103,7 +104,47 @@ pub(crate) struct Link {
     /// Frames to send; `out[sent..]` is still unsent.
     pub out: Vec<u8>,
     pub sent: usize,
-    pending: VecDeque<(OpId, Awaiting)>,
+    /// Posted operations awaiting their DONE, oldest first, with when they
+    /// were posted.
+    pending: VecDeque<(OpId, Awaiting, Instant)>,
+}
+
+/// The per-operation deadline: an operation whose DONE has not come
+/// `timeout` after it was posted ends its connection (a peer stopped, or
+/// gone without a FIN or RST, would otherwise pin the leader's ring until
+/// the kernel gives up, minutes later). Judged only by a poll that follows
+/// the previous one closely: a transport that did not run for half the
+/// timeout (its engine descheduled) has not read the answers that arrived
+/// meanwhile, and blames nobody until it has.
+#[derive(Debug)]
+pub(crate) struct OpDeadline {
+    timeout: Duration,
+    last_poll: Instant,
+}
+
+impl OpDeadline {
+    pub(crate) fn new(timeout: Duration) -> OpDeadline {
+        assert!(!timeout.is_zero(), "an operation deadline of zero");
+        OpDeadline {
+            timeout,
+            last_poll: Instant::now(),
+        }
+    }
+
+    /// Called once per poll, after reading: the links with an overdue
+    /// operation, if this poll may judge.
+    pub(crate) fn judges(&mut self, now: Instant) -> bool {
+        let gap = now.saturating_duration_since(self.last_poll);
+        self.last_poll = now;
+        gap < self.timeout / 2
+    }
+
+    /// Whether `link`'s oldest pending operation is overdue at `now`.
+    pub(crate) fn overdue(&self, link: &Link, now: Instant) -> bool {
+        link.pending
+            .front()
+            .is_some_and(|&(_, _, posted)| now.saturating_duration_since(posted) > self.timeout)
+    }
 }
 
 impl Link {
@@ -148,7 +189,8 @@ impl Link {
                 }
                 let range = wire::encode_write(&mut self.out, op, remote_offset as u64, len);
                 region.read(local_offset, &mut self.out[range]);
-                self.pending.push_back((op, Awaiting::Write));
+                self.pending
+                    .push_back((op, Awaiting::Write, Instant::now()));
             }
             RemoteOp::Read {
                 op,
@@ -174,6 +216,7 @@ impl Link {
                         local: local_offset,
                         len,
                     },
+                    Instant::now(),
                 ));
             }
             RemoteOp::CompareAndSwap {
@@ -196,6 +239,7 @@ impl Link {
                     Awaiting::Cas {
                         local: local_offset,
                     },
+                    Instant::now(),
                 ));
             }
         }
@@ -269,7 +313,7 @@ impl Link {
                     }
                 }
                 Frame::Done { op, status, data } => {
-                    let Some((want, awaiting)) = self.pending.pop_front() else {
+                    let Some((want, awaiting, _)) = self.pending.pop_front() else {
                         return Err(format!("completion of {op:?}, which is not pending"));
                     };
                     if want != op {
@@ -304,7 +348,7 @@ impl Link {
 
     /// The connection is gone: every operation still pending fails.
     pub(crate) fn fail_pending(&mut self, peer: NodeId, events: &mut VecDeque<TransportEvent>) {
-        for (op, _) in self.pending.drain(..) {
+        for (op, _, _) in self.pending.drain(..) {
             events.push_back(TransportEvent::Completed(Completion {
                 op,
                 peer,

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use apus_core::{
     Capabilities, Completion, NodeId, OpError, Region, RegionLayout, RemoteOp, Transport,
@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::TransportStats;
 use crate::handshake::{self, Hello, LayoutInfo, Verdict};
-use crate::link::{Link, Local};
+use crate::link::{Link, Local, OpDeadline};
 use crate::sys::{self, EventFd, Interest};
 
 const ALPN: &[u8] = b"apus/1";
@@ -143,6 +143,9 @@ pub struct QuicConfig {
     pub layout: RegionLayout,
     /// The cluster's certificates and this replica's key.
     pub tls: TlsConfig,
+    /// An operation without its answer this long ends the connection
+    /// ([`DEFAULT_OP_TIMEOUT`](crate::DEFAULT_OP_TIMEOUT) unless configured).
+    pub op_timeout: Duration,
 }
 
 enum Incoming {
@@ -203,6 +206,7 @@ pub struct QuicTransport {
     endpoint: quinn::Endpoint,
     runtime: Option<tokio::runtime::Runtime>,
     pollfds: Vec<libc::pollfd>,
+    deadline: OpDeadline,
 }
 
 impl std::fmt::Debug for QuicTransport {
@@ -309,6 +313,7 @@ impl QuicTransport {
             endpoint,
             runtime: Some(runtime),
             pollfds: Vec::with_capacity(1),
+            deadline: OpDeadline::new(cfg.op_timeout),
         })
     }
 
@@ -431,6 +436,18 @@ impl Transport for QuicTransport {
                     {
                         self.close(peer, "connection lost");
                     }
+                }
+            }
+        }
+        let now = Instant::now();
+        if self.deadline.judges(now) {
+            for p in 0..self.links.len() {
+                if self.links[p]
+                    .as_ref()
+                    .is_some_and(|l| self.deadline.overdue(&l.link, now))
+                {
+                    self.ctx.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    self.close(NodeId(p as u8), "an operation did not complete in time");
                 }
             }
         }

@@ -28,7 +28,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use apus_core::{
     Capabilities, Completion, NodeId, OpError, OpId, Region, RegionLayout, RemoteOp, Transport,
@@ -39,7 +39,7 @@ use tracing::{info, warn};
 use crate::TransportStats;
 use crate::connect::{Connector, ConnectorConfig};
 use crate::handshake::LayoutInfo;
-use crate::link::{Link, Local};
+use crate::link::{Link, Local, OpDeadline};
 use crate::sys::{self, Interest};
 
 /// Where every replica listens, and the shared secret.
@@ -53,6 +53,9 @@ pub struct TcpConfig {
     pub secret: Vec<u8>,
     /// The region layout every replica uses.
     pub layout: RegionLayout,
+    /// An operation without its answer this long ends the connection
+    /// ([`DEFAULT_OP_TIMEOUT`](crate::DEFAULT_OP_TIMEOUT) unless configured).
+    pub op_timeout: Duration,
 }
 
 impl std::fmt::Debug for TcpConfig {
@@ -61,6 +64,7 @@ impl std::fmt::Debug for TcpConfig {
             .field("me", &self.me)
             .field("peers", &self.peers)
             .field("secret", &"<redacted>")
+            .field("op_timeout", &self.op_timeout)
             .finish()
     }
 }
@@ -98,6 +102,7 @@ pub struct TcpTransport {
     /// Whether `ready` holds for the next `poll` (else it reads every
     /// connection: something may have arrived since the last wait).
     only_ready: bool,
+    deadline: OpDeadline,
 }
 
 impl std::fmt::Debug for TcpTransport {
@@ -144,6 +149,7 @@ impl TcpTransport {
             interest_peers: Vec::with_capacity(n),
             ready: vec![false; n],
             only_ready: false,
+            deadline: OpDeadline::new(cfg.op_timeout),
         })
     }
 
@@ -257,6 +263,26 @@ impl TcpTransport {
         conn.link.process(peer, local, &mut self.events)
     }
 
+    /// Ends every connection with an operation past its deadline.
+    fn close_overdue(&mut self) {
+        let now = Instant::now();
+        if !self.deadline.judges(now) {
+            return;
+        }
+        for p in 0..self.conns.len() {
+            if self.conns[p]
+                .as_ref()
+                .is_some_and(|c| self.deadline.overdue(&c.link, now))
+            {
+                self.connector
+                    .stats()
+                    .timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                self.close(NodeId(p as u8), "an operation did not complete in time");
+            }
+        }
+    }
+
     /// [`flush`](Self::flush) every connection with something to send.
     fn flush_all(&mut self) {
         for p in 0..self.conns.len() {
@@ -339,6 +365,7 @@ impl Transport for TcpTransport {
                 self.receive(NodeId(p as u8));
             }
         }
+        self.close_overdue();
         events.extend(self.events.drain(..));
         Ok(())
     }

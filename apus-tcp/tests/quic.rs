@@ -48,6 +48,7 @@ fn node(me: u8, peers: &[SocketAddr], tls: TlsConfig) -> Node {
             me: NodeId(me),
             peers: peers.to_vec(),
             layout: layout(),
+            op_timeout: apus_tcp::DEFAULT_OP_TIMEOUT,
             tls,
         },
         region.clone(),

@@ -65,6 +65,7 @@ fn try_node(me: u8, peers: &[SocketAddr], secret: &[u8]) -> std::io::Result<Node
             peers: peers.to_vec(),
             secret: secret.to_vec(),
             layout: layout(),
+            op_timeout: apus_tcp::DEFAULT_OP_TIMEOUT,
         },
         region.clone(),
     )?;
@@ -292,4 +293,43 @@ fn a_wrong_secret_or_garbage_is_refused_and_changes_nothing() {
         everything.iter().all(|&b| b == 0),
         "a refused peer changed the region"
     );
+}
+
+/// A peer that stops answering without closing (a stopped process: its
+/// kernel still takes our bytes) is declared lost once an operation is
+/// past the deadline: the operation fails, PeerDown is reported, and the
+/// leader's ring is no longer pinned by it.
+#[test]
+fn a_peer_that_stops_answering_is_lost_after_the_op_deadline() {
+    let (mut a, b) = pair();
+    let slot = layout().inbound(SlotKind::Ack, NodeId(0));
+    let local = layout().staging(SlotKind::Ack, NodeId(1));
+    a.t.post(RemoteOp::Write {
+        op: OpId(77),
+        peer: NodeId(1),
+        local_offset: local,
+        len: 64,
+        remote_offset: slot,
+    })
+    .unwrap();
+    // `b` is never polled again: it neither reads nor answers.
+    let posted = Instant::now();
+    let limit = posted + Duration::from_secs(20);
+    while completion(&a, 77).is_none() {
+        assert!(
+            Instant::now() < limit,
+            "the silent peer was never declared lost"
+        );
+        a.t.poll(&mut a.events).unwrap();
+        a.t.wait(Duration::from_millis(1)).unwrap();
+    }
+    let waited = posted.elapsed();
+    assert_eq!(completion(&a, 77), Some(Err(OpError::PeerUnreachable)));
+    assert!(a.events.contains(&TransportEvent::PeerDown(NodeId(1))));
+    assert!(
+        waited >= apus_tcp::DEFAULT_OP_TIMEOUT,
+        "declared lost after {waited:?}, before the deadline"
+    );
+    assert_eq!(a.t.stats().timeouts.load(Ordering::Relaxed), 1);
+    drop(b);
 }

@@ -9,7 +9,7 @@
 //! provider = "tcp;ofi_rxm"            # fabric: libfabric provider (shm, tcp;ofi_rxm, tcp, verbs;ofi_rxm, verbs)
 //! domain = "lo"                       # fabric: the provider's domain (optional)
 //! device = "mlx5_0"                   # verbs: the RDMA device (optional: the first one)
-//! op_timeout_ms = 250                 # fabric, verbs: an operation this late ends the connection
+//! op_timeout_ms = 250                 # every transport: an operation this late ends the connection
 //! poll = "hybrid"                     # spin | hybrid | park
 //! tls_ca = "certs/ca.pem"             # quic: the cluster CA (`apus certs` makes one)
 //! follower_clients = "refuse"         # `apus run`: refuse | serve (unreplicated, to inspect)
@@ -144,6 +144,13 @@ impl TransportKind {
             TransportKind::Fabric => "fabric",
             TransportKind::Verbs => "verbs",
         }
+    }
+
+    /// Whether its engine must poll the provider for progress even when
+    /// idle (a wait bounded at tens of microseconds): one-sided writes
+    /// into us land without waking anything.
+    pub fn polls_for_progress(self) -> bool {
+        matches!(self, TransportKind::Fabric | TransportKind::Verbs)
     }
 
     /// A one-byte code for the client protocol (0: not settled yet).
@@ -349,6 +356,11 @@ pub struct ClusterConfig {
     /// How many bytes of input the leader's server may have read ahead of
     /// their commit (output commit, `apus run`); its reads wait beyond.
     pub max_uncommitted: usize,
+    /// An operation without its answer this long ends its connection, on
+    /// every transport: a follower that stops without a word (SIGSTOP, power
+    /// loss, a dropped link) is declared lost and stops pinning the
+    /// leader's ring.
+    pub op_timeout: Duration,
     /// Engine settings shared by every replica (its `id` is replica 0's;
     /// see [`ClusterConfig::engine_for`]).
     pub engine: ReplicaConfig,
@@ -578,11 +590,6 @@ impl ClusterConfig {
             ("provider", c.provider.is_some(), fabric.is_some()),
             ("domain", c.domain.is_some(), fabric.is_some()),
             ("device", c.device.is_some(), verbs.is_some()),
-            (
-                "op_timeout_ms",
-                c.op_timeout_ms.is_some(),
-                fabric.is_some() || verbs.is_some(),
-            ),
         ] {
             if set && !applies {
                 return err(
@@ -723,6 +730,7 @@ impl ClusterConfig {
             digest,
             ready,
             max_uncommitted,
+            op_timeout,
             engine,
         })
     }

@@ -59,6 +59,14 @@ const SPARE_BUFFER_MIN: usize = 512;
 // What the spare pool may hold at most, kept small next to the queues.
 const _: () = assert!(SPARE_BUFFERS * SPARE_BUFFER_MAX <= 4 << 20);
 const _: () = assert!(SPARE_BUFFER_MIN <= SPARE_BUFFER_MAX);
+/// How long an engine with a realtime priority may run without parking
+/// before it drops to the normal policy (see [`Node::set_engine_realtime`]).
+/// Its passes take microseconds, but under bulk load (4 KiB values, 50
+/// pipelined connections) it is busy for 20-80 ms at a time, and dropped
+/// then it starves again; busy this long is a bug that must not keep a
+/// core from the server.
+pub const REALTIME_BUSY_LIMIT: Duration = Duration::from_millis(500);
+
 /// How long a proposer spins before it parks.
 const PROPOSER_SPIN: Duration = Duration::from_micros(20);
 /// Default time a proposal may take before `propose` gives up.
@@ -284,6 +292,9 @@ struct Shared {
     engine_parked: AtomicBool,
     /// The engine thread's id (0 until it runs).
     engine_tid: AtomicU32,
+    /// The realtime priority the engine runs at while it behaves (0: none;
+    /// see [`Node::set_engine_realtime`]).
+    realtime_priority: AtomicU8,
     stop: AtomicBool,
     stopped: Mutex<Option<String>>,
     status: Mutex<NodeStatus>,
@@ -387,6 +398,7 @@ impl Node {
             transport_kind,
             engine_parked: AtomicBool::new(false),
             engine_tid: AtomicU32::new(0),
+            realtime_priority: AtomicU8::new(0),
             stop: AtomicBool::new(false),
             stopped: Mutex::new(None),
             status: Mutex::new(NodeStatus {
@@ -445,6 +457,9 @@ impl Node {
             events: Vec::with_capacity(64),
             last_status: None,
             last_publish: epoch,
+            last_stalls: 0,
+            realtime_dropped: false,
+            last_pre_votes: 0,
         };
         threads.push(
             thread::Builder::new()
@@ -645,22 +660,70 @@ impl Node {
     /// `cluster-test` committed slower (p50 702 us against 455 us: its own
     /// client threads waited), so the library does not do it by itself.
     pub fn set_engine_nice(&self, nice: i32) -> std::io::Result<()> {
-        let since = Instant::now();
-        let tid = loop {
-            match self.shared.engine_tid.load(Ordering::Acquire) {
-                0 if since.elapsed() < Duration::from_secs(1) => {
-                    thread::sleep(Duration::from_millis(1));
-                }
-                0 => return Err(std::io::Error::other("the engine thread has not started")),
-                tid => break tid,
-            }
-        };
+        let tid = self.engine_tid()?;
         // SAFETY: setpriority on a thread of this process; no memory.
         let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
         if r != 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Runs the engine thread under `SCHED_FIFO` at `priority` (1-99; needs
+    /// root, `CAP_SYS_NICE` or an `RLIMIT_RTPRIO` that allows it), so that
+    /// no thread of the server, however many are runnable, delays a
+    /// heartbeat or an ack. Measured on two cores under
+    /// `redis-benchmark -c 50` through a replicated Redis: with nice -10
+    /// engines waited up to 200 ms for a core and the leader changed
+    /// within seconds; realtime, none did.
+    ///
+    /// A realtime thread that never blocks would take its core from
+    /// everything else, so the engine keeps the priority only while it
+    /// behaves as an event handler: busy for more than
+    /// [`REALTIME_BUSY_LIMIT`] without parking, it drops to the normal
+    /// policy (its nice value, see [`set_engine_nice`](Self::set_engine_nice))
+    /// and says so, and takes the priority back the next time it parks.
+    /// Meant for [`PollPolicy::Park`] only: an engine that spins never
+    /// parks. Refused for the fabric and verbs transports, whose engines
+    /// wake every 50 us to drive the provider even when idle (and dropped
+    /// when `auto` settles on one of them).
+    pub fn set_engine_realtime(&self, priority: u8) -> std::io::Result<()> {
+        if !(1..=99).contains(&priority) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("a realtime priority is 1-99, not {priority}"),
+            ));
+        }
+        let running = TransportKind::from_code(self.shared.transport_kind.load(Ordering::Relaxed));
+        if let Some(kind) = running.filter(|k| k.polls_for_progress()) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                format!(
+                    "the {} transport polls for progress even when idle: a realtime engine \
+                     would take the cores from the server",
+                    kind.name()
+                ),
+            ));
+        }
+        set_realtime(self.engine_tid()?, priority)?;
+        self.shared
+            .realtime_priority
+            .store(priority, Ordering::Release);
+        Ok(())
+    }
+
+    /// The engine thread's id, once it runs (waits up to a second).
+    fn engine_tid(&self) -> std::io::Result<u32> {
+        let since = Instant::now();
+        loop {
+            match self.shared.engine_tid.load(Ordering::Acquire) {
+                0 if since.elapsed() < Duration::from_secs(1) => {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                0 => return Err(std::io::Error::other("the engine thread has not started")),
+                tid => return Ok(tid),
+            }
+        }
     }
 
     /// Whether this node leads, as of the engine's last pass: one atomic
@@ -871,6 +934,7 @@ pub(crate) fn open_concrete(
                 peers: config.replicas.iter().map(|r| r.address).collect(),
                 secret: config.secret.clone(),
                 layout,
+                op_timeout: config.op_timeout,
             },
             region,
         )?),
@@ -888,6 +952,7 @@ pub(crate) fn open_concrete(
                     peers: config.replicas.iter().map(|r| r.address).collect(),
                     layout,
                     tls,
+                    op_timeout: config.op_timeout,
                 },
                 region,
             )?)
@@ -925,6 +990,11 @@ struct Engine {
     events: Vec<TransportEvent>,
     last_status: Option<NodeStatus>,
     last_publish: Instant,
+    /// The realtime priority is dropped until the next park.
+    realtime_dropped: bool,
+    /// The engine's stall and pre-vote counts at the last publish.
+    last_stalls: u64,
+    last_pre_votes: u64,
 }
 
 impl Engine {
@@ -937,13 +1007,19 @@ impl Engine {
         let tid = unsafe { libc::gettid() } as u32;
         self.shared.engine_tid.store(tid, Ordering::Release);
         let mut last_activity = Instant::now();
+        let mut busy_since = None;
         let result = loop {
             if self.shared.stop.load(Ordering::SeqCst) {
                 break Ok(());
             }
             match self.iterate() {
-                Ok(true) => last_activity = Instant::now(),
+                Ok(true) => {
+                    last_activity = Instant::now();
+                    let since = *busy_since.get_or_insert(last_activity);
+                    self.check_realtime(last_activity - since);
+                }
                 Ok(false) => {
+                    busy_since = None;
                     if let Err(e) = self.idle(last_activity) {
                         break Err(e);
                     }
@@ -1004,12 +1080,12 @@ impl Engine {
     }
 
     fn take_proposals(&mut self) -> Result<bool, String> {
+        // Whether a request left the queue (in the log, or failed).
         let mut any = false;
         loop {
             let Some(req) = self.retry.take().or_else(|| self.shared.queue.pop()) else {
                 return Ok(any);
             };
-            any = true;
             match self.replica.propose(req.kind, req.conn, &req.payload) {
                 Ok(p) => {
                     // The ring holds the entry now.
@@ -1023,6 +1099,8 @@ impl Engine {
                         .push_back((p.index, p.term, req.proposer, Instant::now()));
                 }
                 Err(apus_core::ProposeError::Backpressure) => {
+                    // Not progress: the engine may park until acks come
+                    // (no spinning on a full ring).
                     self.retry = Some(req);
                     return Ok(any);
                 }
@@ -1045,6 +1123,7 @@ impl Engine {
                 }
                 Err(apus_core::ProposeError::Store(e)) => return Err(format!("storage: {e}")),
             }
+            any = true;
         }
     }
 
@@ -1186,6 +1265,97 @@ impl Engine {
         if self.last_publish.elapsed() >= PUBLISH_EVERY {
             self.last_publish = Instant::now();
             self.shared.metrics.publish_commit_latency(&self.latency);
+            self.report_counters();
+        }
+    }
+
+    /// Says what the engine's own counters show an operator should know.
+    fn report_counters(&mut self) {
+        let c = self.replica.counters();
+        if c.stalls > self.last_stalls {
+            warn!(
+                node = %self.shared.id,
+                stalls = c.stalls - self.last_stalls,
+                "the engine ran half an election timeout late (descheduled or starved of \
+                 CPU); peers' silence was judged only once it had caught up"
+            );
+        }
+        if c.pre_votes > self.last_pre_votes {
+            info!(
+                node = %self.shared.id,
+                pre_votes = c.pre_votes - self.last_pre_votes,
+                term = self.replica.term(),
+                "no leader heard for an election timeout: asked the peers for a pre-vote"
+            );
+        }
+        self.last_stalls = c.stalls;
+        self.last_pre_votes = c.pre_votes;
+    }
+
+    /// Drops the realtime priority of an engine busy for `busy` without
+    /// parking (see [`Node::set_engine_realtime`]).
+    fn check_realtime(&mut self, busy: Duration) {
+        if self.drop_realtime_if_polling() {
+            return;
+        }
+        if self.realtime_dropped
+            || busy <= REALTIME_BUSY_LIMIT
+            || self.shared.realtime_priority.load(Ordering::Relaxed) == 0
+        {
+            return;
+        }
+        self.realtime_dropped = true;
+        match set_realtime(0, 0) {
+            Ok(()) => warn!(
+                node = %self.shared.id,
+                busy_ms = busy.as_millis() as u64,
+                "the engine ran without parking for longer than a realtime thread may: \
+                 it runs under the normal policy until it parks again"
+            ),
+            Err(e) => {
+                error!(node = %self.shared.id, error = %e, "cannot drop the engine's realtime priority")
+            }
+        }
+    }
+
+    /// A transport with manual progress (fabric, verbs) wakes its engine
+    /// every 50 us even when idle: realtime, three such engines on two
+    /// cores would take them from the servers (seen: redis over fabric, engines and servers
+    /// starved, leaders changed under load). Such an engine gives up the
+    /// priority for good, once `auto` has settled on it.
+    fn drop_realtime_if_polling(&mut self) -> bool {
+        if self.shared.realtime_priority.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let running = TransportKind::from_code(self.shared.transport_kind.load(Ordering::Relaxed));
+        if !running.is_some_and(TransportKind::polls_for_progress) {
+            return false;
+        }
+        self.shared.realtime_priority.store(0, Ordering::Relaxed);
+        self.realtime_dropped = false;
+        match set_realtime(0, 0) {
+            Ok(()) => info!(
+                node = %self.shared.id,
+                "the transport polls for progress even when idle: the engine runs under \
+                 the normal policy, not SCHED_FIFO"
+            ),
+            Err(e) => {
+                error!(node = %self.shared.id, error = %e, "cannot drop the engine's realtime priority")
+            }
+        }
+        true
+    }
+
+    /// Takes the realtime priority back on parking, if it was dropped.
+    fn restore_realtime(&mut self) {
+        if self.drop_realtime_if_polling() || !self.realtime_dropped {
+            return;
+        }
+        self.realtime_dropped = false;
+        let priority = self.shared.realtime_priority.load(Ordering::Relaxed);
+        if let Err(e) = set_realtime(0, priority) {
+            warn!(node = %self.shared.id, error = %e, "cannot take the engine's realtime priority back");
+            self.shared.realtime_priority.store(0, Ordering::Relaxed);
         }
     }
 
@@ -1204,7 +1374,13 @@ impl Engine {
         // Announce the park, then look once more: a proposer that pushed
         // before seeing the flag is caught here, one after it wakes us.
         self.shared.engine_parked.store(true, Ordering::SeqCst);
-        if self.shared.queue.is_empty() && !self.shared.stop.load(Ordering::SeqCst) {
+        // A proposal refused for backpressure waits for acks, not for the
+        // queue: proposals behind it cannot go in either.
+        let waits_for_acks = self.retry.is_some();
+        if (waits_for_acks || self.shared.queue.is_empty())
+            && !self.shared.stop.load(Ordering::SeqCst)
+        {
+            self.restore_realtime();
             self.transport.wait(timeout).map_err(|e| e.to_string())?;
         }
         self.shared.engine_parked.store(false, Ordering::SeqCst);
@@ -1252,6 +1428,26 @@ fn apply_loop<S: StateMachine>(shared: Arc<Shared>, mut sm: S) {
             thread::park_timeout(APPLY_IDLE_WAIT);
         }
     }
+}
+
+/// Puts thread `tid` (0: the calling one) under `SCHED_FIFO` at
+/// `priority`, or back under the normal policy for 0.
+fn set_realtime(tid: u32, priority: u8) -> std::io::Result<()> {
+    let policy = if priority == 0 {
+        libc::SCHED_OTHER
+    } else {
+        libc::SCHED_FIFO
+    };
+    let param = libc::sched_param {
+        sched_priority: i32::from(priority),
+    };
+    // SAFETY: `param` is a valid sched_param for the call's duration; the
+    // target is this process's thread (or the caller).
+    let r = unsafe { libc::sched_setscheduler(tid as libc::pid_t, policy, &param) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn sync_loop(

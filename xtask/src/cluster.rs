@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -38,6 +38,11 @@ use crate::e2e::{find_leader, latency_histogram, status_at};
 
 const REPLICAS: usize = 3;
 const PAYLOAD_FILLER: usize = 24;
+/// The engine's log ring in this test: small enough that a follower that
+/// pinned it would stop commits within a second.
+const RING_CAPACITY: usize = 1 << 20;
+/// About what one proposal takes in the ring (header, id, filler, trailer).
+const ENTRY_BYTES: usize = 128;
 
 /// Command-line options.
 #[derive(Clone, Debug)]
@@ -412,6 +417,87 @@ struct Load {
     failed: AtomicU64,
 }
 
+impl Load {
+    /// A load of `target` acknowledgements, ids from `next_id`, sent first
+    /// to replica `leader`.
+    fn new(next_id: u64, target: u64, leader: usize) -> Arc<Load> {
+        Arc::new(Load {
+            next_id: AtomicU64::new(next_id),
+            acked: Mutex::new(Vec::new()),
+            acked_count: AtomicU64::new(0),
+            target,
+            before_kill: Mutex::new(latency_histogram()),
+            killed_at: Mutex::new(None),
+            first_ack_after_kill: Mutex::new(None),
+            leader_hint: AtomicUsize::new(leader),
+            stop: AtomicBool::new(false),
+            failed: AtomicU64::new(0),
+        })
+    }
+
+    /// Runs `proposers` proposer threads against `clients`.
+    fn start(self: &Arc<Load>, proposers: usize, clients: &[SocketAddr]) -> Vec<JoinHandle<()>> {
+        (0..proposers)
+            .map(|_| {
+                let (load, clients) = (self.clone(), clients.to_vec());
+                thread::spawn(move || proposer(load, clients))
+            })
+            .collect()
+    }
+}
+
+/// Stops a follower (SIGSTOP: no FIN, no RST; its kernel keeps taking
+/// bytes) under load for longer than the leader's ring lasts, and checks
+/// that commits go on: the leader's transport declares it lost at the
+/// operation deadline, so it stops pinning the ring. Then resumes it and
+/// checks it catches up. Returns the next proposal id.
+fn follower_stops(
+    cluster: &mut Cluster,
+    clients: &[SocketAddr],
+    next_id: u64,
+    acked_so_far: &mut Vec<u64>,
+    proposers: usize,
+) -> Result<u64> {
+    const STOPPED_FOR: Duration = Duration::from_secs(3);
+    let leader = cluster.leader().context("no leader")?;
+    let follower = (leader + 1) % REPLICAS;
+    let load = Load::new(next_id, u64::MAX, leader);
+    let workers = load.start(proposers, clients);
+    while load.acked_count.load(Ordering::SeqCst) < 2000 {
+        thread::sleep(Duration::from_millis(2));
+    }
+    let pid = cluster
+        .pid(follower)
+        .context("the follower is not running")?;
+    crate::e2e::signal(pid, "STOP")?;
+    let stopped = Instant::now();
+    thread::sleep(STOPPED_FOR / 3);
+    let early = load.acked_count.load(Ordering::SeqCst);
+    thread::sleep(STOPPED_FOR - stopped.elapsed());
+    let late = load.acked_count.load(Ordering::SeqCst) - early;
+    crate::e2e::signal(pid, "CONT")?;
+    load.stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        let _ = w.join();
+    }
+    println!(
+        "  follower n{follower} SIGSTOPped under load for {:.0} s: {late} commits in its last {:.0} s (the leader's ring holds about {} entries)",
+        STOPPED_FOR.as_secs_f64(),
+        (STOPPED_FOR - STOPPED_FOR / 3).as_secs_f64(),
+        RING_CAPACITY / ENTRY_BYTES,
+    );
+    if late == 0 {
+        bail!(
+            "commits stopped while follower n{follower} was stopped: the silent follower pins the leader's ring; logs in {}",
+            cluster.dir.display()
+        );
+    }
+    acked_so_far.extend(load.acked.lock().expect("lock").iter());
+    let (commits, _) = cluster.verify(acked_so_far)?;
+    println!("  n{follower} resumed and caught up: {commits} entries identical on every replica");
+    Ok(load.next_id.load(Ordering::SeqCst))
+}
+
 fn proposer(load: Arc<Load>, clients: Vec<SocketAddr>) {
     let mut conn: Option<(usize, Client)> = None;
     let mut hist = latency_histogram();
@@ -492,24 +578,8 @@ fn deposed_leader_returns(
         .collect::<Result<_>>()?;
     let old = cluster.leader().context("no leader")?;
     let old_term = before[old].term;
-    let load = Arc::new(Load {
-        next_id: AtomicU64::new(next_id),
-        acked: Mutex::new(Vec::new()),
-        acked_count: AtomicU64::new(0),
-        target,
-        before_kill: Mutex::new(latency_histogram()),
-        killed_at: Mutex::new(None),
-        first_ack_after_kill: Mutex::new(None),
-        leader_hint: AtomicUsize::new(old),
-        stop: AtomicBool::new(false),
-        failed: AtomicU64::new(0),
-    });
-    let workers: Vec<_> = (0..proposers)
-        .map(|_| {
-            let (load, clients) = (load.clone(), clients.to_vec());
-            thread::spawn(move || proposer(load, clients))
-        })
-        .collect();
+    let load = Load::new(next_id, target, old);
+    let workers = load.start(proposers, clients);
     while load.acked_count.load(Ordering::SeqCst) < target / 10 {
         thread::sleep(Duration::from_millis(2));
     }
@@ -616,9 +686,11 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
         // What auto tries for fabric (tcp;ofi_rxm), kept on loopback.
         cfg += "domain = \"lo\"\n";
     }
-    let engine = "[engine]\nheartbeat_us = 2000\nelection_timeout_us = 30000\n";
+    let engine = format!(
+        "[engine]\nheartbeat_us = 2000\nelection_timeout_us = 30000\nring_capacity = {RING_CAPACITY}\n"
+    );
     let (config, clients) =
-        write_config(&bin, &dir, &cfg, engine, REPLICAS, o.transport == "quic")?;
+        write_config(&bin, &dir, &cfg, &engine, REPLICAS, o.transport == "quic")?;
     let mut cluster = Cluster {
         bin,
         dir: dir.clone(),
@@ -692,25 +764,9 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
             dir.display()
         );
     }
-    let load = Arc::new(Load {
-        next_id: AtomicU64::new(1),
-        acked: Mutex::new(Vec::with_capacity(o.proposals as usize)),
-        acked_count: AtomicU64::new(0),
-        target: o.proposals,
-        before_kill: Mutex::new(latency_histogram()),
-        killed_at: Mutex::new(None),
-        first_ack_after_kill: Mutex::new(None),
-        leader_hint: AtomicUsize::new(leader),
-        stop: AtomicBool::new(false),
-        failed: AtomicU64::new(0),
-    });
+    let load = Load::new(1, o.proposals, leader);
     let started = Instant::now();
-    let workers: Vec<_> = (0..o.proposers)
-        .map(|_| {
-            let (load, clients) = (load.clone(), clients.clone());
-            thread::spawn(move || proposer(load, clients))
-        })
-        .collect();
+    let workers = load.start(o.proposers, &clients);
     // Half way, SIGKILL the leader.
     while load.acked_count.load(Ordering::SeqCst) < o.proposals / 2 {
         if workers.iter().all(|w| w.is_finished()) {
@@ -783,13 +839,14 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
         acked.len() as f64 / load_secs,
         load.failed.load(Ordering::SeqCst)
     );
+    let mut next_id = load.next_id.load(Ordering::SeqCst);
+    let mut all_acked = acked.clone();
+    next_id = follower_stops(&mut cluster, &clients, next_id, &mut all_acked, o.proposers)?;
     if o.transport == "fabric" || o.transport == "verbs" {
         let target = (o.proposals / 5).clamp(500, 20_000);
         // Whether the resumed leader writes before it reads of the new term
         // in its slots depends on where the pause caught it: pause again
         // (up to three times) until one of its stale writes was refused.
-        let mut next_id = load.next_id.load(Ordering::SeqCst);
-        let mut all_acked = acked.clone();
         let mut refused = 0;
         for round in 1..=3 {
             let (fenced, next) = deposed_leader_returns(

@@ -72,9 +72,18 @@ commands:
 
 /// Simulator seeds `cargo xtask test` runs.
 const CI_SEEDS: u64 = 5000;
-/// Seeds per planted bug; each run must report violations.
-const BUG_SEEDS: u64 = 500;
-const PLANTED_BUGS: [&str; 2] = ["commit-without-majority", "accept-stale-term"];
+/// The planted bugs random seeds must catch, each with the seeds it gets
+/// (every run must report violations). The simulator is deterministic: a
+/// bug caught in these seeds is caught in every run. `no-pre-vote` is
+/// caught by its own scenario test in apus-core; `stale-writer-term`,
+/// `no-revoked-drain` and `single-buffered-leader-record` are not caught
+/// by random seeds yet (issue 15).
+const PLANTED_BUGS: [(&str, u64); 4] = [
+    ("commit-without-majority", 500),
+    ("accept-stale-term", 500),
+    ("no-recovering-gate", 1000),
+    ("no-drain-before-vote", 5000),
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -331,9 +340,9 @@ fn test() -> Result<ExitCode> {
         let stats = out.lines().rev().nth(1).unwrap_or_default().to_string();
         Ok(stats)
     })?;
-    for bug in PLANTED_BUGS {
+    for (bug, seeds) in PLANTED_BUGS {
         step(&format!("simulator catches the planted bug {bug}"), || {
-            let seeds = BUG_SEEDS.to_string();
+            let seeds = seeds.to_string();
             let (n, v, _) = sim_run(&bin, &["--seeds", &seeds, "--bug", bug])?;
             if v == 0 {
                 bail!("the planted bug {bug} went unnoticed in {n} seeds");

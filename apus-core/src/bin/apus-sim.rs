@@ -7,8 +7,11 @@ use std::process::ExitCode;
 use apus_core::config::PlantedBug;
 use apus_core::sim::{self, Options};
 
-const USAGE: &str = "usage: apus-sim (--seeds N [--first S] | --seed S [--trace] | --demo [--seed S]) \
-[--replicas R] [--bug commit-without-majority|accept-stale-term] [--threads T]";
+const USAGE: &str =
+    "usage: apus-sim (--seeds N [--first S] | --seed S [--trace] | --demo [--seed S]) \
+[--replicas R] [--bug NAME] [--threads T]
+planted bugs: commit-without-majority, accept-stale-term, no-pre-vote, stale-writer-term,
+no-revoked-drain, no-drain-before-vote, single-buffered-leader-record, no-recovering-gate";
 
 struct Args {
     demo: bool,
@@ -52,7 +55,8 @@ fn parse() -> Result<Args, String> {
             "--bug" => {
                 let v = value("--bug")?;
                 a.opts.bug = Some(PlantedBug::from_name(&v).ok_or_else(|| {
-                    format!("unknown bug {v:?}: commit-without-majority or accept-stale-term")
+                    let names: Vec<&str> = PlantedBug::ALL.iter().map(|b| b.name()).collect();
+                    format!("unknown bug {v:?}: one of {}", names.join(", "))
                 })?);
             }
             "--trace" => a.trace = true,
@@ -99,14 +103,15 @@ fn main() -> ExitCode {
             println!("{line}");
         }
         println!(
-            "events {}, simulated {:.1}ms, commits {}, proposals {}, elections {}, fenced writes {}, torn landings {}",
+            "events {}, simulated {:.1}ms, commits {}, proposals {}, elections {}, fenced writes {}, torn landings {}, preemptions {}",
             o.events,
             o.sim_time as f64 / 1e6,
             o.commits,
             o.proposals,
             o.elections,
             o.denied_writes,
-            o.torn_landings
+            o.torn_landings,
+            o.preemptions
         );
         for (i, (applied, digest)) in o.digests.iter().enumerate() {
             println!("n{i}: applied {applied}, digest {digest:016x}");
@@ -131,7 +136,7 @@ fn main() -> ExitCode {
     }
     println!(
         "{:.0} seeds/s on {} threads ({:.1}s); {} distinct fault schedules, {} faults, \
-         {} elections, {} commits, {} fenced writes, {} torn landings, {} divergent entries repaired, {:.1}M events",
+         {} elections, {} commits, {} fenced writes, {} torn landings, {} preemptions, {} divergent entries repaired, {:.1}M events",
         s.seeds as f64 / s.wall_secs,
         args.threads,
         s.wall_secs,
@@ -141,6 +146,7 @@ fn main() -> ExitCode {
         s.commits,
         s.denied_writes,
         s.torn_landings,
+        s.preemptions,
         s.truncated,
         s.events as f64 / 1e6
     );

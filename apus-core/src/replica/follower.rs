@@ -15,14 +15,23 @@ impl<S: LogStore> Replica<S> {
         // A writer we just revoked may have landed a sync (and entries behind
         // it, which it may already count) after we last read its record:
         // take that sync now, as if it had arrived before the term change.
-        if let Some((w, t)) = self.revoked.take()
-            && let Some(rec) = self.read_leader_record(w)
-            && rec.term == t
-            && self.sync_is_fresh(w, &rec)
-            && self.sync_agrees(&rec)
-        {
-            self.apply_sync(w, &rec)?;
+        for w in self.peers() {
+            let Some(t) = self.revoked[w.index()].take() else {
+                continue;
+            };
+            #[cfg(any(test, feature = "sim"))]
+            if self.bug(crate::config::PlantedBug::NoRevokedDrain) {
+                continue;
+            }
+            if let Some(rec) = self.read_leader_record(w)
+                && rec.term == t
+                && self.sync_is_fresh(w, &rec)
+                && self.sync_agrees(&rec)
+            {
+                self.apply_sync(w, &rec)?;
+            }
         }
+        debug_assert!(self.revoked.iter().all(Option::is_none));
         if let Some(src) = self.source
             && let Some(rec) = self.read_leader_record(src.peer)
             && rec.term == src.term
@@ -69,6 +78,7 @@ impl<S: LogStore> Replica<S> {
                     if self.leader.is_none() {
                         self.leader = Some(p);
                         self.set_writer(Some(p));
+                        self.pre_vote = None;
                         self.reset_election_timer();
                         continue;
                     }
@@ -85,6 +95,7 @@ impl<S: LogStore> Replica<S> {
         if rec.seq != self.leader_seq {
             self.leader_seq = rec.seq;
             self.leader_contact = self.now;
+            self.pre_vote = None;
             self.reset_election_timer();
             // Tell the leader it is still heard (it steps down otherwise).
             self.ack_dirty = true;

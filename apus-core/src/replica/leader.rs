@@ -109,6 +109,11 @@ impl LeaderState {
         t
     }
 
+    /// Judges the quorum no earlier than `at` (after an engine stall).
+    pub(super) fn defer_quorum_check(&mut self, at: Time) {
+        self.quorum_check_at = self.quorum_check_at.max(at);
+    }
+
     pub(super) fn peer_up(&mut self, p: NodeId, now: Time) {
         let pr = &mut self.peers[p.index()];
         if pr.phase == Phase::Probe {
@@ -153,6 +158,7 @@ impl LeaderState {
 impl<S: LogStore> Replica<S> {
     pub(super) fn become_leader(&mut self) -> Result<(), ReplicaError> {
         debug_assert_eq!(self.role, super::Role::Candidate);
+        self.pre_vote = None;
         self.role = Role::Leader;
         self.leader = Some(self.cfg.id);
         self.source = None;
@@ -546,11 +552,10 @@ impl<S: LogStore> Replica<S> {
                     return Ok(());
                 };
                 if front.op != op {
+                    if pr.inflight.iter().any(|f| f.op == op) {
+                        return Err(ReplicaError::CompletionOutOfOrder { op: op.0, peer: p });
+                    }
                     // Not in this replication epoch (a reset dropped it).
-                    debug_assert!(
-                        pr.inflight.iter().all(|f| f.op != op),
-                        "out-of-order completion"
-                    );
                     return Ok(());
                 }
                 pr.inflight.pop_front();

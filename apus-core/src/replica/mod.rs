@@ -77,17 +77,26 @@ use std::collections::VecDeque;
 use crate::config::{ConfigError, Durability, ReplicaConfig};
 use crate::entry::{self, EntryError, EntryKind};
 use crate::layout::{RegionLayout, SLOT_LEN, SlotKind};
-use crate::record::{LeaderRecord, Record, StatusRecord};
+use crate::record::{LeaderRecord, Record, StatusRecord, VoteResponse};
 use crate::region::Region;
 use crate::rng::Rng;
 use crate::store::{HardState, LogStore, StoreError};
 use crate::transport::{OpId, RemoteOp, TransportEvent};
 use crate::types::{Index, MAX_REPLICAS, NodeId, Pos, Role, Term, Time};
 
+use election::PreVote;
 use inbound::InboundSlots;
 use leader::LeaderState;
 use ops::Purpose;
 use outbox::Outbox;
+
+/// A poll later than an election timeout / this after it was due is an
+/// engine stall (see `Replica::note_stall`).
+const STALL_FRACTION: u32 = 2;
+const _: () = assert!(
+    STALL_FRACTION >= 2,
+    "a stall is shorter than the timeout it excuses"
+);
 
 /// Something the runtime must do for the replica, in order.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -177,6 +186,16 @@ pub enum ReplicaError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The transport broke its contract: `peer`'s completions must arrive
+    /// in posting order. Acting on one out of order could count an entry
+    /// as held that is not, so the replica stops instead.
+    #[error("the transport completed operation {op:#x} to {peer} out of posting order")]
+    CompletionOutOfOrder {
+        /// The operation completed early.
+        op: u64,
+        /// Its peer.
+        peer: NodeId,
+    },
 }
 
 /// A committed entry, borrowed from the replica until the next call.
@@ -230,6 +249,11 @@ pub struct Counters {
     pub catchup_writes: u64,
     /// Elections started.
     pub elections: u64,
+    /// Pre-votes started (an election follows only when one wins).
+    pub pre_votes: u64,
+    /// Polls that came half an election timeout or more after they were
+    /// due: the engine did not run (see `Replica::note_stall`).
+    pub stalls: u64,
     /// Writes that failed (peer unreachable or access denied).
     pub failed_ops: u64,
     /// Inbound control slots copied and checked because they had changed
@@ -256,11 +280,13 @@ pub struct Replica<S: LogStore> {
     role: Role,
     leader: Option<NodeId>,
     writer: Option<NodeId>,
-    /// The term in which `writer` was granted.
+    /// The latest term in which `writer` holds the grant (it is renewed
+    /// when the same writer leads a later term).
     writer_term: Term,
-    /// The writer the last grant change revoked, with the term it was
-    /// granted in: what it landed before the revocation is drained next poll.
-    revoked: Option<(NodeId, Term)>,
+    /// Per node, the term of its grant that the last poll revoked: what it
+    /// landed before the revocation is drained next poll. One per node, as
+    /// one poll can move the grant more than once.
+    revoked: [Option<Term>; MAX_REPLICAS],
     settling: bool,
     recovery: Option<Recovery>,
 
@@ -284,6 +310,9 @@ pub struct Replica<S: LogStore> {
     /// When the leader of our term last showed signs of life.
     leader_contact: Time,
     election_deadline: Time,
+    /// When the runtime was asked to poll again at the latest (the last
+    /// poll's [`next_timeout`](Self::next_timeout)).
+    poll_due: Time,
     next_tick: Time,
     ack_dirty: bool,
     ack_seq: u64,
@@ -293,6 +322,11 @@ pub struct Replica<S: LogStore> {
     votes: u32,
     vote_requests_pending: bool,
     answered_vote: [Term; MAX_REPLICAS],
+    /// The pre-vote we run before standing (see `election.rs`).
+    pre_vote: Option<PreVote>,
+    /// What we last answered a candidate's pre-vote, until it asks for
+    /// a real vote (one response slot carries both).
+    pre_vote_answer: [Option<VoteResponse>; MAX_REPLICAS],
 
     // Peers.
     peer_up: [bool; MAX_REPLICAS],
@@ -356,7 +390,7 @@ impl<S: LogStore> Replica<S> {
             leader: None,
             writer: None,
             writer_term: 0,
-            revoked: None,
+            revoked: [None; MAX_REPLICAS],
             settling: false,
             recovery,
             last_index,
@@ -375,6 +409,7 @@ impl<S: LogStore> Replica<S> {
             leader_seq: 0,
             leader_contact: Time(0),
             election_deadline: now,
+            poll_due: now,
             next_tick: now,
             ack_dirty: false,
             ack_seq: 0,
@@ -382,6 +417,8 @@ impl<S: LogStore> Replica<S> {
             votes: 0,
             vote_requests_pending: false,
             answered_vote: [0; MAX_REPLICAS],
+            pre_vote: None,
+            pre_vote_answer: [None; MAX_REPLICAS],
             peer_up: [true; MAX_REPLICAS],
             outbox: Outbox::new(),
             lead: None,
@@ -418,6 +455,7 @@ impl<S: LogStore> Replica<S> {
     pub fn role(&self) -> Role {
         self.role
     }
+
     /// Current term.
     pub fn term(&self) -> Term {
         self.term
@@ -516,6 +554,7 @@ impl<S: LogStore> Replica<S> {
     /// Looks at the local region and the timers, and reacts.
     pub fn poll(&mut self, now: Time) -> Result<(), ReplicaError> {
         self.now = self.now.max(now);
+        self.note_stall();
         // Everything emitted by the previous call has been carried out,
         // grant changes included: what the old writer landed is final now.
         if self.settling {
@@ -535,6 +574,7 @@ impl<S: LogStore> Replica<S> {
         match self.role {
             Role::Candidate => self.read_vote_responses()?,
             Role::Leader => self.read_acks()?,
+            Role::Follower if self.pre_vote.is_some() => self.read_vote_responses()?,
             Role::Follower => {}
         }
         self.tick()?;
@@ -542,7 +582,32 @@ impl<S: LogStore> Replica<S> {
             self.replicate()?;
         }
         self.finish_poll();
+        self.poll_due = self.next_timeout();
+        debug_assert!(self.poll_due >= self.now || self.settling || self.vote_requests_pending);
         Ok(())
+    }
+
+    /// A poll much later than it was due means this engine did not run
+    /// (descheduled, stopped, a long pass elsewhere): what peers sent
+    /// meanwhile may still wait in the transport, so for a heartbeat
+    /// interval (a few polls that take it in) nobody is blamed for a
+    /// silence that was ours. A runtime that sleeps until
+    /// [`next_timeout`](Self::next_timeout) is never late by this much.
+    fn note_stall(&mut self) {
+        let late = self.now.saturating_since(self.poll_due);
+        if late < self.cfg.election_timeout / STALL_FRACTION {
+            return;
+        }
+        self.counters.stalls += 1;
+        let grace = self.now + self.cfg.heartbeat_interval;
+        self.election_deadline = self.election_deadline.max(grace);
+        if let Some(lead) = &mut self.lead {
+            lead.defer_quorum_check(grace);
+        }
+        debug_assert!(
+            self.election_deadline > self.now,
+            "the grace is in the future"
+        );
     }
 
     /// Takes a transport event. Call [`poll`](Self::poll) after a batch of
@@ -666,19 +731,32 @@ impl<S: LogStore> Replica<S> {
         Ok(())
     }
 
+    /// Grants our ring to `writer` (revoking the previous writer's grant),
+    /// or renews the same writer's grant for the current term.
     fn set_writer(&mut self, writer: Option<NodeId>) {
-        if self.writer != writer {
-            if let Some(old) = self.writer {
-                self.revoked = Some((old, self.writer_term));
+        debug_assert!(self.term >= self.writer_term, "terms only grow");
+        if self.writer == writer {
+            // The same writer leads a later term (we may have learned it
+            // from its record alone): its grant is of this term now, and a
+            // later revocation drains its record of this term.
+            #[cfg(any(test, feature = "sim"))]
+            if self.bug(crate::config::PlantedBug::StaleWriterTerm) {
+                return;
             }
-            self.writer = writer;
             self.writer_term = self.term;
-            // A refusal was about the old writer's sync numbering.
-            self.rejected_sync = 0;
-            self.actions.push_back(Action::SetLogWriter(writer));
-            self.settling = true;
-            self.status_dirty = true;
+            return;
         }
+        if let Some(old) = self.writer {
+            let slot = &mut self.revoked[old.index()];
+            *slot = Some(slot.map_or(self.writer_term, |t| t.max(self.writer_term)));
+        }
+        self.writer = writer;
+        self.writer_term = self.term;
+        // A refusal was about the old writer's sync numbering.
+        self.rejected_sync = 0;
+        self.actions.push_back(Action::SetLogWriter(writer));
+        self.settling = true;
+        self.status_dirty = true;
     }
 
     fn reset_election_timer(&mut self) {
@@ -699,6 +777,12 @@ impl<S: LogStore> Replica<S> {
         slot.writes += 1;
         let version = slot.writes;
         let copy = (version % kind.copies() as u64) as usize;
+        #[cfg(any(test, feature = "sim"))]
+        let copy = if self.bug(crate::config::PlantedBug::SingleBufferedLeaderRecord) {
+            0
+        } else {
+            copy
+        };
         let bytes = match kind {
             SlotKind::Leader => self.render_leader_record(peer, version).encode(),
             SlotKind::Ack => self.render_ack().encode(),
@@ -818,7 +902,7 @@ impl<S: LogStore> Replica<S> {
             Role::Follower | Role::Candidate => {
                 if self.now >= self.election_deadline {
                     if self.recovery.is_none() {
-                        self.start_election()?;
+                        self.start_pre_vote()?;
                     } else {
                         self.reset_election_timer();
                     }
@@ -977,25 +1061,80 @@ mod tests {
         assert!(leader.propose(EntryKind::Data, 0, &vec![0; max]).is_ok());
     }
 
+    /// Grants `r`'s pre-vote and then its vote by hand: the responses of
+    /// `voters` written into its slots, from `now` on.
+    fn win_election(r: &mut Replica<MemStore>, voters: &[u8], now: Time) {
+        let grant = |r: &mut Replica<MemStore>, term, pre| {
+            for &p in voters {
+                let resp = VoteResponse {
+                    term,
+                    granted: true,
+                    pre,
+                };
+                let at = r.layout().inbound(SlotKind::VoteResponse, NodeId(p));
+                r.region.write(at, &resp.encode());
+            }
+        };
+        // The timer fires (polled when asked): a pre-vote for the next
+        // term, ours unchanged.
+        let term = r.term();
+        let mut now = now;
+        r.poll(now).unwrap();
+        while r.counters().pre_votes == 0 {
+            now = r.next_timeout().max(Time(now.0 + 1));
+            r.poll(now).unwrap();
+        }
+        assert_eq!(
+            (r.role(), r.term()),
+            (Role::Follower, term),
+            "a pre-vote first"
+        );
+        grant(r, term + 1, true);
+        r.poll(Time(now.0 + 1)).unwrap();
+        assert_eq!((r.role(), r.term()), (Role::Candidate, term + 1));
+        grant(r, term + 1, false);
+        r.poll(Time(now.0 + 2)).unwrap();
+        r.poll(Time(now.0 + 3)).unwrap();
+        assert_eq!(r.role(), Role::Leader);
+    }
+
+    /// A runtime that polls when asked is never taken for stalled; one
+    /// that comes back long after (the engine was descheduled) judges no
+    /// silence until a heartbeat interval has let it read what arrived.
+    #[test]
+    fn a_stalled_engine_does_not_blame_its_peers_for_its_own_silence() {
+        let mut prompt = replica(3, Durability::Memory, MemStore::new());
+        let mut now = Time(1);
+        while prompt.counters().pre_votes == 0 {
+            prompt.poll(now).unwrap();
+            assert!(prompt.next_timeout() > now);
+            now = prompt.next_timeout();
+        }
+        assert_eq!(prompt.counters().stalls, 0, "a prompt runtime stalled");
+
+        let mut late = replica(3, Durability::Memory, MemStore::new());
+        late.poll(Time(1)).unwrap();
+        let timeout = late.cfg.election_timeout;
+        let back = Time(1) + timeout * 10;
+        late.poll(back).unwrap();
+        assert_eq!(late.counters().stalls, 1);
+        assert_eq!(
+            late.counters().pre_votes,
+            0,
+            "judged the silence of its own stall"
+        );
+        let after = back + late.cfg.heartbeat_interval;
+        assert!(late.next_timeout() <= after);
+        late.poll(after).unwrap();
+        assert_eq!(late.counters().pre_votes, 1, "then the silence counts");
+    }
+
     #[test]
     fn a_leader_applies_backpressure_at_one_ring_of_uncommitted_entries() {
         // A three-replica leader nobody acknowledges: proposals stop at one ring.
         let mut r = replica(3, Durability::Memory, MemStore::new());
         let cap = r.layout().ring_capacity();
-        // Win an election by hand: peers' vote responses in our slots.
-        r.poll(Time(100_000_000)).unwrap();
-        let term = r.term();
-        for p in [1u8, 2] {
-            let resp = crate::record::VoteResponse {
-                term,
-                granted: true,
-            };
-            let at = r.layout().inbound(SlotKind::VoteResponse, NodeId(p));
-            r.region.write(at, &resp.encode());
-        }
-        r.poll(Time(100_000_001)).unwrap();
-        r.poll(Time(100_000_002)).unwrap();
-        assert_eq!(r.role(), Role::Leader);
+        win_election(&mut r, &[1, 2], Time(100_000_000));
         let payload = vec![1u8; 1000];
         let mut accepted = 0usize;
         loop {

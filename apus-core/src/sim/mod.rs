@@ -84,6 +84,8 @@ pub struct Summary {
     pub denied_writes: u64,
     /// Torn landings.
     pub torn_landings: u64,
+    /// Engines preempted between a poll and carrying out its actions.
+    pub preemptions: u64,
     /// Entries truncated to repair divergent suffixes.
     pub truncated: u64,
     /// Wall-clock seconds.
@@ -115,6 +117,7 @@ pub fn run_seeds(first: u64, count: u64, opts: Options, threads: usize) -> Summa
                     sum.elections += o.elections;
                     sum.denied_writes += o.denied_writes;
                     sum.torn_landings += o.torn_landings;
+                    sum.preemptions += o.preemptions;
                     sum.truncated += o.truncated;
                     if let Some(v) = o.violation {
                         sum.violations.push((seed, v));
@@ -238,6 +241,47 @@ mod tests {
         };
         let o = run_seed(160, opts, false);
         assert!(o.events > 0);
+    }
+
+    /// A follower cut off from everyone for about ten election timeouts,
+    /// while the others go on: 3 and 5 replicas, both durability modes.
+    fn isolated_follower(seed: u64, bug: Option<PlantedBug>) -> Outcome {
+        const MS: u64 = 1_000_000;
+        let replicas = if seed % 2 == 0 { 3 } else { 5 };
+        let mut sc = Scenario::generate(seed, Some(replicas));
+        sc.faults = vec![(
+            5 * MS,
+            scenario::Fault::Isolate {
+                target: scenario::Target::Follower,
+                lasts: 10 * MS,
+            },
+        )];
+        sc.heal_at = 20 * MS;
+        World::new(sc, bug, false).run()
+    }
+
+    /// Pre-vote: the cut-off follower's timer fires again and again, but it
+    /// cannot win a pre-vote, so its term never rises and, back, it follows
+    /// the leader the others kept. Only the first election happens.
+    #[test]
+    fn a_follower_cut_off_and_back_does_not_depose_the_leader() {
+        for seed in 0..20 {
+            let o = isolated_follower(seed, None);
+            assert!(o.violation.is_none(), "seed {seed}: {:?}", o.violation);
+            assert_eq!(o.faults, 1, "seed {seed}: the isolation fired");
+            assert_eq!(o.elections, 1, "seed {seed}: the leader was deposed");
+        }
+    }
+
+    #[test]
+    fn no_pre_vote_is_caught() {
+        let deposed = (0..20)
+            .filter(|&seed| isolated_follower(seed, Some(PlantedBug::NoPreVote)).elections > 1)
+            .count();
+        assert!(
+            deposed >= 10,
+            "without pre-vote only {deposed} of 20 leaders were deposed"
+        );
     }
 
     #[test]

@@ -38,12 +38,23 @@ pub struct WritePiece {
     pub route: Route,
     /// Where this piece goes in the target region.
     pub offset: usize,
-    /// Its bytes.
-    pub bytes: Vec<u8>,
+    /// Its bytes, or where in the poster's region they are read from when
+    /// the piece lands (offset, length).
+    pub bytes: PieceBytes,
     /// The whole write's offset and length (access is checked on it).
     pub whole: (usize, usize),
     /// Whether this is the write's last piece.
     pub last: bool,
+}
+
+/// A write piece's payload.
+#[derive(Debug)]
+pub enum PieceBytes {
+    /// Copied from the source when the write was posted.
+    Posted(Vec<u8>),
+    /// Read from the poster's region when the piece lands: whatever the
+    /// engine put there meanwhile is what arrives.
+    AtLanding { from: usize, len: usize },
 }
 
 /// Something scheduled to happen.
@@ -149,11 +160,14 @@ pub struct Net {
     links: Vec<Link>,
     /// Last arrival time per direction, for FIFO delivery.
     last_arrival: Vec<u64>,
+    /// Per direction: nothing sent arrives before this (a stall).
+    stalled_until: Vec<u64>,
     /// Last delivery time of a transport event per node: a transport reports
     /// events to its engine in the order they happened.
     last_deliver: Vec<u64>,
     latency: Vec<Vec<(u64, u64)>>,
     torn_chance: f64,
+    late_source_chance: f64,
     /// Each node's region (replaced on restart).
     pub regions: Vec<Region>,
     /// Who may write each node's ring.
@@ -175,6 +189,7 @@ impl Net {
         layout: RegionLayout,
         latency: Vec<Vec<(u64, u64)>>,
         torn_chance: f64,
+        late_source_chance: f64,
     ) -> Net {
         let n = layout.replicas();
         Net {
@@ -190,9 +205,11 @@ impl Net {
                 n * n
             ],
             last_arrival: vec![0; n * n],
+            stalled_until: vec![0; n * n],
             last_deliver: vec![0; n],
             latency,
             torn_chance,
+            late_source_chance,
             regions: (0..n).map(|_| Region::new(layout.region_len())).collect(),
             grant: vec![None; n],
             alive: vec![true; n],
@@ -209,10 +226,19 @@ impl Net {
     fn arrival(&mut self, rng: &mut Rng, now: u64, src: usize, dst: usize) -> u64 {
         let (base, jitter) = self.latency[src][dst];
         let t = now + base + rng.range(0, jitter + 1);
+        let t = t.max(self.stalled_until[src * self.n + dst]);
         let slot = &mut self.last_arrival[src * self.n + dst];
         let t = t.max(*slot + 1);
         *slot = t;
         t
+    }
+
+    /// Holds everything `src` sends until `until` (then it arrives in order).
+    pub fn stall(&mut self, src: usize, until: u64) {
+        for dst in 0..self.n {
+            let slot = &mut self.stalled_until[src * self.n + dst];
+            *slot = (*slot).max(until);
+        }
     }
 
     /// Whether the connection between `a` and `b` is up.
@@ -328,7 +354,14 @@ impl Net {
             RemoteAccess::Denied => false,
         };
         if permitted {
-            self.regions[dst].write(offset, &bytes);
+            match bytes {
+                PieceBytes::Posted(bytes) => self.regions[dst].write(offset, &bytes),
+                PieceBytes::AtLanding { from, len } => {
+                    let mut bytes = vec![0; len];
+                    self.regions[src].read(from, &mut bytes);
+                    self.regions[dst].write(offset, &bytes);
+                }
+            }
             q.push(now + rng.range(CPU_DELAY.0, CPU_DELAY.1), Ev::Run(dst));
         } else {
             self.denied_writes += 1;
@@ -479,14 +512,24 @@ impl Transport for SimTransport<'_> {
                         len,
                     });
                 }
-                let mut bytes = vec![0; len];
-                self.net.regions[src].read(local_offset, &mut bytes);
+                let late = self.rng.chance(self.net.late_source_chance);
+                let region = self.net.regions[src].clone();
+                let source = |from: usize, n: usize| {
+                    if late {
+                        PieceBytes::AtLanding { from, len: n }
+                    } else {
+                        let mut bytes = vec![0; n];
+                        region.read(from, &mut bytes);
+                        PieceBytes::Posted(bytes)
+                    }
+                };
                 let t1 = self.net.arrival(self.rng, now, src, dst);
                 let torn = len >= 16 && self.rng.chance(self.net.torn_chance);
                 if torn {
-                    self.net.torn_landings += 1;
                     let split = self.rng.range(1, (len / 8) as u64) as usize * 8;
-                    let tail = bytes.split_off(split);
+                    let bytes = source(local_offset, split);
+                    let tail = source(local_offset + split, len - split);
+                    self.net.torn_landings += 1;
                     let t2 = t1 + self.rng.range(200, 3_000);
                     let slot = &mut self.net.last_arrival[src * self.net.n + dst];
                     *slot = (*slot).max(t2);
@@ -511,6 +554,7 @@ impl Transport for SimTransport<'_> {
                         }),
                     );
                 } else {
+                    let bytes = source(local_offset, len);
                     self.queue.push(
                         t1,
                         Ev::Land(WritePiece {

@@ -10,6 +10,9 @@ use crate::rng::Rng;
 pub enum Target {
     /// Whoever leads at that moment (a random node if nobody does).
     Leader,
+    /// A node other than the leader at that moment (random if nobody
+    /// leads).
+    Follower,
     /// This node.
     Node(usize),
 }
@@ -39,6 +42,24 @@ pub enum Fault {
         /// The other end.
         b: usize,
         /// Time until reconnection, ns.
+        lasts: u64,
+    },
+    /// Every link of one node breaks (it runs on, alone) for `lasts`.
+    /// Generated seeds do not draw it; the tests of pre-vote place it.
+    Isolate {
+        /// Victim.
+        target: Target,
+        /// Duration, ns.
+        lasts: u64,
+    },
+    /// Everything the node sends (writes, read requests, replies) is held
+    /// for `lasts`, then delivered in order: a NIC or switch queue that
+    /// stopped draining. The node runs on and hears its peers; nobody is
+    /// told. Its writes land late, after its peers stopped hearing it.
+    Stall {
+        /// Victim.
+        target: Target,
+        /// Duration, ns.
         lasts: u64,
     },
     /// The node stops running (a GC pause, a stopped VM) while its memory
@@ -79,6 +100,16 @@ pub struct Scenario {
     pub latency: Vec<Vec<(u64, u64)>>,
     /// Chance that a write lands in two visible pieces.
     pub torn_chance: f64,
+    /// Chance that a write's bytes are read from its source when they land
+    /// rather than when it is posted (a NIC reads the source by DMA at any
+    /// time before completion).
+    pub late_source_chance: f64,
+    /// Chance that an engine is preempted between a poll and carrying out
+    /// what it decided: remote writes land meanwhile, under the grants of
+    /// before the poll.
+    pub preempt_chance: f64,
+    /// How long such a preemption lasts, ns.
+    pub preempt: (u64, u64),
     /// Fsync latency range, ns.
     pub fsync: (u64, u64),
     /// Gap between proposals, ns.
@@ -100,6 +131,7 @@ impl Scenario {
     /// The scenario of `seed`; `replicas` overrides the seed's choice.
     pub fn generate(seed: u64, replicas: Option<usize>) -> Scenario {
         let mut r = Rng::new(seed ^ 0x5EED_5EED_5EED_5EED);
+        let mut late = Rng::new(seed ^ 0x1A7E_1A7E_1A7E_1A7E);
         let replicas = replicas.unwrap_or_else(|| r.pick(&[3, 3, 5]));
         let durability = if r.chance(0.5) {
             Durability::Memory
@@ -180,6 +212,16 @@ impl Scenario {
                     lasts: r.range(500 * US, 4 * MS),
                 },
             };
+            // A quarter become stalls, drawn from the second stream so the
+            // first stream's choices stay what they were.
+            let fault = if replicas > 1 && late.chance(0.25) {
+                Fault::Stall {
+                    target,
+                    lasts: late.range(300 * US, 3 * MS),
+                }
+            } else {
+                fault
+            };
             faults.push((at, fault));
         }
         faults.sort_by_key(|f| f.0);
@@ -196,6 +238,11 @@ impl Scenario {
             probe_interval,
             latency,
             torn_chance: r.pick(&[0.0, 0.1, 0.5]),
+            // Drawn from their own stream: the seeds' other choices (and so
+            // their fault schedules) stay what they were before these.
+            late_source_chance: late.pick(&[0.0, 0.3, 1.0]),
+            preempt_chance: late.pick(&[0.0, 0.05, 0.3]),
+            preempt: (US, late.range(5, 100) * US),
             fsync: (5 * US, r.range(10, 200) * US),
             propose_gap: (2 * US, r.range(10, 60) * US),
             clocks,

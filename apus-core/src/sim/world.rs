@@ -35,6 +35,8 @@ struct Node {
     same_instant: (u64, u32),
     /// When a commit line was last traced for this node.
     traced_commit: u64,
+    /// Its last poll's actions are not carried out yet: it was preempted.
+    carry_pending: bool,
 }
 
 /// What one seed did.
@@ -62,6 +64,8 @@ pub struct Outcome {
     pub denied_writes: u64,
     /// Writes that landed torn.
     pub torn_landings: u64,
+    /// Engines preempted between a poll and carrying out its actions.
+    pub preemptions: u64,
     /// Entries removed by conflict truncation (divergent suffixes repaired).
     pub truncated: u64,
     /// For each leader crash or pause: time until a leader of a newer term
@@ -110,7 +114,12 @@ impl World {
             .validate()
             .expect("scenario config");
         let mut rng = Rng::new(sc.seed);
-        let net = Net::new(layout, sc.latency.clone(), sc.torn_chance);
+        let net = Net::new(
+            layout,
+            sc.latency.clone(),
+            sc.torn_chance,
+            sc.late_source_chance,
+        );
         let n = sc.replicas;
         let mut w = World {
             bug,
@@ -149,6 +158,7 @@ impl World {
                 down_since: 0,
                 same_instant: (u64::MAX, 0),
                 traced_commit: 0,
+                carry_pending: false,
             });
             w.start_node(i);
         }
@@ -247,6 +257,7 @@ impl World {
         self.nodes[i].inbox.clear();
         self.nodes[i].synced.clear();
         self.nodes[i].paused_until = 0;
+        self.nodes[i].carry_pending = false;
         self.nodes[i].down_since = self.now;
         self.net.alive[i] = false;
         self.net.grant[i] = None;
@@ -285,6 +296,14 @@ impl World {
             Target::Leader => self
                 .current_leader()
                 .unwrap_or_else(|| self.rng.range(0, self.sc.replicas as u64) as usize),
+            Target::Follower => {
+                let n = self.sc.replicas;
+                let pick = self.rng.range(0, n as u64) as usize;
+                match self.current_leader() {
+                    Some(l) if n > 1 && pick == l => (pick + 1) % n,
+                    _ => pick,
+                }
+            }
         }
     }
 
@@ -364,6 +383,35 @@ impl World {
                 self.net.cut(&mut self.q, &mut self.rng, self.now, a, b, 1);
                 self.q
                     .push(self.now + lasts, Ev::Heal(HealKind::Uncut(a, b)));
+            }
+            Fault::Isolate { target, lasts } => {
+                let i = self.resolve(target);
+                self.note_leader_loss(i);
+                self.out.faults += 1;
+                self.schedule_hash = hash_mix(
+                    self.schedule_hash,
+                    5 << 32 | i as u64 | (self.now / MS) << 8,
+                );
+                self.trace(|| format!("fault  ISOLATE n{i} for {:.1}ms", lasts as f64 / 1e6));
+                for j in (0..n).filter(|&j| j != i) {
+                    self.net.cut(&mut self.q, &mut self.rng, self.now, i, j, 1);
+                    self.q
+                        .push(self.now + lasts, Ev::Heal(HealKind::Uncut(i, j)));
+                }
+            }
+            Fault::Stall { target, lasts } => {
+                let i = self.resolve(target);
+                if self.nodes[i].replica.is_none() {
+                    return;
+                }
+                self.note_leader_loss(i);
+                self.out.faults += 1;
+                self.schedule_hash = hash_mix(
+                    self.schedule_hash,
+                    6 << 32 | i as u64 | (self.now / MS) << 8,
+                );
+                self.trace(|| format!("fault  STALL n{i}'s sends for {:.2}ms", lasts as f64 / 1e6));
+                self.net.stall(i, self.now + lasts);
             }
             Fault::Pause { target, lasts } => {
                 let i = self.resolve(target);
@@ -467,6 +515,10 @@ impl World {
         let Some(mut r) = self.nodes[i].replica.take() else {
             return Ok(());
         };
+        if std::mem::take(&mut self.nodes[i].carry_pending) {
+            // Back from a preemption: finish the last poll first.
+            self.carry_out(i, &mut r);
+        }
         let res = self.step_replica(i, &mut r, local);
         let next = self.global_time(i, r.next_timeout());
         let spin = if self.nodes[i].same_instant.0 == self.now {
@@ -537,7 +589,27 @@ impl World {
         }
         self.events_buf = events;
         r.poll(local).map_err(engine)?;
-        self.carry_out(i, r);
+        // A poll that moved the grant is where a preemption is dangerous
+        // (the old writer still lands): it is drawn often, and long, there.
+        let regrant = self.sc.preempt_chance > 0.0 && r.log_writer() != self.net.grant[i];
+        let chance = if regrant { 0.5 } else { self.sc.preempt_chance };
+        if self.rng.chance(chance) {
+            // Descheduled before its decisions reach the transport: writes
+            // keep landing under the grants of before the poll.
+            let (lo, hi) = self.sc.preempt;
+            let d = self.rng.range(lo, if regrant { hi * 20 } else { hi });
+            self.nodes[i].carry_pending = true;
+            self.nodes[i].paused_until = self.nodes[i].paused_until.max(self.now + d);
+            self.out.preemptions += 1;
+            self.trace(|| {
+                format!(
+                    "n{i}     preempted for {:.3}ms after its poll",
+                    d as f64 / 1e6
+                )
+            });
+        } else {
+            self.carry_out(i, r);
+        }
         // Checks.
         while let Some(ev) = r.next_event() {
             match ev {

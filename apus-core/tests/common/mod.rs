@@ -173,6 +173,7 @@ impl Follower {
             term,
             last_index: 0,
             last_term: 0,
+            pre: false,
         };
         let at = self.r.layout().inbound(SlotKind::VoteRequest, from);
         self.region.write(at, &req.encode());

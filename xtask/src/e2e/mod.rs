@@ -1239,6 +1239,9 @@ pub struct Rejoin {
     pub rejoin_ms: f64,
     /// Whether `apus run` rebuilt its server on the way.
     pub rebuilt: bool,
+    /// The term it was elected in again while catching up, if it was (a
+    /// leader change after the one the pause caused: reported, issue 15).
+    pub re_elected: Option<u64>,
 }
 
 /// How often each INCR client of [`pause_under_load`] sends at most.
@@ -1356,22 +1359,28 @@ pub fn pause_and_rejoin(
     cluster.freeze(victim, false)?;
     let (new_leader, deposed_ms) = outcome?;
     let resumed = Instant::now();
-    let target = cluster
+    let led = cluster
         .replica_status(new_leader)
-        .context("the new leader stopped answering")?
-        .commit;
+        .context("the new leader stopped answering")?;
+    let (target, new_term) = (led.commit, led.term);
     // Output commit: a leader paused with input its server had read but
     // that never committed is rebuilt, and a rebuild replays the whole log
     // (no snapshots yet, issue 16), at a few thousand entries a second on
     // two cores shared with the other replicas and the load.
     let rebuild_allowance = Duration::from_secs(target / REBUILD_ENTRIES_PER_S);
-    loop {
+    let re_elected = loop {
         cluster.check_alive(&all)?;
-        let caught_up = cluster
-            .replica_status(victim)
-            .is_some_and(|v| v.role != Role::Leader && v.term > old_term && v.applied >= target);
-        if caught_up {
-            break;
+        // Caught up: following a newer leader, or elected itself in a later
+        // term than the new leader's (it rejoined, then won an election).
+        let now = cluster.replica_status(victim);
+        let caught_up = now.as_ref().is_some_and(|v| {
+            v.term > old_term
+                && v.applied >= target
+                && !v.recovering
+                && (v.role != Role::Leader || v.term > new_term)
+        });
+        if let Some(v) = now.filter(|_| caught_up) {
+            break (v.role == Role::Leader).then_some(v.term);
         }
         let rebuilding = count_in_log(&log, "asks for a rebuild") > rebuilds_before;
         let limit = REJOIN_WITHIN
@@ -1393,13 +1402,14 @@ pub fn pause_and_rejoin(
             cluster.dir.display()
         );
         thread::sleep(Duration::from_millis(5));
-    }
+    };
     Ok(Rejoin {
         victim,
         new_leader,
         deposed_ms,
         rejoin_ms: resumed.elapsed().as_secs_f64() * 1e3,
         rebuilt: count_in_log(&log, "asks for a rebuild") > rebuilds_before,
+        re_elected,
     })
 }
 
@@ -1418,7 +1428,14 @@ impl std::fmt::Display for Rejoin {
             } else {
                 ""
             }
-        )
+        )?;
+        if let Some(term) = self.re_elected {
+            write!(
+                f,
+                "; it was then elected again in term {term} (a leader change under the catch-up load, issue 15)"
+            )?;
+        }
+        Ok(())
     }
 }
 
