@@ -316,6 +316,10 @@ pub struct VoteResponse {
     pub granted: bool,
     /// The answer to a pre-vote.
     pub pre: bool,
+    /// The voter lost its log in a restart (memory mode) and may not vote
+    /// until a leader has resent it: a candidate that hears this from too
+    /// many voters knows the cluster lost a majority's memory.
+    pub recovering: bool,
 }
 
 impl Record for VoteResponse {
@@ -325,14 +329,16 @@ impl Record for VoteResponse {
         w[0] = self.term;
         w[1] = u64::from(self.granted);
         w[2] = u64::from(self.pre);
+        w[3] = u64::from(self.recovering);
         w
     }
     fn from_words(w: &[u64; FIELDS]) -> Result<Self, RecordError> {
-        unused_zero(w, 3)?;
+        unused_zero(w, 4)?;
         Ok(VoteResponse {
             term: w[0],
             granted: boolean(w[1], "granted is not a boolean")?,
             pre: boolean(w[2], "pre-vote is not a boolean")?,
+            recovering: boolean(w[3], "recovering is not a boolean")?,
         })
     }
 }
@@ -447,8 +453,9 @@ mod tests {
             assert_eq!(VoteRequest::decode(&v.encode()), Ok(v));
             let r = VoteResponse {
                 term: 6,
-                granted: true,
+                granted: !pre,
                 pre,
+                recovering: pre,
             };
             assert_eq!(VoteResponse::decode(&r.encode()), Ok(r));
         }
@@ -476,6 +483,7 @@ mod tests {
             term: 1,
             granted: false,
             pre: false,
+            recovering: false,
         };
         assert_eq!(
             LeaderRecord::decode(&v.encode()),

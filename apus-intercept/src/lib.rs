@@ -579,7 +579,12 @@ fn serve_status(listener: std::net::TcpListener) {
                             },
                         }
                     }
-                    Ok(_) => Reply::Failed("this port answers STATUS, CHECK and LAST_CHECK".into()),
+                    Ok(Request::AcceptDataLoss { stand }) => {
+                        apus::service::accept_data_loss(&a.node, stand)
+                    }
+                    Ok(_) => Reply::Failed(
+                        "this port answers STATUS, CHECK, LAST_CHECK and ACCEPT_DATA_LOSS".into(),
+                    ),
                     Err(e) => Reply::Failed(format!("malformed request: {e}")),
                 };
                 if std::io::Write::write_all(&mut s, &reply.encode()).is_err() {
@@ -804,6 +809,7 @@ impl Apus {
                 .unwrap_or_else(|p| p.into_inner())
                 .as_ref()
                 .map_or(0, |c| c.index),
+            voters_lost: st.voters_lost,
         }
     }
 }

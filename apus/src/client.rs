@@ -8,15 +8,17 @@
 //! DUMP     3: (empty)                            -> IDS
 //! CHECK    4: (empty)                            -> APPLIED (the CHECK entry) | NOT_LEADER | FAILED
 //! LAST_CHECK 5: (empty)                          -> CHECKED
+//! ACCEPT_DATA_LOSS 6: stand u8                   -> ACCEPTED   (`apus recover --accept-data-loss`)
 //! APPLIED  11: index u64 | output
 //! NOT_LEADER 12: leader u8 (255 = unknown)
 //! FAILED   13: reason (UTF-8)
 //! STATUS   14: role u8 | term u64 | leader u8 | commit u64 | last u64 |
 //!              applied u64 | recovering u8 | entries u64 | digest u64 |
 //!              outputs_differed u64 | fenced_writes u64 | revocations u64 | transport u8 |
-//!              last_check u64
+//!              last_check u64 | voters_lost u32
 //! IDS      15: count u64 | id u64 ...
 //! CHECKED  16: index u64 | ok u8 | digest or error (UTF-8)   (index 0: no check yet)
+//! ACCEPTED 17: was_recovering u8
 //! ```
 //!
 //! The port is meant for loopback and administration (it carries no
@@ -39,12 +41,14 @@ const STATUS: u8 = 2;
 const DUMP: u8 = 3;
 const CHECK: u8 = 4;
 const LAST_CHECK: u8 = 5;
+const ACCEPT_DATA_LOSS: u8 = 6;
 const APPLIED: u8 = 11;
 const NOT_LEADER: u8 = 12;
 const FAILED: u8 = 13;
 const STATUS_REPLY: u8 = 14;
 const IDS: u8 = 15;
 const CHECKED: u8 = 16;
+const ACCEPTED: u8 = 17;
 
 /// A request from a client.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +63,12 @@ pub enum Request {
     Check,
     /// The replica's last consistency check.
     LastCheck,
+    /// A recovering replica stops waiting for what it lost (memory mode, a
+    /// majority lost; see `apus_core::Replica::accept_data_loss`).
+    AcceptDataLoss {
+        /// It may also stand for election.
+        stand: bool,
+    },
 }
 
 /// A replica's status as reported to clients.
@@ -94,6 +104,9 @@ pub struct RemoteStatus {
     pub transport: TransportKind,
     /// The log index of the last consistency check it recorded (0: none).
     pub last_check: u64,
+    /// The voters it knows lost their logs, when too many to elect anyone
+    /// (bit per replica; see `apus_core::Replica::voters_lost`).
+    pub voters_lost: u32,
 }
 
 /// A reply to a client.
@@ -121,6 +134,9 @@ pub enum Reply {
         /// The digest the server's command printed, or why there is none.
         digest: Result<String, String>,
     },
+    /// The answer to [`Request::AcceptDataLoss`]: whether the replica was
+    /// recovering (and no longer waits).
+    Accepted(bool),
 }
 
 /// A malformed frame.
@@ -185,6 +201,7 @@ impl Request {
             Request::Dump => frame(DUMP, &[]),
             Request::Check => frame(CHECK, &[]),
             Request::LastCheck => frame(LAST_CHECK, &[]),
+            Request::AcceptDataLoss { stand } => frame(ACCEPT_DATA_LOSS, &[u8::from(*stand)]),
         }
     }
 
@@ -196,7 +213,10 @@ impl Request {
             DUMP if body.is_empty() => Ok(Request::Dump),
             CHECK if body.is_empty() => Ok(Request::Check),
             LAST_CHECK if body.is_empty() => Ok(Request::LastCheck),
-            STATUS | DUMP | CHECK | LAST_CHECK => Err(ProtocolError::Body(kind)),
+            ACCEPT_DATA_LOSS if body == [0] || body == [1] => Ok(Request::AcceptDataLoss {
+                stand: body[0] == 1,
+            }),
+            STATUS | DUMP | CHECK | LAST_CHECK | ACCEPT_DATA_LOSS => Err(ProtocolError::Body(kind)),
             other => Err(ProtocolError::Type(other)),
         }
     }
@@ -232,6 +252,7 @@ impl Reply {
                 }
                 b.push(s.transport.code());
                 b.extend_from_slice(&s.last_check.to_le_bytes());
+                b.extend_from_slice(&s.voters_lost.to_le_bytes());
                 frame(STATUS_REPLY, &b)
             }
             Reply::Ids(ids) => {
@@ -241,6 +262,7 @@ impl Reply {
                 }
                 frame(IDS, &b)
             }
+            Reply::Accepted(was) => frame(ACCEPTED, &[u8::from(*was)]),
             Reply::Checked { index, digest } => {
                 let mut b = index.to_le_bytes().to_vec();
                 let (ok, text) = match digest {
@@ -264,7 +286,7 @@ impl Reply {
             }),
             NOT_LEADER if b.len() == 1 => Ok(Reply::NotLeader(node(b[0]))),
             FAILED => Ok(Reply::Failed(String::from_utf8_lossy(&b).into_owned())),
-            STATUS_REPLY if b.len() == 1 + 8 + 1 + 24 + 1 + 40 + 1 + 8 => {
+            STATUS_REPLY if b.len() == 1 + 8 + 1 + 24 + 1 + 40 + 1 + 8 + 4 => {
                 let role = match b[0] {
                     0 => Role::Follower,
                     1 => Role::Candidate,
@@ -286,6 +308,7 @@ impl Reply {
                     revocations: u64_at(&b, 67),
                     transport: TransportKind::from_code(b[75]).ok_or_else(bad)?,
                     last_check: u64_at(&b, 76),
+                    voters_lost: u32::from_le_bytes(b[84..88].try_into().expect("4 bytes")),
                 }))
             }
             IDS if b.len() >= 8 => {
@@ -295,6 +318,7 @@ impl Reply {
                 }
                 Ok(Reply::Ids((0..n).map(|i| u64_at(&b, 8 + i * 8)).collect()))
             }
+            ACCEPTED if b == [0] || b == [1] => Ok(Reply::Accepted(b[0] == 1)),
             CHECKED if b.len() >= 9 => {
                 let text = String::from_utf8_lossy(&b[9..]).into_owned();
                 Ok(Reply::Checked {
@@ -361,8 +385,11 @@ mod tests {
                 revocations: 4,
                 transport: TransportKind::Verbs,
                 last_check: 12,
+                voters_lost: 0b101,
             }),
             Reply::Ids(vec![1, 2, 3]),
+            Reply::Accepted(true),
+            Reply::Accepted(false),
             Reply::Checked {
                 index: 12,
                 digest: Ok("d41d8cd9".into()),
@@ -383,6 +410,8 @@ mod tests {
             Request::Dump,
             Request::Check,
             Request::LastCheck,
+            Request::AcceptDataLoss { stand: true },
+            Request::AcceptDataLoss { stand: false },
         ] {
             let f = q.encode();
             let (k, b) = read_frame(&mut f.as_slice()).unwrap().unwrap();
@@ -400,6 +429,11 @@ mod tests {
         assert_eq!(
             Reply::decode(IDS, vec![5, 0, 0, 0, 0, 0, 0, 0]),
             Err(ProtocolError::Body(IDS))
+        );
+        assert_eq!(
+            Request::decode(ACCEPT_DATA_LOSS, vec![2]),
+            Err(ProtocolError::Body(ACCEPT_DATA_LOSS)),
+            "stand is a boolean"
         );
         assert!(read_frame(&mut [0u8, 0, 0, 0].as_slice()).is_err());
         assert!(read_frame(&mut [0xffu8, 0xff, 0xff, 0xff].as_slice()).is_err());

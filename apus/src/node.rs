@@ -172,6 +172,9 @@ pub struct NodeStatus {
     pub applied: Index,
     /// Whether it is recovering a lost log (memory mode restart).
     pub recovering: bool,
+    /// The voters it knows lost their logs, when too many for the rest to
+    /// elect anyone (bit per replica; see [`Replica::voters_lost`]).
+    pub voters_lost: u32,
     /// The transport's fencing counters (zero for transports that fence
     /// inside the receiver instead: tcp, quic).
     pub fencing: FencingCounts,
@@ -307,7 +310,29 @@ struct Shared {
     /// [`Node::is_leader`]).
     leading: AtomicBool,
     apply_thread: OnceLock<Thread>,
+    /// An operator's [`Node::accept_data_loss`] for the engine to carry out
+    /// (`DATA_LOSS_*`), and the engine's answer.
+    data_loss_request: AtomicU8,
+    data_loss_answer: Mutex<Option<bool>>,
 }
+
+/// Replica ids as a bit set, for logs: `{0, 2}`.
+struct NodeSet(u32);
+
+impl std::fmt::Debug for NodeSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set()
+            .entries((0..32).filter(|i| self.0 & (1 << i) != 0))
+            .finish()
+    }
+}
+
+const DATA_LOSS_NONE: u8 = 0;
+const DATA_LOSS_VOTE: u8 = 1;
+const DATA_LOSS_STAND: u8 = 2;
+
+/// A recovering replica no leader has synchronised for this long says so.
+const RECOVERING_WARN_AFTER: Duration = Duration::from_secs(10);
 
 /// A running replica. See the module docs.
 pub struct Node {
@@ -410,6 +435,7 @@ impl Node {
                 last_index: replica.last_index(),
                 applied: 0,
                 recovering: replica.is_recovering(),
+                voters_lost: 0,
                 fencing: FencingCounts::default(),
                 transport: TransportKind::Auto,
             }),
@@ -418,6 +444,8 @@ impl Node {
             max_payload,
             speculation: Speculation::default(),
             leading: AtomicBool::new(false),
+            data_loss_request: AtomicU8::new(DATA_LOSS_NONE),
+            data_loss_answer: Mutex::new(None),
             apply_thread: OnceLock::new(),
         });
         let mut threads = Vec::new();
@@ -460,6 +488,7 @@ impl Node {
             last_stalls: 0,
             realtime_dropped: false,
             last_pre_votes: 0,
+            recovering_since: None,
         };
         threads.push(
             thread::Builder::new()
@@ -760,6 +789,47 @@ impl Node {
         s
     }
 
+    /// The operator accepts that this recovering replica's lost log is lost
+    /// (see [`Replica::accept_data_loss`]; `apus recover
+    /// --accept-data-loss`). Returns whether it was recovering; an error if
+    /// the engine did not answer within `timeout` or stopped.
+    pub fn accept_data_loss(&self, stand: bool, timeout: Duration) -> std::io::Result<bool> {
+        let code = if stand {
+            DATA_LOSS_STAND
+        } else {
+            DATA_LOSS_VOTE
+        };
+        self.shared
+            .data_loss_answer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.shared.data_loss_request.store(code, Ordering::SeqCst);
+        self.shared.waker.wake();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(was) = self
+                .shared
+                .data_loss_answer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                return Ok(was);
+            }
+            if let Some(why) = self.stopped() {
+                return Err(std::io::Error::other(format!("the node stopped: {why}")));
+            }
+            if Instant::now() >= deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the engine did not take the request in time",
+                ));
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Metrics (counters, latency).
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
@@ -995,6 +1065,9 @@ struct Engine {
     /// The engine's stall and pre-vote counts at the last publish.
     last_stalls: u64,
     last_pre_votes: u64,
+    /// Since when the replica has been recovering with no leader, until it
+    /// said so (`None` once said, or while not in that state).
+    recovering_since: Option<Instant>,
 }
 
 impl Engine {
@@ -1071,12 +1144,40 @@ impl Engine {
             self.replica.handle_synced(token, now);
             busy = true;
         }
+        busy |= self.take_data_loss_request(now);
         self.replica.poll(now).map_err(|e| e.to_string())?;
         busy |= self.carry_out()?;
         busy |= self.take_events();
         busy |= self.hand_over_committed()?;
         self.publish_status();
         Ok(busy)
+    }
+
+    /// Carries out an operator's [`Node::accept_data_loss`].
+    fn take_data_loss_request(&mut self, now: Time) -> bool {
+        let code = self
+            .shared
+            .data_loss_request
+            .swap(DATA_LOSS_NONE, Ordering::SeqCst);
+        if code == DATA_LOSS_NONE {
+            return false;
+        }
+        let stand = code == DATA_LOSS_STAND;
+        let was = self.replica.accept_data_loss(stand, now);
+        if was {
+            warn!(
+                node = %self.shared.id,
+                stand,
+                "the operator accepted the loss of what this replica's restart lost: it {}",
+                if stand { "votes and may stand for election" } else { "votes" }
+            );
+        }
+        *self
+            .shared
+            .data_loss_answer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(was);
+        true
     }
 
     fn take_proposals(&mut self) -> Result<bool, String> {
@@ -1153,15 +1254,31 @@ impl Engine {
         let mut any = false;
         while let Some(e) = self.replica.next_event() {
             any = true;
-            if let Event::RoleChanged { role, term, leader } = e {
-                info!(node = %self.shared.id, %role, term, leader = ?leader, "role changed");
-                if role == Role::Candidate {
-                    self.shared
-                        .metrics
-                        .counters
-                        .elections
-                        .fetch_add(1, Ordering::Relaxed);
+            match e {
+                Event::RoleChanged { role, term, leader } => {
+                    info!(node = %self.shared.id, %role, term, leader = ?leader, "role changed");
+                    if role == Role::Candidate {
+                        self.shared
+                            .metrics
+                            .counters
+                            .elections
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                 }
+                Event::VotersLost { voters: 0 } => {
+                    info!(node = %self.shared.id, "enough voters kept their logs again");
+                }
+                Event::VotersLost { voters } => {
+                    error!(
+                        node = %self.shared.id,
+                        lost = ?NodeSet(voters),
+                        "a majority of the replicas lost their logs in a restart (memory mode): \
+                         nobody can be elected, and entries committed only on them are lost; \
+                         `apus status` shows the cluster, `apus recover --accept-data-loss` \
+                         restarts it from the logs that survived"
+                    );
+                }
+                Event::Committed { .. } => {}
             }
         }
         any
@@ -1250,6 +1367,7 @@ impl Engine {
             last_index: r.last_index(),
             applied: 0,
             recovering: r.is_recovering(),
+            voters_lost: r.voters_lost(),
             fencing: FencingCounts::default(),
             transport: TransportKind::Auto,
         };
@@ -1290,6 +1408,30 @@ impl Engine {
         }
         self.last_stalls = c.stalls;
         self.last_pre_votes = c.pre_votes;
+        self.report_recovering();
+    }
+
+    /// A recovering replica that no leader synchronises says so, once: a
+    /// majority of the cluster may have lost its memory, which only the
+    /// replicas that kept theirs can tell (they stand, and it refuses).
+    fn report_recovering(&mut self) {
+        if !self.replica.is_recovering() || self.replica.leader().is_some() {
+            self.recovering_since = Some(Instant::now());
+            return;
+        }
+        let Some(since) = self.recovering_since else {
+            return;
+        };
+        if since.elapsed() >= RECOVERING_WARN_AFTER {
+            self.recovering_since = None;
+            warn!(
+                node = %self.shared.id,
+                waited_s = since.elapsed().as_secs(),
+                "this replica lost its log in a restart (memory mode) and no leader has \
+                 resent it: if a majority of the replicas restarted, the cluster lost what \
+                 they held; `apus status` tells, `apus recover --accept-data-loss` restarts it"
+            );
+        }
     }
 
     /// Drops the realtime priority of an engine busy for `busy` without

@@ -105,6 +105,14 @@ pub fn serve_clients(
         })
 }
 
+/// Answers [`Request::AcceptDataLoss`] on any replica's client port.
+pub fn accept_data_loss(node: &Node, stand: bool) -> Reply {
+    match node.accept_data_loss(stand, Duration::from_secs(5)) {
+        Ok(was) => Reply::Accepted(was),
+        Err(e) => Reply::Failed(e.to_string()),
+    }
+}
+
 fn serve_one(mut s: TcpStream, node: &Node, register: &Register) -> io::Result<()> {
     s.set_nonblocking(false)?;
     s.set_nodelay(true)?;
@@ -144,8 +152,10 @@ fn serve_one(mut s: TcpStream, node: &Node, register: &Register) -> io::Result<(
                     revocations: st.fencing.revocations,
                     transport: st.transport,
                     last_check: 0,
+                    voters_lost: st.voters_lost,
                 })
             }
+            Request::AcceptDataLoss { stand } => accept_data_loss(node, stand),
             Request::Dump => {
                 let r = register.0.lock().unwrap_or_else(|p| p.into_inner());
                 Reply::Ids(r.ids.clone())

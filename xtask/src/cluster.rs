@@ -157,23 +157,30 @@ impl Cluster {
         Ok(())
     }
 
-    /// Runs `apus fence-check` as replica `i` (which must be down); fails
-    /// unless every peer refused its log write. Returns the per-peer lines.
-    fn fence_check(&self, i: usize) -> Result<Vec<String>> {
+    /// Runs the `apus` CLI on the cluster's config: `(succeeded, output)`.
+    fn cli(&self, args: &[&str]) -> Result<(bool, String)> {
         let out = crate::tools::own(&self.bin)
-            .args(["fence-check", "--config"])
+            .arg(args[0])
+            .arg("--config")
             .arg(&self.config)
-            .args(["--id", &i.to_string()])
+            .args(&args[1..])
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .output()
-            .with_context(|| format!("running {} fence-check", self.bin.display()))?;
+            .with_context(|| format!("running {} {}", self.bin.display(), args[0]))?;
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        if !out.status.success() {
+        Ok((out.status.success(), text))
+    }
+
+    /// Runs `apus fence-check` as replica `i` (which must be down); fails
+    /// unless every peer refused its log write. Returns the per-peer lines.
+    fn fence_check(&self, i: usize) -> Result<Vec<String>> {
+        let (ok, text) = self.cli(&["fence-check", "--id", &i.to_string()])?;
+        if !ok {
             bail!("fence-check as n{i} failed:\n{text}");
         }
         Ok(text
@@ -495,6 +502,99 @@ fn follower_stops(
     acked_so_far.extend(load.acked.lock().expect("lock").iter());
     let (commits, _) = cluster.verify(acked_so_far)?;
     println!("  n{follower} resumed and caught up: {commits} entries identical on every replica");
+    Ok(load.next_id.load(Ordering::SeqCst))
+}
+
+/// Memory mode: the leader and a follower lose their memory together
+/// (SIGKILL, restart). The survivor alone cannot be elected and says so,
+/// `apus status` tells the operator, nothing commits, and after `apus
+/// recover --accept-data-loss` the survivor leads with its log and the
+/// cluster commits again. Returns the next proposal id.
+fn majority_loses_memory(
+    cluster: &mut Cluster,
+    clients: &[SocketAddr],
+    next_id: u64,
+    acked_so_far: &mut Vec<u64>,
+    proposers: usize,
+) -> Result<u64> {
+    let leader = cluster.leader().context("no leader")?;
+    let lost = (leader + 1) % REPLICAS;
+    let survivor = (leader + 2) % REPLICAS;
+    let before = cluster
+        .status(survivor)
+        .context("the survivor does not answer")?;
+    for i in [leader, lost] {
+        cluster.kill(i)?;
+        cluster.start(i)?;
+    }
+    for i in [leader, lost] {
+        cluster
+            .wait_status(i, Duration::from_secs(20), |s| s.recovering)
+            .filter(|s| s.recovering)
+            .with_context(|| format!("restarted n{i} does not report itself recovering"))?;
+    }
+    let knows = cluster
+        .wait_status(survivor, Duration::from_secs(10), |s| s.voters_lost != 0)
+        .filter(|s| s.voters_lost != 0);
+    let Some(knows) = knows else {
+        bail!(
+            "survivor n{survivor} never reported the voters that lost their logs; logs in {}",
+            cluster.dir.display()
+        );
+    };
+    let want = (1u32 << leader) | (1 << lost);
+    if knows.voters_lost != want {
+        bail!(
+            "n{survivor} reports lost voters {:#b}, expected {want:#b}",
+            knows.voters_lost
+        );
+    }
+    // Dozens of election timeouts: nobody may be elected.
+    thread::sleep(Duration::from_secs(1));
+    if let Some(l) = cluster.leader() {
+        bail!("n{l} was elected although a majority lost its log (memory mode)");
+    }
+    let (_, status) = cluster.cli(&["status"])?;
+    if !status.contains("LOST A MAJORITY'S MEMORY") {
+        bail!(
+            "`apus status` did not say the cluster lost a majority's memory:
+{status}"
+        );
+    }
+    let (refused, why) = cluster.cli(&["recover"])?;
+    if refused || !why.contains("--accept-data-loss") {
+        bail!(
+            "`apus recover` without --accept-data-loss must refuse and say why:
+{why}"
+        );
+    }
+    let (ok, out) = cluster.cli(&["recover", "--accept-data-loss"])?;
+    if !ok {
+        bail!(
+            "`apus recover --accept-data-loss` failed:
+{out}"
+        );
+    }
+    for line in out.lines() {
+        println!("    {line}");
+    }
+    let (elected, _) = cluster.wait_for_leader(Duration::from_secs(10))?;
+    if elected != survivor {
+        bail!("n{elected} was elected, not n{survivor}, the replica that kept its log");
+    }
+    let load = Load::new(next_id, 1000, survivor);
+    for w in load.start(proposers, clients) {
+        let _ = w.join();
+    }
+    acked_so_far.extend(load.acked.lock().expect("lock").iter());
+    let (commits, _) = cluster.verify(acked_so_far)?;
+    println!(
+        "  memory mode: n{leader} (leader) and n{lost} lost their memory together; n{survivor} \
+         (log {} entries) could not be elected and reported it; `apus status` said so; after \
+         `apus recover --accept-data-loss` n{survivor} led again and {commits} entries are \
+         identical on every replica",
+        before.last_index
+    );
     Ok(load.next_id.load(Ordering::SeqCst))
 }
 
@@ -842,6 +942,11 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
     let mut next_id = load.next_id.load(Ordering::SeqCst);
     let mut all_acked = acked.clone();
     next_id = follower_stops(&mut cluster, &clients, next_id, &mut all_acked, o.proposers)?;
+    if o.durability == "memory" && o.transport == "tcp" {
+        // Transport-independent: run once, on the plainest transport.
+        next_id =
+            majority_loses_memory(&mut cluster, &clients, next_id, &mut all_acked, o.proposers)?;
+    }
     if o.transport == "fabric" || o.transport == "verbs" {
         let target = (o.proposals / 5).clamp(500, 20_000);
         // Whether the resumed leader writes before it reads of the new term

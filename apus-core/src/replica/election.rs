@@ -22,6 +22,8 @@ pub(super) struct PreVote {
     term: Term,
     /// Who said yes, ourselves included (bit per node).
     granted: u32,
+    /// Who said they lost their log and may not vote (bit per node).
+    recovering: u32,
 }
 
 impl<S: LogStore> Replica<S> {
@@ -41,6 +43,7 @@ impl<S: LogStore> Replica<S> {
         self.pre_vote = Some(PreVote {
             term: self.term + 1,
             granted: 1 << self.cfg.id.0,
+            recovering: 0,
         });
         self.reset_election_timer();
         for p in self.peers() {
@@ -178,7 +181,7 @@ impl<S: LogStore> Replica<S> {
         if self.bug(crate::config::PlantedBug::NoRecoveringGate) {
             return true;
         }
-        self.recovery.is_none()
+        !self.is_recovering()
     }
 
     /// The planted bug that votes before the old writer's landed entries
@@ -215,6 +218,7 @@ impl<S: LogStore> Replica<S> {
             term: if granted { req.term } else { self.term },
             granted,
             pre: true,
+            recovering: self.is_recovering(),
         };
         if self.pre_vote_answer[p.index()] != Some(answer) {
             self.pre_vote_answer[p.index()] = Some(answer);
@@ -235,11 +239,15 @@ impl<S: LogStore> Replica<S> {
                 if !resp.granted && resp.term > self.term {
                     return self.adopt_term(resp.term, None);
                 }
-                if let Some(pv) = &mut self.pre_vote
-                    && resp.term == pv.term
-                    && resp.granted
-                {
-                    pv.granted |= 1 << p.0;
+                if let Some(pv) = &mut self.pre_vote {
+                    if resp.term == pv.term && resp.granted {
+                        pv.granted |= 1 << p.0;
+                    }
+                    if resp.recovering {
+                        pv.recovering |= 1 << p.0;
+                    } else {
+                        pv.recovering &= !(1 << p.0);
+                    }
                 }
                 continue;
             }
@@ -260,6 +268,28 @@ impl<S: LogStore> Replica<S> {
             self.start_election()?;
         }
         Ok(())
+    }
+
+    /// Publishes which voters lost their logs, once they are too many for
+    /// the others to elect anyone; a leader heard clears it.
+    pub(super) fn note_voters_lost(&mut self) {
+        let lost = match self.pre_vote {
+            Some(pv) if pv.recovering.count_ones() as usize > self.cfg.replicas - self.majority => {
+                pv.recovering
+            }
+            Some(_) => 0,
+            None if self.leader.is_some() => 0,
+            None => self.voters_lost,
+        };
+        debug_assert!(
+            lost & (1 << self.cfg.id.0) == 0,
+            "we can stand, so we kept our log"
+        );
+        if lost != self.voters_lost {
+            self.voters_lost = lost;
+            self.events
+                .push_back(super::Event::VotersLost { voters: lost });
+        }
     }
 
     /// Whether we heard from a live leader of our term within the minimum
@@ -288,6 +318,7 @@ impl<S: LogStore> Replica<S> {
             term: self.term,
             granted: self.voted_for == Some(candidate),
             pre: false,
+            recovering: self.is_recovering(),
         })
     }
 }

@@ -166,8 +166,11 @@ impl<S: LogStore> Replica<S> {
         self.verified = m;
         self.expect_index = m + 1;
         self.expect_pos = rec.sync_pos;
-        if self.recovery == Some(Recovery::AwaitingSync) {
-            self.recovery = Some(Recovery::Until(rec.last_index));
+        match self.recovery {
+            Some(Recovery::AwaitingSync) => self.recovery = Some(Recovery::Until(rec.last_index)),
+            // The loss was accepted and a leader holds what survived.
+            Some(Recovery::Waived) => self.recovery = None,
+            Some(Recovery::Until(_)) | None => {}
         }
         self.check_recovered();
         self.ack_dirty = true;

@@ -130,6 +130,12 @@ pub enum Event {
         /// New commit index.
         index: Index,
     },
+    /// The set of voters known to have lost their logs changed (see
+    /// [`Replica::voters_lost`]; 0: none, or no longer too many).
+    VotersLost {
+        /// Bit per node.
+        voters: u32,
+    },
 }
 
 /// An accepted proposal: where it will be committed, if it is.
@@ -229,6 +235,11 @@ pub(crate) enum Recovery {
     AwaitingSync,
     /// Caught up once the log reaches this index.
     Until(Index),
+    /// An operator accepted that what it lost is lost
+    /// ([`Replica::accept_data_loss`]): it votes, but does not stand for
+    /// election until a leader has synchronised it, so that a replica that
+    /// kept its log wins rather than one that lost it.
+    Waived,
 }
 
 /// Diagnostics counters (monotonic).
@@ -289,6 +300,8 @@ pub struct Replica<S: LogStore> {
     revoked: [Option<Term>; MAX_REPLICAS],
     settling: bool,
     recovery: Option<Recovery>,
+    /// See [`Replica::voters_lost`].
+    voters_lost: u32,
 
     // The log.
     last_index: Index,
@@ -393,6 +406,7 @@ impl<S: LogStore> Replica<S> {
             revoked: [None; MAX_REPLICAS],
             settling: false,
             recovery,
+            voters_lost: 0,
             last_index,
             last_term,
             last_end,
@@ -483,9 +497,21 @@ impl<S: LogStore> Replica<S> {
         }
         self.store.meta(index).map(|m| m.term)
     }
-    /// Whether the replica lost its log in a restart and is catching up.
+    /// Whether the replica lost its log in a restart and is catching up:
+    /// it neither votes nor stands for election.
     pub fn is_recovering(&self) -> bool {
-        self.recovery.is_some()
+        matches!(
+            self.recovery,
+            Some(Recovery::AwaitingSync | Recovery::Until(_))
+        )
+    }
+    /// The voters whose pre-vote answers say they lost their logs, when
+    /// they are too many for the rest to form a majority (bit per node):
+    /// the cluster lost a majority's memory and elects nobody until an
+    /// operator accepts the loss ([`accept_data_loss`](Self::accept_data_loss)).
+    /// 0 otherwise.
+    pub fn voters_lost(&self) -> u32 {
+        self.voters_lost
     }
     /// The peer currently granted the right to write this replica's ring.
     pub fn log_writer(&self) -> Option<NodeId> {
@@ -577,6 +603,7 @@ impl<S: LogStore> Replica<S> {
             Role::Follower if self.pre_vote.is_some() => self.read_vote_responses()?,
             Role::Follower => {}
         }
+        self.note_voters_lost();
         self.tick()?;
         if self.role == Role::Leader {
             self.replicate()?;
@@ -651,6 +678,29 @@ impl<S: LogStore> Replica<S> {
             }
         }
         self.finish_poll();
+    }
+
+    /// The operator's answer to a cluster that lost a majority's memory
+    /// ([`voters_lost`](Self::voters_lost), `apus recover
+    /// --accept-data-loss`): this recovering replica stops waiting for a
+    /// leader that holds everything it acknowledged, since none may be left.
+    /// With `stand`, it may also stand for election (for the replica with
+    /// the best log when every replica lost its own); without, it only
+    /// votes, so that a replica that kept its log is elected. Entries
+    /// committed only on replicas that lost them are gone. Returns whether
+    /// the replica was recovering.
+    pub fn accept_data_loss(&mut self, stand: bool, now: Time) -> bool {
+        self.now = self.now.max(now);
+        let waived = self.recovery == Some(Recovery::Waived);
+        if !(self.is_recovering() || stand && waived) {
+            return false;
+        }
+        self.recovery = if stand { None } else { Some(Recovery::Waived) };
+        assert!(!self.is_recovering(), "the gate is lifted");
+        self.status_dirty = true;
+        self.reset_election_timer();
+        self.finish_poll();
+        true
     }
 
     /// Proposes an entry. Only the leader accepts; the entry is replicated by
@@ -968,7 +1018,7 @@ impl<S: LogStore> Replica<S> {
             term: self.term,
             writer: self.writer,
             settling: self.settling,
-            recovering: self.recovery.is_some(),
+            recovering: self.is_recovering(),
             last_index: self.last_index,
             last_term: self.last_term,
             commit: self.commit.min(self.last_index),
@@ -1070,6 +1120,7 @@ mod tests {
                     term,
                     granted: true,
                     pre,
+                    recovering: false,
                 };
                 let at = r.layout().inbound(SlotKind::VoteResponse, NodeId(p));
                 r.region.write(at, &resp.encode());

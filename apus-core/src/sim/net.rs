@@ -94,6 +94,15 @@ pub enum HealKind {
     Restart(usize),
     /// A cut between two nodes ends.
     Uncut(usize, usize),
+    /// The connection between two nodes is declared lost (a one-way loss
+    /// met the operation deadline).
+    Cut(usize, usize),
+    /// A one-way loss of packets from the first node to the second ends,
+    /// and with it the cut its deadline made.
+    Unblock(usize, usize),
+    /// After healing: a connection that was cut for a one-way loss comes
+    /// back.
+    Reconnect(usize, usize),
 }
 
 #[derive(Debug)]
@@ -162,6 +171,8 @@ pub struct Net {
     last_arrival: Vec<u64>,
     /// Per direction: nothing sent arrives before this (a stall).
     stalled_until: Vec<u64>,
+    /// Per direction: how many one-way faults lose its packets now.
+    blocked: Vec<u32>,
     /// Last delivery time of a transport event per node: a transport reports
     /// events to its engine in the order they happened.
     last_deliver: Vec<u64>,
@@ -182,7 +193,8 @@ pub struct Net {
 }
 
 const CPU_DELAY: (u64, u64) = (100, 1_000);
-const DETECT_DELAY: (u64, u64) = (5_000, 50_000);
+/// How long a transport takes to report a connection's loss, ns.
+pub(crate) const DETECT_DELAY: (u64, u64) = (5_000, 50_000);
 
 impl Net {
     pub(crate) fn new(
@@ -206,6 +218,7 @@ impl Net {
             ],
             last_arrival: vec![0; n * n],
             stalled_until: vec![0; n * n],
+            blocked: vec![0; n * n],
             last_deliver: vec![0; n],
             latency,
             torn_chance,
@@ -239,6 +252,24 @@ impl Net {
             let slot = &mut self.stalled_until[src * self.n + dst];
             *slot = (*slot).max(until);
         }
+    }
+
+    /// Adds (`delta = 1`) or removes (`-1`) a one-way loss of everything
+    /// `src` sends to `dst` (see `Fault::OneWay`).
+    pub fn block(&mut self, src: usize, dst: usize, delta: i32) {
+        let b = &mut self.blocked[src * self.n + dst];
+        *b = b.saturating_add_signed(delta);
+    }
+
+    /// Ends every one-way loss (a connection that lost packets must be cut
+    /// first, see `World::heal_all`).
+    pub fn clear_blocks(&mut self) {
+        self.blocked.fill(0);
+    }
+
+    /// Whether packets from `src` to `dst` are lost now.
+    pub fn is_blocked(&self, src: usize, dst: usize) -> bool {
+        self.blocked[src * self.n + dst] > 0
     }
 
     /// Whether the connection between `a` and `b` is up.
@@ -345,6 +376,14 @@ impl Net {
             }
             return;
         }
+        if self.is_blocked(src, dst) {
+            // Lost on the way, and the rest of the write with it: the
+            // poster hears nothing until the connection is declared lost.
+            if !last {
+                self.failed_ops.insert((src, op));
+            }
+            return;
+        }
         let access = self
             .layout
             .remote_write_access(NodeId(src as u8), whole.0, whole.1);
@@ -385,7 +424,7 @@ impl Net {
         let Route {
             src, dst, epoch, ..
         } = route;
-        if self.epoch(src, dst) != epoch || !self.link_up(src, dst) {
+        if self.epoch(src, dst) != epoch || !self.link_up(src, dst) || self.is_blocked(src, dst) {
             return;
         }
         let (result, data) = match op {
@@ -441,7 +480,10 @@ impl Net {
             epoch,
             op,
         } = route;
-        if self.epoch(src, dst) != epoch || !self.link_up(src, dst) {
+        if self.epoch(src, dst) != epoch || !self.link_up(src, dst) || self.is_blocked(dst, src) {
+            // A lost completion: whatever the operation did at `dst` stays
+            // done, and the poster learns of it only as a failure, when
+            // the connection is declared lost.
             return None;
         }
         self.finish(src, dst, src, op);

@@ -62,6 +62,24 @@ pub enum Fault {
         /// Duration, ns.
         lasts: u64,
     },
+    /// Packets in one direction between `target` and a peer are lost (a
+    /// one-way link: a bad cable or a switch port dropping one direction).
+    /// The sender's writes and read requests never arrive; the receiver's
+    /// writes land, but their completions never come back. Nobody is told
+    /// until the transports' operation deadline, `detect` later, ends the
+    /// connection; it comes back once `lasts` is over.
+    OneWay {
+        /// One end.
+        target: Target,
+        /// The other: `target + peer` (mod replicas), `peer` in 1..replicas.
+        peer: usize,
+        /// Whether `target`'s own packets are lost (else its peer's).
+        outbound: bool,
+        /// Until the connection is declared lost, ns.
+        detect: u64,
+        /// Duration, ns.
+        lasts: u64,
+    },
     /// The node stops running (a GC pause, a stopped VM) while its memory
     /// keeps taking remote writes; a paused leader wakes up deposed and
     /// keeps writing.
@@ -132,6 +150,8 @@ impl Scenario {
     pub fn generate(seed: u64, replicas: Option<usize>) -> Scenario {
         let mut r = Rng::new(seed ^ 0x5EED_5EED_5EED_5EED);
         let mut late = Rng::new(seed ^ 0x1A7E_1A7E_1A7E_1A7E);
+        // One-way links, drawn from a third stream for the same reason.
+        let mut oneway = Rng::new(seed ^ 0x0E0E_0E0E_0E0E_0E0E);
         let replicas = replicas.unwrap_or_else(|| r.pick(&[3, 3, 5]));
         let durability = if r.chance(0.5) {
             Durability::Memory
@@ -218,6 +238,14 @@ impl Scenario {
                 Fault::Stall {
                     target,
                     lasts: late.range(300 * US, 3 * MS),
+                }
+            } else if replicas > 1 && oneway.chance(0.2) {
+                Fault::OneWay {
+                    target,
+                    peer: oneway.range(1, replicas as u64) as usize,
+                    outbound: oneway.chance(0.5),
+                    detect: oneway.range(100 * US, 2 * MS),
+                    lasts: oneway.range(200 * US, 4 * MS),
                 }
             } else {
                 fault

@@ -399,6 +399,40 @@ impl World {
                         .push(self.now + lasts, Ev::Heal(HealKind::Uncut(i, j)));
                 }
             }
+            Fault::OneWay {
+                target,
+                peer,
+                outbound,
+                detect,
+                lasts,
+            } => {
+                let i = self.resolve(target);
+                let j = (i + peer) % n;
+                let (from, to) = if outbound { (i, j) } else { (j, i) };
+                self.out.faults += 1;
+                self.schedule_hash = hash_mix(
+                    self.schedule_hash,
+                    7 << 32 | (from * 16 + to) as u64 | (self.now / MS) << 16,
+                );
+                self.trace(|| {
+                    format!(
+                        "fault  ONE-WAY n{from}->n{to} loses packets for {:.2}ms (detected after {:.2}ms)",
+                        lasts as f64 / 1e6,
+                        detect.min(lasts) as f64 / 1e6
+                    )
+                });
+                self.net.block(from, to, 1);
+                // The operation deadline ends the connection; it is set up
+                // again once the loss is over.
+                let cut_at = self.now + detect.min(lasts);
+                self.q.push(cut_at, Ev::Heal(HealKind::Cut(from, to)));
+                // Down for long enough that the failures of what was in
+                // flight reach the engine before anything posted anew.
+                self.q.push(
+                    (self.now + lasts).max(cut_at + super::net::DETECT_DELAY.1),
+                    Ev::Heal(HealKind::Unblock(from, to)),
+                );
+            }
             Fault::Stall { target, lasts } => {
                 let i = self.resolve(target);
                 if self.nodes[i].replica.is_none() {
@@ -449,6 +483,18 @@ impl World {
                     .clear_cuts(&mut self.q, &mut self.rng, self.now, a, b);
             }
         }
+        // A connection that lost packets one way is declared lost before it
+        // comes back, or what it lost would never complete.
+        for a in 0..n {
+            for b in 0..n {
+                if b != a && self.net.is_blocked(a, b) {
+                    self.net.cut(&mut self.q, &mut self.rng, self.now, a, b, 1);
+                    let back = self.now + super::net::DETECT_DELAY.1;
+                    self.q.push(back, Ev::Heal(HealKind::Reconnect(a, b)));
+                }
+            }
+        }
+        self.net.clear_blocks();
     }
 
     /// When the client stops proposing: some time after healing, once a
@@ -649,6 +695,9 @@ impl World {
                             self.trace(|| format!("n{i}     commit index {index}"));
                         }
                     }
+                }
+                Event::VotersLost { voters } => {
+                    self.trace(|| format!("n{i}     voters that lost their logs: {voters:#b}"));
                 }
             }
         }
@@ -925,7 +974,7 @@ impl World {
                     }
                 }
                 Ev::Heal(h) => {
-                    if self.healed {
+                    if self.healed && !matches!(h, HealKind::Reconnect(..)) {
                         continue;
                     }
                     match h {
@@ -936,6 +985,19 @@ impl World {
                             }
                         }
                         HealKind::Uncut(a, b) => {
+                            self.net.cut(&mut self.q, &mut self.rng, self.now, a, b, -1);
+                        }
+                        HealKind::Cut(a, b) => {
+                            self.trace(|| format!("fault  LINK n{a}-n{b} declared lost"));
+                            self.net.cut(&mut self.q, &mut self.rng, self.now, a, b, 1);
+                        }
+                        HealKind::Reconnect(a, b) => {
+                            self.net
+                                .clear_cuts(&mut self.q, &mut self.rng, self.now, a, b);
+                        }
+                        HealKind::Unblock(a, b) => {
+                            self.trace(|| format!("heal   ONE-WAY n{a}->n{b} over"));
+                            self.net.block(a, b, -1);
                             self.net.cut(&mut self.q, &mut self.rng, self.now, a, b, -1);
                         }
                     }

@@ -8,6 +8,7 @@
 //! apus leader --config C            print the leader's application address
 //! apus fence-check --config C --id N   (N stopped) check every peer refuses N's log writes
 //! apus check  --config C            every replica's server digest at one log position
+//! apus recover --config C --accept-data-loss   restart a memory-mode cluster that lost a majority's logs
 //! ```
 
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use apus::client::{Client, Reply, Request};
+use apus::client::{Client, RemoteStatus, Reply, Request};
 use apus::service::{Register, serve_clients};
 use apus::supervisor::pristine::Pristine;
 use apus::supervisor::run::{ServerSpec, supervise};
@@ -41,13 +42,20 @@ usage:
                                      at the paths FILE names (transport = \"quic\")
   apus fence-check --config FILE --id N [--timeout-ms MS]
                                      with replica N stopped, act as N and check that every
-                                     peer refuses its writes to their logs (fencing)";
+                                     peer refuses its writes to their logs (fencing)
+  apus recover --config FILE --accept-data-loss [--timeout-ms MS]
+                                     memory mode, after a majority of the replicas lost their
+                                     logs at once (`apus status` says so): restart the cluster
+                                     from the logs that survived; what only the lost ones held
+                                     is gone";
 
 struct Args {
     command: String,
     config: Option<PathBuf>,
     id: Option<u8>,
     force: bool,
+    /// `recover`: the operator knows what it costs.
+    accept_data_loss: bool,
     /// How long `fence-check` waits for the peers.
     timeout: Duration,
     /// What follows `--` (`apus run`).
@@ -62,6 +70,7 @@ fn parse() -> Result<Args> {
         config: None,
         id: None,
         force: false,
+        accept_data_loss: false,
         timeout: Duration::from_secs(10),
         server: Vec::new(),
     };
@@ -71,6 +80,7 @@ fn parse() -> Result<Args> {
             "-h" | "--help" => a.command = "help".into(),
             "--config" => a.config = Some(PathBuf::from(value()?)),
             "--force" => a.force = true,
+            "--accept-data-loss" => a.accept_data_loss = true,
             "--" => {
                 a.server = it.by_ref().collect();
                 break;
@@ -119,6 +129,7 @@ fn main() -> ExitCode {
         }
         "leader" => leader(&args),
         "fence-check" => fence_check(&args),
+        "recover" => recover(&args),
         "check" => {
             return match check(&args) {
                 Ok(true) => ExitCode::SUCCESS,
@@ -212,19 +223,44 @@ fn node(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// One replica's status, if it answers on its client address.
+fn remote_status(addr: Option<SocketAddr>) -> Option<RemoteStatus> {
+    let mut c = Client::connect(addr?, Duration::from_secs(1)).ok()?;
+    match c.call(&Request::Status).ok()? {
+        Reply::Status(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// Every replica's status (`None`: it did not answer).
+fn statuses(config: &ClusterConfig) -> Vec<(NodeId, Option<SocketAddr>, Option<RemoteStatus>)> {
+    config
+        .replicas
+        .iter()
+        .map(|r| (r.id, r.client, remote_status(r.client)))
+        .collect()
+}
+
+/// The replicas that lost their logs in a restart (memory mode), when too
+/// many for the others to elect a leader; empty otherwise.
+fn lost_majority(rows: &[(NodeId, Option<SocketAddr>, Option<RemoteStatus>)]) -> Vec<NodeId> {
+    let n = rows.len();
+    let recovering: Vec<NodeId> = rows
+        .iter()
+        .filter(|(_, _, s)| s.is_some_and(|s| s.recovering))
+        .map(|(id, _, _)| *id)
+        .collect();
+    if recovering.len() > n - (n / 2 + 1) {
+        recovering
+    } else {
+        Vec::new()
+    }
+}
+
 fn status(args: &Args) -> Result<()> {
     let config = load(args)?;
-    let mut rows = Vec::new();
-    for r in &config.replicas {
-        let st = r.client.and_then(|addr| {
-            let mut c = Client::connect(addr, Duration::from_secs(1)).ok()?;
-            match c.call(&Request::Status).ok()? {
-                Reply::Status(s) => Some(s),
-                _ => None,
-            }
-        });
-        rows.push((r.id, r.client, st));
-    }
+    let rows = statuses(&config);
+    let lost = lost_majority(&rows);
     let top = rows
         .iter()
         .filter_map(|(_, _, s)| s.map(|s| s.commit))
@@ -283,7 +319,109 @@ fn status(args: &Args) -> Result<()> {
          connections whose replies differed from the leader's (nonces and clocks in replies \
          do that too: `apus check` compares state)"
     );
+    if !lost.is_empty() {
+        println!(
+            "\nTHE CLUSTER LOST A MAJORITY'S MEMORY: replicas {} lost their logs in a restart \
+             (memory mode). They may not vote until a leader resends what they held, and the \
+             others are too few to elect one, so nothing commits. Entries committed only on \
+             them are lost. `apus recover --config FILE --accept-data-loss` restarts the \
+             cluster from the logs that survived.",
+            lost.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     Ok(())
+}
+
+/// `apus recover --accept-data-loss`: every recovering replica stops
+/// waiting for what it lost. A replica that kept its log is elected; when
+/// none did, the one with the longest log is told to stand.
+fn recover(args: &Args) -> Result<()> {
+    let config = load(args)?;
+    if config.durability != apus_core::Durability::Memory {
+        bail!(
+            "recover is for durability = \"memory\": a durable replica keeps its log on disk \
+             and recovers it itself"
+        );
+    }
+    if !args.accept_data_loss {
+        bail!(
+            "recover discards whatever only the replicas that lost their memory held: \
+             committed entries may be lost for good. Say --accept-data-loss to do it."
+        );
+    }
+    let rows = statuses(&config);
+    let n = rows.len();
+    let answered: Vec<(NodeId, RemoteStatus)> = rows
+        .iter()
+        .filter_map(|(id, _, s)| Some((*id, (*s)?)))
+        .collect();
+    if answered.len() < n / 2 + 1 {
+        bail!(
+            "only {} of {n} replicas answered: a leader needs a majority, start the others first",
+            answered.len()
+        );
+    }
+    let lost = lost_majority(&rows);
+    if lost.is_empty() {
+        bail!(
+            "nothing to recover: enough replicas kept their logs to elect a leader, and the \
+             recovering ones catch up from it"
+        );
+    }
+    // A replica that kept its log stands by itself; otherwise the recovering
+    // replica holding the most (a leader had begun to resend it) stands.
+    let kept = answered.iter().any(|(_, s)| !s.recovering);
+    let stand = (!kept)
+        .then(|| {
+            answered
+                .iter()
+                .max_by_key(|(id, s)| (s.last_index, std::cmp::Reverse(id.0)))
+                .map(|(id, _)| *id)
+        })
+        .flatten();
+    for (id, addr, _) in rows.iter().filter(|(id, ..)| lost.contains(id)) {
+        let addr = addr.context("a recovering replica has no client address")?;
+        let mut c = Client::connect(addr, Duration::from_secs(1))
+            .with_context(|| format!("connecting to replica {id} at {addr}"))?;
+        let asked = Request::AcceptDataLoss {
+            stand: stand == Some(*id),
+        };
+        match c.call(&asked)? {
+            Reply::Accepted(true) => println!(
+                "replica {id}: no longer waits for its lost log; it votes{}",
+                if stand == Some(*id) {
+                    " and stands for election"
+                } else {
+                    ""
+                }
+            ),
+            Reply::Accepted(false) => println!("replica {id}: was no longer recovering"),
+            Reply::Failed(why) => bail!("replica {id} refused: {why}"),
+            other => bail!("replica {id} answered {other:?}"),
+        }
+    }
+    let deadline = std::time::Instant::now() + args.timeout;
+    while std::time::Instant::now() < deadline {
+        let leader = statuses(&config).into_iter().find_map(|(id, _, s)| {
+            s.filter(|s| s.role == apus_core::Role::Leader)
+                .map(|s| (id, s))
+        });
+        if let Some((id, s)) = leader {
+            println!(
+                "recover: replica {id} leads term {} with {} entries; the others catch up from it",
+                s.term, s.last_index
+            );
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!(
+        "no leader was elected within {:?} (see `apus status`)",
+        args.timeout
+    )
 }
 
 #[cfg(feature = "quic")]
@@ -484,13 +622,7 @@ fn check(args: &Args) -> Result<bool> {
 fn leader(args: &Args) -> Result<()> {
     let config = load(args)?;
     for r in &config.replicas {
-        let Some(addr) = r.client else { continue };
-        let Ok(mut c) = Client::connect(addr, Duration::from_secs(1)) else {
-            continue;
-        };
-        if let Ok(Reply::Status(s)) = c.call(&Request::Status)
-            && s.role == apus_core::Role::Leader
-        {
+        if remote_status(r.client).is_some_and(|s| s.role == apus_core::Role::Leader) {
             match r.app {
                 Some(app) => println!("{app}"),
                 None => println!("{}", r.id),
@@ -534,10 +666,6 @@ fn fence_check(args: &Args) -> Result<()> {
 /// The transport the running replicas report.
 fn running_transport(config: &ClusterConfig) -> Option<TransportKind> {
     config.replicas.iter().find_map(|r| {
-        let mut c = Client::connect(r.client?, Duration::from_secs(1)).ok()?;
-        match c.call(&Request::Status).ok()? {
-            Reply::Status(s) if s.transport != TransportKind::Auto => Some(s.transport),
-            _ => None,
-        }
+        Some(remote_status(r.client)?.transport).filter(|&t| t != TransportKind::Auto)
     })
 }
