@@ -25,7 +25,7 @@ usage: cargo xtask bench [--transport tcp,quic,fabric,verbs|all] [--provider P]
                          [--replicas 3,5,7] [--conns 1,8,32] [--size 64]
                          [--durability memory|durable] [--duration S]
                          [--app redis,memcached] [--pipeline 16] [--no-etcd] [--softroce]
-                         [--smoke]";
+                         [--kills 20] [--smoke]";
 
 /// Transports in report order.
 const ALL_TRANSPORTS: [&str; 4] = ["tcp", "quic", "fabric", "verbs"];
@@ -44,6 +44,8 @@ struct Opts {
     /// Requests sent at once per connection in the apps' pipelined points
     /// (1: none).
     pipeline: usize,
+    /// Leader SIGKILLs of the failover points, per transport (0: none).
+    kills: usize,
     etcd: bool,
     softroce: bool,
     /// Inside the Soft-RoCE guest: verbs points only, rows on stdout.
@@ -76,6 +78,7 @@ impl Opts {
             duration: 5.0,
             apps: Vec::new(),
             pipeline: 16,
+            kills: 20,
             etcd: true,
             softroce: false,
             in_guest: false,
@@ -103,6 +106,7 @@ impl Opts {
                         .collect::<Result<_>>()?
                 }
                 "--pipeline" => o.pipeline = list(flag, value()?)?[0],
+                "--kills" => o.kills = list(flag, value()?)?[0],
                 "--no-etcd" => o.etcd = false,
                 "--softroce" => o.softroce = true,
                 "--smoke" => smoke = true,
@@ -139,6 +143,7 @@ impl Opts {
             o.conns = vec![2];
             o.duration = 0.5;
             o.apps = vec![ServerKind::Redis];
+            o.kills = 3;
         }
         ensure!(
             o.replicas
@@ -364,7 +369,8 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
         .count();
     let mut p = Progress {
         done: 0,
-        total: local.len() * (RTT_POLICIES.len() + o.replicas.len() * o.conns.len())
+        total: local.len()
+            * (RTT_POLICIES.len() + o.replicas.len() * o.conns.len() + usize::from(o.kills > 0))
             + o.apps.len() * o.app_points().len() * (1 + replicated_apps)
             + if o.etcd { o.conns.len() } else { 0 }
             + usize::from(guest),
@@ -390,6 +396,23 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
                 emulated: false,
                 m: rtt,
             });
+        }
+        if o.kills > 0 {
+            // Unpinned, with the default engine settings: what users get.
+            let steady = Duration::from_secs_f64(o.duration.clamp(0.5, 3.0));
+            let f = crate::failover::measure(
+                &bins.apus,
+                &dir.join("failover"),
+                &cluster_table(&o, t),
+                o.kills,
+                steady,
+            )?;
+            p.step(&format!("{t}: failover, {}", f.summary()));
+            notes.push(format!(
+                "failover over apus/{t} (3 `apus node` replicas, default engine settings: \
+                 1 ms heartbeat, 10 ms election timeout; one proposer): {}",
+                f.summary()
+            ));
         }
         for &r in &o.replicas {
             let mut cluster =
@@ -454,6 +477,15 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
                 app.start(i)?;
             }
             let mut leader = app.wait_ready(&[0, 1, 2], Duration::from_secs(60))?;
+            let top_term = |app: &AppCluster| {
+                (0..3)
+                    .filter_map(|i| app.replica_status(i))
+                    .map(|s| s.term)
+                    .max()
+                    .unwrap_or(0)
+            };
+            let first_term = top_term(&app);
+            let points_started = Instant::now();
             for (c, depth) in o.app_points() {
                 let pids: Vec<u32> = (0..3).flat_map(|i| app.server_pids(i)).collect();
                 let measured = with_cpu(&o, &pids, || {
@@ -498,6 +530,14 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
                     m,
                 });
             }
+            notes.push(format!(
+                "{} over apus/{t}: {} spurious elections (term changes; nothing was killed) \
+                 in {:.0} s of its points (engine: the e2e clusters' 2 ms heartbeat and 100 ms \
+                 election timeout)",
+                kind.name(),
+                top_term(&app).saturating_sub(first_term),
+                points_started.elapsed().as_secs_f64()
+            ));
         }
     }
     if o.etcd {
@@ -777,6 +817,23 @@ struct ApusCluster {
     pin: Pinning,
 }
 
+/// The `[cluster]` table of the bench's `apus node` clusters.
+fn cluster_table(o: &Opts, transport: &str) -> String {
+    let mut cfg = format!(
+        "# written by cargo xtask bench\n[cluster]\nsecret = \"apus-bench secret {}\"\n\
+         durability = \"{}\"\ntransport = \"{transport}\"\npoll = \"{CLUSTER_POLL}\"\n",
+        std::process::id(),
+        o.durability
+    );
+    if o.durability == "durable" {
+        cfg += "fsync = \"always\"\n";
+    }
+    if transport == "fabric" {
+        cfg += &format!("provider = \"{}\"\n{}", o.provider, lo_domain(&o.provider));
+    }
+    cfg
+}
+
 impl ApusCluster {
     fn new(
         o: &Opts,
@@ -788,18 +845,7 @@ impl ApusCluster {
     ) -> Result<ApusCluster> {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
-        let mut cfg = format!(
-            "# written by cargo xtask bench\n[cluster]\nsecret = \"apus-bench secret {}\"\n\
-             durability = \"{}\"\ntransport = \"{transport}\"\npoll = \"{CLUSTER_POLL}\"\n",
-            std::process::id(),
-            o.durability
-        );
-        if o.durability == "durable" {
-            cfg += "fsync = \"always\"\n";
-        }
-        if transport == "fabric" {
-            cfg += &format!("provider = \"{}\"\n{}", o.provider, lo_domain(&o.provider));
-        }
+        let cfg = cluster_table(o, transport);
         let engine =
             "[engine]\nheartbeat_us = 2000\nelection_timeout_us = 50000\nmax_payload = 4096\n";
         let (config, clients) =

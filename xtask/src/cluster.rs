@@ -36,7 +36,7 @@ use hdrhistogram::Histogram;
 
 use crate::e2e::{find_leader, latency_histogram, status_at};
 
-const REPLICAS: usize = 3;
+pub(crate) const REPLICAS: usize = 3;
 const PAYLOAD_FILLER: usize = 24;
 /// The engine's log ring in this test: small enough that a follower that
 /// pinned it would stop commits within a second.
@@ -126,16 +126,18 @@ impl Options {
     }
 }
 
-struct Cluster {
-    bin: PathBuf,
-    dir: PathBuf,
-    config: PathBuf,
-    clients: Vec<SocketAddr>,
-    children: Vec<Option<Child>>,
+/// Three `apus node` processes on one config (cluster-test, the failover
+/// bench).
+pub(crate) struct Cluster {
+    pub(crate) bin: PathBuf,
+    pub(crate) dir: PathBuf,
+    pub(crate) config: PathBuf,
+    pub(crate) clients: Vec<SocketAddr>,
+    pub(crate) children: Vec<Option<Child>>,
 }
 
 impl Cluster {
-    fn start(&mut self, i: usize) -> Result<()> {
+    pub(crate) fn start(&mut self, i: usize) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -194,7 +196,7 @@ impl Cluster {
         self.children[i].as_ref().map(|c| c.id() as i32)
     }
 
-    fn kill(&mut self, i: usize) -> Result<()> {
+    pub(crate) fn kill(&mut self, i: usize) -> Result<()> {
         if let Some(mut c) = self.children[i].take() {
             c.kill()?; // SIGKILL
             c.wait()?;
@@ -202,7 +204,7 @@ impl Cluster {
         Ok(())
     }
 
-    fn status(&self, i: usize) -> Option<RemoteStatus> {
+    pub(crate) fn status(&self, i: usize) -> Option<RemoteStatus> {
         status_at(self.clients[i])
     }
 
@@ -234,7 +236,7 @@ impl Cluster {
         find_leader(&self.clients)
     }
 
-    fn wait_for_leader(&self, within: Duration) -> Result<(usize, Instant)> {
+    pub(crate) fn wait_for_leader(&self, within: Duration) -> Result<(usize, Instant)> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(l) = self.leader() {

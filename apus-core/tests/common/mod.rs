@@ -8,6 +8,13 @@ use apus_core::layout::SlotKind;
 use apus_core::record::{LeaderRecord, Record, VoteRequest};
 use apus_core::{MemStore, NodeId, Region, Replica, ReplicaConfig, Role, Time};
 
+/// A planted bug for the follower (bugs exist only with the `sim` feature).
+#[cfg(feature = "sim")]
+pub type Bug = Option<apus_core::config::PlantedBug>;
+/// A planted bug for the follower (bugs exist only with the `sim` feature).
+#[cfg(not(feature = "sim"))]
+pub type Bug = Option<std::convert::Infallible>;
+
 /// Encodes one entry.
 pub fn encoded(h: &EntryHeader, payload: &[u8]) -> Vec<u8> {
     let mut buf = vec![0; entry::encoded_len(payload.len())];
@@ -27,7 +34,18 @@ pub struct Follower {
 
 impl Follower {
     pub fn synced() -> Follower {
+        Follower::synced_with(None)
+    }
+
+    /// [`synced`](Self::synced), with `bug` planted.
+    pub fn synced_with(bug: Bug) -> Follower {
         let mut cfg = ReplicaConfig::new(NodeId(1), 3);
+        #[cfg(feature = "sim")]
+        {
+            cfg.planted_bug = bug;
+        }
+        #[cfg(not(feature = "sim"))]
+        let _ = bug;
         cfg.ring_capacity = 4096;
         cfg.catchup_chunk = 1024;
         cfg.max_payload = 256;
