@@ -134,6 +134,9 @@ pub(crate) struct Cluster {
     pub(crate) config: PathBuf,
     pub(crate) clients: Vec<SocketAddr>,
     pub(crate) children: Vec<Option<Child>>,
+    /// The network namespace each replica runs in (`cargo xtask chaos`);
+    /// empty: this one.
+    pub(crate) netns: Vec<String>,
 }
 
 impl Cluster {
@@ -142,7 +145,15 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(self.dir.join(format!("n{i}.log")))?;
-        let child = crate::tools::own(&self.bin)
+        let mut cmd = match self.netns.get(i) {
+            Some(ns) => {
+                let mut c = crate::tools::command("ip")?;
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => crate::tools::own(&self.bin),
+        };
+        let child = cmd
             .args(["node", "--config"])
             .arg(&self.config)
             .args(["--id", &i.to_string()])
@@ -192,7 +203,7 @@ impl Cluster {
             .collect())
     }
 
-    fn pid(&self, i: usize) -> Option<i32> {
+    pub(crate) fn pid(&self, i: usize) -> Option<i32> {
         self.children[i].as_ref().map(|c| c.id() as i32)
     }
 
@@ -232,7 +243,7 @@ impl Cluster {
         }
     }
 
-    fn leader(&self) -> Option<usize> {
+    pub(crate) fn leader(&self) -> Option<usize> {
         find_leader(&self.clients)
     }
 
@@ -288,7 +299,7 @@ impl Cluster {
     }
 
     /// Every replica applied the same sequence and it holds every acked id.
-    fn verify(&self, acked: &[u64]) -> Result<(u64, u64)> {
+    pub(crate) fn verify(&self, acked: &[u64]) -> Result<(u64, u64)> {
         let st = self.wait_converged(Duration::from_secs(120))?;
         let dumps: Vec<Vec<u64>> = (0..REPLICAS).map(|i| self.dump(i)).collect::<Result<_>>()?;
         for i in 1..REPLICAS {
@@ -413,27 +424,32 @@ fn us(ns: u64) -> f64 {
     ns as f64 / 1e3
 }
 
-struct Load {
-    next_id: AtomicU64,
-    acked: Mutex<Vec<u64>>,
-    acked_count: AtomicU64,
+/// Proposers' shared state and what they saw.
+pub(crate) struct Load {
+    pub(crate) next_id: AtomicU64,
+    pub(crate) acked: Mutex<Vec<u64>>,
+    pub(crate) acked_count: AtomicU64,
+    /// Acknowledgements whose log index was not above the same proposer's
+    /// previous one: the log went back (must stay 0).
+    pub(crate) regressions: AtomicU64,
     target: u64,
     before_kill: Mutex<Histogram<u64>>,
     killed_at: Mutex<Option<Instant>>,
     first_ack_after_kill: Mutex<Option<Instant>>,
     leader_hint: AtomicUsize,
-    stop: AtomicBool,
+    pub(crate) stop: AtomicBool,
     failed: AtomicU64,
 }
 
 impl Load {
     /// A load of `target` acknowledgements, ids from `next_id`, sent first
     /// to replica `leader`.
-    fn new(next_id: u64, target: u64, leader: usize) -> Arc<Load> {
+    pub(crate) fn new(next_id: u64, target: u64, leader: usize) -> Arc<Load> {
         Arc::new(Load {
             next_id: AtomicU64::new(next_id),
             acked: Mutex::new(Vec::new()),
             acked_count: AtomicU64::new(0),
+            regressions: AtomicU64::new(0),
             target,
             before_kill: Mutex::new(latency_histogram()),
             killed_at: Mutex::new(None),
@@ -445,7 +461,11 @@ impl Load {
     }
 
     /// Runs `proposers` proposer threads against `clients`.
-    fn start(self: &Arc<Load>, proposers: usize, clients: &[SocketAddr]) -> Vec<JoinHandle<()>> {
+    pub(crate) fn start(
+        self: &Arc<Load>,
+        proposers: usize,
+        clients: &[SocketAddr],
+    ) -> Vec<JoinHandle<()>> {
         (0..proposers)
             .map(|_| {
                 let (load, clients) = (self.clone(), clients.to_vec());
@@ -604,6 +624,7 @@ fn proposer(load: Arc<Load>, clients: Vec<SocketAddr>) {
     let mut conn: Option<(usize, Client)> = None;
     let mut hist = latency_histogram();
     let mut id = load.next_id.fetch_add(1, Ordering::SeqCst);
+    let mut last_index = 0;
     while !load.stop.load(Ordering::SeqCst) && load.acked_count.load(Ordering::SeqCst) < load.target
     {
         let hint = load.leader_hint.load(Ordering::SeqCst) % clients.len();
@@ -626,7 +647,11 @@ fn proposer(load: Arc<Load>, clients: Vec<SocketAddr>) {
             .1
             .call(&Request::Propose(payload));
         match reply {
-            Ok(Reply::Applied { .. }) => {
+            Ok(Reply::Applied { index, .. }) => {
+                if index <= last_index {
+                    load.regressions.fetch_add(1, Ordering::SeqCst);
+                }
+                last_index = index;
                 let killed = load.killed_at.lock().expect("lock").is_some();
                 if killed {
                     load.first_ack_after_kill
@@ -799,6 +824,7 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
         config,
         clients: clients.clone(),
         children: (0..REPLICAS).map(|_| None).collect(),
+        netns: Vec::new(),
     };
     println!(
         "{name}: {REPLICAS} replicas on 127.0.0.1, durability {}{}, {} proposals from {} proposers, poll {}",

@@ -135,6 +135,7 @@ pub fn measure(
         config,
         clients: clients.clone(),
         children: (0..REPLICAS).map(|_| None).collect(),
+        netns: Vec::new(),
     };
     for i in 0..REPLICAS {
         cluster.start(i)?;

@@ -10,6 +10,7 @@
 //! ```
 
 mod bench;
+mod chaos;
 mod cluster;
 mod demo;
 mod e2e;
@@ -50,6 +51,11 @@ commands:
                     fabric, verbs: also a paused, deposed leader; fabric: the raw
                     fi_write round trip; auto: the transport settled on, checked
                     against --expect-transport; verbs needs an RDMA device)
+  chaos             three `apus node` replicas in network namespaces (veth, a
+                    bridge) under load: the leader cut off and healed, a link
+                    flapping every 200 ms, netem delay and loss (SKIPPED where
+                    the kernel has no netem), a follower SIGSTOPped; after each,
+                    every acknowledged proposal on every replica (root)
   e2e --server redis|memcached|resp-kv|postgres|slapd|mariadb|nginx
       [--requests N] [--transport tcp|fabric [--provider P]]
                     the server (installed with apt-get when missing) under
@@ -64,7 +70,7 @@ commands:
                     last line softroce: PASS or softroce: FAIL <reason>
   bench [--transport tcp|quic|fabric|verbs|all] [--provider P] [--replicas 3,5,7]
         [--conns 1,8,32] [--size 64] [--durability memory|durable] [--duration S]
-        [--app redis,memcached] [--no-etcd] [--softroce] [--smoke]
+        [--app redis,memcached] [--no-etcd] [--softroce] [--kills 20] [--smoke]
                     commit latency (p50/p99/p99.9) and throughput of real
                     clusters per transport, against the raw write round trip,
                     bare vs replicated servers and a 3-member etcd; report in
@@ -95,6 +101,7 @@ fn main() -> ExitCode {
         Some("sim") => sim(&args[1..]),
         Some("demo") => demo::run_demo(&args[1..]),
         Some("cluster-test") => cluster::run_test(&args[1..]),
+        Some("chaos") => chaos::run_chaos(&args[1..]),
         Some("e2e") => e2e::run_e2e(&args[1..]),
         Some("softroce") => softroce::run_softroce(&args[1..]),
         Some("bench") => bench::run_bench(&args[1..]),
@@ -401,6 +408,16 @@ fn test() -> Result<ExitCode> {
             },
         )?;
     }
+    step(
+        "cargo xtask chaos (replicas in network namespaces: cut, flap, delay/loss, stop)",
+        || {
+            if !tools::running_as_root() {
+                return Ok("SKIPPED: creating network namespaces needs root".into());
+            }
+            let out = xtask_expect(&["chaos"], "chaos: PASS")?;
+            Ok(out)
+        },
+    )?;
     step(
         "example: replicated key-value store (apus/examples/kv.rs)",
         || {

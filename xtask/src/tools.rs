@@ -59,6 +59,7 @@ pub const TOOLS: &[Tool] = &[
     tool("zstd", "zstd"),
     tool("rdma", "iproute2"),
     tool("ip", "iproute2"),
+    tool("tc", "iproute2"),
     tool("ibv_devices", "ibverbs-utils"),
     tool("ibv_devinfo", "ibverbs-utils"),
     // Building the verbs transport (sideway's C shim).
