@@ -403,7 +403,8 @@ pub fn run_bench(args: &[String]) -> Result<ExitCode> {
             let f = crate::failover::measure(
                 &bins.apus,
                 &dir.join("failover"),
-                &cluster_table(&o, t),
+                // No [engine] table: the defaults users get.
+                (&cluster_table(&o, t), ""),
                 o.kills,
                 steady,
             )?;

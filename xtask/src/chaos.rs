@@ -6,9 +6,11 @@
 //! 1. the leader's link is cut (its switch port down: no FIN, no RST) and
 //!    healed 2 s later: the others elect a new leader, the old one rejoins;
 //! 2. a follower's link flaps, down and up every 200 ms, for 2 s;
-//! 3. delay and loss (2 ms, 1%) with netem, where the kernel has it (this
+//! 3. a follower's link is dropped for 3 s, longer than the leader's 1 MiB
+//!    ring lasts: commits must go on;
+//! 4. delay and loss (2 ms, 1%) with netem, where the kernel has it (this
 //!    one may not: the phase then says SKIPPED and why);
-//! 4. a follower is SIGSTOPped for 2 s and resumed.
+//! 5. a follower is SIGSTOPped for 2 s and resumed.
 //!
 //! After each phase: every acknowledged proposal is applied, in the same
 //! order, on every replica, and none is left behind; each proposer's
@@ -28,7 +30,7 @@ use anyhow::{Context, Result, bail};
 use crate::cluster::{Cluster, Load, REPLICAS};
 
 /// One fault phase: carries out the fault, says what it did.
-type Phase<'a> = dyn Fn(&mut Cluster) -> Result<String> + 'a;
+type Phase<'a> = dyn Fn(&mut Cluster, &Load) -> Result<String> + 'a;
 
 /// Namespace names carry the process id, so runs never meet.
 struct Netns {
@@ -192,8 +194,9 @@ impl Drop for Netns {
 fn write_config(dir: &Path) -> Result<std::path::PathBuf> {
     let mut cfg = format!(
         "[cluster]\nsecret = \"chaos secret {}\"\ndurability = \"memory\"\ntransport = \"tcp\"\n\
-         [engine]\nheartbeat_us = 2000\nelection_timeout_us = 30000\n",
-        std::process::id()
+         [engine]\nheartbeat_us = 2000\nelection_timeout_us = 30000\nring_capacity = {}\n",
+        std::process::id(),
+        crate::cluster::RING_CAPACITY
     );
     for i in 0..REPLICAS {
         let a = node_ip(i);
@@ -246,18 +249,21 @@ pub fn run_chaos(args: &[String]) -> Result<ExitCode> {
     let mut acked: Vec<u64> = Vec::new();
     let mut next_id = 1;
     let mut figures = Vec::new();
-    let phases: [(&str, &Phase); 4] = [
-        ("leader cut off", &|c| cut_leader(c, &net)),
-        ("link flapping", &|c| flap(c, &net)),
-        ("delay and loss", &|_| delay_and_loss(&net)),
-        ("follower stopped", &stop_follower),
+    let phases: [(&str, &Phase); 5] = [
+        ("leader cut off", &|c, _| cut_leader(c, &net)),
+        ("link flapping", &|c, _| flap(c, &net)),
+        ("follower's link dropped", &|c, l| {
+            drop_follower_link(c, l, &net)
+        }),
+        ("delay and loss", &|_, _| delay_and_loss(&net)),
+        ("follower stopped", &|c, _| stop_follower(c)),
     ];
     for (name, phase) in phases {
         let leader = cluster.leader().context("no leader")?;
         let load = Load::new(next_id, u64::MAX, leader);
         let workers = load.start(4, &clients);
         wait_acks(&load, 200, Duration::from_secs(30))?;
-        let what = phase(&mut cluster).with_context(|| format!("phase {name}"))?;
+        let what = phase(&mut cluster, &load).with_context(|| format!("phase {name}"))?;
         // Commits after the fault, then stop.
         let now = load.acked_count.load(Ordering::SeqCst);
         wait_acks(&load, now + 200, Duration::from_secs(30))
@@ -347,6 +353,30 @@ fn flap(cluster: &mut Cluster, net: &Netns) -> Result<String> {
         thread::sleep(Duration::from_millis(200));
     }
     Ok(format!("n{victim}'s link down and up every 200 ms for 2 s"))
+}
+
+/// A follower's link dropped for 3 s, longer than the leader's ring lasts
+/// at this load: commits must go on (the leader's transport declares the
+/// follower lost at the operation deadline instead of waiting for TCP).
+fn drop_follower_link(cluster: &mut Cluster, load: &Load, net: &Netns) -> Result<String> {
+    const DROPPED_FOR: Duration = Duration::from_secs(3);
+    let leader = cluster.leader().context("no leader")?;
+    let victim = (leader + 1) % REPLICAS;
+    let host = format!("n{victim}");
+    net.port(&host, false)?;
+    thread::sleep(DROPPED_FOR / 3);
+    let early = load.acked_count.load(Ordering::SeqCst);
+    thread::sleep(DROPPED_FOR - DROPPED_FOR / 3);
+    let late = load.acked_count.load(Ordering::SeqCst) - early;
+    net.port(&host, true)?;
+    if late == 0 {
+        bail!(
+            "no commits in the last 2 s of n{victim}'s dropped link: the silent follower stalls the leader"
+        );
+    }
+    Ok(format!(
+        "n{victim}'s link dropped for 3 s: {late} commits in its last 2 s"
+    ))
 }
 
 fn delay_and_loss(net: &Netns) -> Result<String> {

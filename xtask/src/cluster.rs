@@ -40,7 +40,7 @@ pub(crate) const REPLICAS: usize = 3;
 const PAYLOAD_FILLER: usize = 24;
 /// The engine's log ring in this test: small enough that a follower that
 /// pinned it would stop commits within a second.
-const RING_CAPACITY: usize = 1 << 20;
+pub(crate) const RING_CAPACITY: usize = 1 << 20;
 /// About what one proposal takes in the ring (header, id, filler, trailer).
 const ENTRY_BYTES: usize = 128;
 

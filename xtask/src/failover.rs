@@ -4,7 +4,8 @@
 //! the time to a new leader (detection + election, seen in its status) and
 //! to the first commit after the kill, then restarted and caught up. Between
 //! kills the load runs with nobody killed, and every term change in those
-//! windows is a spurious election.
+//! windows is a spurious election. With `APUS_KEEP` set, the replicas'
+//! logs stay in the point's directory after a run that passed.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -115,11 +116,12 @@ impl Proposals {
 }
 
 /// Runs the kills on a cluster of `cluster_lines` (the `[cluster]` table)
-/// in `dir`, with `steady` of load before each.
+/// and `engine_lines` (the `[engine]` table; empty: the defaults) in `dir`,
+/// with `steady` of load before each.
 pub fn measure(
     bin: &Path,
     dir: &Path,
-    cluster_lines: &str,
+    (cluster_lines, engine_lines): (&str, &str),
     kills: usize,
     steady: Duration,
 ) -> Result<Figures> {
@@ -127,8 +129,7 @@ pub fn measure(
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let quic = cluster_lines.contains("\"quic\"");
-    // No [engine] table: the defaults users get.
-    let (config, clients) = write_config(bin, dir, cluster_lines, "", REPLICAS, quic)?;
+    let (config, clients) = write_config(bin, dir, cluster_lines, engine_lines, REPLICAS, quic)?;
     let mut cluster = Cluster {
         bin: bin.to_path_buf(),
         dir: dir.to_path_buf(),
@@ -156,7 +157,7 @@ pub fn measure(
     load.stop.store(true, Ordering::SeqCst);
     let _ = worker.join();
     drop(cluster);
-    if result.is_ok() {
+    if result.is_ok() && std::env::var_os("APUS_KEEP").is_none() {
         let _ = std::fs::remove_dir_all(dir);
     }
     result

@@ -97,6 +97,13 @@ const _: () = assert!(
     STALL_FRACTION >= 2,
     "a stall is shorter than the timeout it excuses"
 );
+/// A follower whose connection to its leader broke stands within an
+/// election timeout / this (see `Replica::leader_connection_lost`).
+const LEADER_LOST_SPREAD: u64 = 2;
+const _: () = assert!(
+    LEADER_LOST_SPREAD >= 2,
+    "sooner than a silent leader's timeout"
+);
 
 /// Something the runtime must do for the replica, in order.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -654,6 +661,9 @@ impl<S: LogStore> Replica<S> {
                 if let Some(lead) = &mut self.lead {
                     lead.peer_down(p, self.now);
                 }
+                if self.role == Role::Follower && self.leader == Some(p) {
+                    self.leader_connection_lost();
+                }
             }
             TransportEvent::Completed(c) => self.complete(c.op, c.peer, c.result)?,
             _ => {}
@@ -807,6 +817,21 @@ impl<S: LogStore> Replica<S> {
         self.actions.push_back(Action::SetLogWriter(writer));
         self.settling = true;
         self.status_dirty = true;
+    }
+
+    /// The connection to our leader broke (its process died, its host or
+    /// the link went down): stop counting on it now rather than after an
+    /// election timeout of silence, and stand after a short random delay
+    /// (spread so that two followers rarely stand at once). Only a hint:
+    /// the pre-vote still needs a majority that hears no live leader
+    /// either, so a leader that lost just its link to us keeps leading.
+    fn leader_connection_lost(&mut self) {
+        debug_assert_eq!(self.role, Role::Follower);
+        self.leader_contact = Time(0);
+        let spread = self.cfg.election_timeout.as_nanos() as u64 / LEADER_LOST_SPREAD;
+        let soon = Time(self.now.0 + self.rng.range(0, spread.max(1)));
+        self.election_deadline = self.election_deadline.min(soon);
+        debug_assert!(!self.leader_is_alive(), "not counted on any more");
     }
 
     fn reset_election_timer(&mut self) {

@@ -22,6 +22,8 @@ pub struct Mesh {
     pub now: u64,
     /// Crashed replicas: they do not run, and operations on them fail.
     pub down: Vec<bool>,
+    /// Broken links, `[a * 3 + b]` for both orders: operations fail.
+    cut: Vec<bool>,
 }
 
 impl Mesh {
@@ -47,6 +49,7 @@ impl Mesh {
             scratch: vec![0; 1 << 20],
             now: 0,
             down: vec![false; 3],
+            cut: vec![false; 9],
         }
     }
 
@@ -59,6 +62,21 @@ impl Mesh {
             if j != i {
                 inbox.push_back(TransportEvent::PeerDown(NodeId(i as u8)));
             }
+        }
+    }
+
+    /// The link between `a` and `b` breaks (both are told) or comes back.
+    pub fn set_link(&mut self, a: usize, b: usize, up: bool) {
+        self.cut[a * 3 + b] = !up;
+        self.cut[b * 3 + a] = !up;
+        for (to, from) in [(a, b), (b, a)] {
+            let id = NodeId(from as u8);
+            let ev = if up {
+                TransportEvent::PeerUp(id)
+            } else {
+                TransportEvent::PeerDown(id)
+            };
+            self.inbox[to].push_back(ev);
         }
     }
 
@@ -118,7 +136,7 @@ impl Mesh {
                         ..
                     } => {
                         let dst = peer.index();
-                        if self.down[dst] {
+                        if self.down[dst] || self.cut[i * 3 + dst] {
                             self.complete(i, op, Err(OpError::PeerUnreachable));
                             continue;
                         }
@@ -145,7 +163,7 @@ impl Mesh {
                         local_offset,
                         ..
                     } => {
-                        if self.down[peer.index()] {
+                        if self.down[peer.index()] || self.cut[i * 3 + peer.index()] {
                             self.complete(i, op, Err(OpError::PeerUnreachable));
                             continue;
                         }
