@@ -712,6 +712,9 @@ impl Node {
     /// [`REALTIME_BUSY_LIMIT`] without parking, it drops to the normal
     /// policy (its nice value, see [`set_engine_nice`](Self::set_engine_nice))
     /// and says so, and takes the priority back the next time it parks.
+    /// While the replica leads, its engine runs at `priority + 1`: busy
+    /// followers' engines at the same priority could otherwise keep it off
+    /// both cores of a small host for longer than an election timeout.
     /// Meant for [`PollPolicy::Park`] only: an engine that spins never
     /// parks. Refused for the fabric and verbs transports, whose engines
     /// wake every 50 us to drive the provider even when idle (and dropped
@@ -734,10 +737,16 @@ impl Node {
                 ),
             ));
         }
-        set_realtime(self.engine_tid()?, priority)?;
+        // A leader's engine runs one above (see `Engine::role_priority`);
+        // the engine moves itself on every role change from now on.
         self.shared
             .realtime_priority
             .store(priority, Ordering::Release);
+        let leading = u8::from(self.is_leader());
+        if let Err(e) = set_realtime(self.engine_tid()?, (priority + leading).min(99)) {
+            self.shared.realtime_priority.store(0, Ordering::Release);
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -1257,6 +1266,7 @@ impl Engine {
             match e {
                 Event::RoleChanged { role, term, leader } => {
                     info!(node = %self.shared.id, %role, term, leader = ?leader, "role changed");
+                    self.realtime_for_role(role);
                     if role == Role::Candidate {
                         self.shared
                             .metrics
@@ -1488,13 +1498,40 @@ impl Engine {
         true
     }
 
+    /// The realtime priority for the current role: a leader's one above
+    /// its followers'. Followers' engines are busy for tens of milliseconds
+    /// at a time under bulk load, and two of them at the leader's priority
+    /// on two cores kept it from running for longer than the followers
+    /// wait before they elect another (seen: e2e redis, "the engine ran
+    /// half an election timeout late" on the leader, then an election). A
+    /// follower starved by its leader excuses its own stall; nobody excuses
+    /// a starved leader's silence.
+    fn role_priority(&self, role: Role) -> u8 {
+        let base = self.shared.realtime_priority.load(Ordering::Relaxed);
+        if base == 0 {
+            return 0;
+        }
+        (base + u8::from(role == Role::Leader)).min(99)
+    }
+
+    /// Moves the engine to its role's realtime priority.
+    fn realtime_for_role(&mut self, role: Role) {
+        let priority = self.role_priority(role);
+        if priority == 0 || self.realtime_dropped {
+            return;
+        }
+        if let Err(e) = set_realtime(0, priority) {
+            warn!(node = %self.shared.id, error = %e, "cannot change the engine's realtime priority");
+        }
+    }
+
     /// Takes the realtime priority back on parking, if it was dropped.
     fn restore_realtime(&mut self) {
         if self.drop_realtime_if_polling() || !self.realtime_dropped {
             return;
         }
         self.realtime_dropped = false;
-        let priority = self.shared.realtime_priority.load(Ordering::Relaxed);
+        let priority = self.role_priority(self.replica.role());
         if let Err(e) = set_realtime(0, priority) {
             warn!(node = %self.shared.id, error = %e, "cannot take the engine's realtime priority back");
             self.shared.realtime_priority.store(0, Ordering::Relaxed);
