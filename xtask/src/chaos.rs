@@ -228,14 +228,8 @@ pub fn run_chaos(args: &[String]) -> Result<ExitCode> {
     let clients: Vec<SocketAddr> = (0..REPLICAS)
         .map(|i| format!("{}:7200", node_ip(i)).parse())
         .collect::<Result<_, _>>()?;
-    let mut cluster = Cluster {
-        bin,
-        dir: dir.clone(),
-        config,
-        clients: clients.clone(),
-        children: (0..REPLICAS).map(|_| None).collect(),
-        netns: (0..REPLICAS).map(|i| net.name(&format!("n{i}"))).collect(),
-    };
+    let netns = (0..REPLICAS).map(|i| net.name(&format!("n{i}"))).collect();
+    let mut cluster = Cluster::new(&bin, &dir, config, &clients, netns);
     // This thread and every thread it starts talk from the client's side.
     net.enter("cl")?;
     println!(

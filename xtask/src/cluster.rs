@@ -140,6 +140,26 @@ pub(crate) struct Cluster {
 }
 
 impl Cluster {
+    /// Replicas of `config` (none started yet), run in `netns` (one per
+    /// replica) or, empty, here.
+    pub(crate) fn new(
+        bin: &Path,
+        dir: &Path,
+        config: PathBuf,
+        clients: &[SocketAddr],
+        netns: Vec<String>,
+    ) -> Cluster {
+        assert!(netns.is_empty() || netns.len() == clients.len());
+        Cluster {
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
+            config,
+            clients: clients.to_vec(),
+            children: clients.iter().map(|_| None).collect(),
+            netns,
+        }
+    }
+
     pub(crate) fn start(&mut self, i: usize) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -818,14 +838,7 @@ pub fn run_test(args: &[String]) -> Result<ExitCode> {
     );
     let (config, clients) =
         write_config(&bin, &dir, &cfg, &engine, REPLICAS, o.transport == "quic")?;
-    let mut cluster = Cluster {
-        bin,
-        dir: dir.clone(),
-        config,
-        clients: clients.clone(),
-        children: (0..REPLICAS).map(|_| None).collect(),
-        netns: Vec::new(),
-    };
+    let mut cluster = Cluster::new(&bin, &dir, config, &clients, Vec::new());
     println!(
         "{name}: {REPLICAS} replicas on 127.0.0.1, durability {}{}, {} proposals from {} proposers, poll {}",
         o.durability,

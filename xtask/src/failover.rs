@@ -130,14 +130,7 @@ pub fn measure(
     std::fs::create_dir_all(dir)?;
     let quic = cluster_lines.contains("\"quic\"");
     let (config, clients) = write_config(bin, dir, cluster_lines, engine_lines, REPLICAS, quic)?;
-    let mut cluster = Cluster {
-        bin: bin.to_path_buf(),
-        dir: dir.to_path_buf(),
-        config,
-        clients: clients.clone(),
-        children: (0..REPLICAS).map(|_| None).collect(),
-        netns: Vec::new(),
-    };
+    let mut cluster = Cluster::new(bin, dir, config, &clients, Vec::new());
     for i in 0..REPLICAS {
         cluster.start(i)?;
     }

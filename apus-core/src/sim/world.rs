@@ -434,35 +434,35 @@ impl World {
                 );
             }
             Fault::Stall { target, lasts } => {
-                let i = self.resolve(target);
-                if self.nodes[i].replica.is_none() {
+                let Some(i) = self.strike_running(target, 6) else {
                     return;
-                }
-                self.note_leader_loss(i);
-                self.out.faults += 1;
-                self.schedule_hash = hash_mix(
-                    self.schedule_hash,
-                    6 << 32 | i as u64 | (self.now / MS) << 8,
-                );
+                };
                 self.trace(|| format!("fault  STALL n{i}'s sends for {:.2}ms", lasts as f64 / 1e6));
                 self.net.stall(i, self.now + lasts);
             }
             Fault::Pause { target, lasts } => {
-                let i = self.resolve(target);
-                if self.nodes[i].replica.is_none() {
+                let Some(i) = self.strike_running(target, 4) else {
                     return;
-                }
-                self.note_leader_loss(i);
-                self.out.faults += 1;
-                self.schedule_hash = hash_mix(
-                    self.schedule_hash,
-                    4 << 32 | i as u64 | (self.now / MS) << 8,
-                );
+                };
                 self.trace(|| format!("fault  PAUSE n{i} for {:.1}ms", lasts as f64 / 1e6));
                 let until = self.now + lasts;
                 self.nodes[i].paused_until = self.nodes[i].paused_until.max(until);
             }
         }
+    }
+
+    /// A fault of kind `code` strikes `target` if it runs: counted, mixed
+    /// into the schedule hash, and a leader's loss noted. Returns the node.
+    fn strike_running(&mut self, target: Target, code: u64) -> Option<usize> {
+        let i = self.resolve(target);
+        self.nodes[i].replica.as_ref()?;
+        self.note_leader_loss(i);
+        self.out.faults += 1;
+        self.schedule_hash = hash_mix(
+            self.schedule_hash,
+            code << 32 | i as u64 | (self.now / MS) << 8,
+        );
+        Some(i)
     }
 
     fn heal_all(&mut self) {
