@@ -94,7 +94,9 @@ impl Default for Metrics {
 impl Metrics {
     /// Replaces the published commit-latency histogram.
     pub fn publish_commit_latency(&self, h: &Histogram<u64>) {
-        if let Ok(mut p) = self.commit_latency.lock() {
+        // The engine publishes; it never waits for a reader (it tries again
+        // at its next publish).
+        if let Ok(mut p) = self.commit_latency.try_lock() {
             p.clone_from(h);
         }
     }

@@ -489,6 +489,7 @@ impl Node {
             realtime_dropped: false,
             last_pre_votes: 0,
             recovering_since: None,
+            wake_retry: false,
         };
         threads.push(
             thread::Builder::new()
@@ -1074,6 +1075,8 @@ struct Engine {
     /// The engine's stall and pre-vote counts at the last publish.
     last_stalls: u64,
     last_pre_votes: u64,
+    /// A wake of the speculation's waiters found its lock taken.
+    wake_retry: bool,
     /// Since when the replica has been recovering with no leader, until it
     /// said so (`None` once said, or while not in that state).
     recovering_since: Option<Instant>,
@@ -1138,6 +1141,9 @@ impl Engine {
 
     /// One pass; `Ok(true)` if anything happened.
     fn iterate(&mut self) -> Result<bool, String> {
+        if self.wake_retry {
+            self.wake_speculation();
+        }
         let mut busy = self.take_proposals()?;
         self.transport
             .poll(&mut self.events)
@@ -1160,6 +1166,13 @@ impl Engine {
         busy |= self.hand_over_committed()?;
         self.publish_status();
         Ok(busy)
+    }
+
+    /// Wakes the server threads waiting for what was resolved, without ever
+    /// waiting for one of them (see `Speculation::try_wake`): when one
+    /// holds the lock, again on the next pass.
+    fn wake_speculation(&mut self) {
+        self.wake_retry = !self.shared.speculation.try_wake();
     }
 
     /// Carries out an operator's [`Node::accept_data_loss`].
@@ -1222,14 +1235,14 @@ impl Engine {
                         .fetch_add(1, Ordering::Relaxed);
                     req.proposer
                         .fail(ProposeError::NotLeader { leader }, &self.shared.speculation);
-                    self.shared.speculation.wake();
+                    self.wake_speculation();
                 }
                 Err(apus_core::ProposeError::TooLarge { len, max }) => {
                     req.proposer.fail(
                         ProposeError::TooLarge { len, max },
                         &self.shared.speculation,
                     );
-                    self.shared.speculation.wake();
+                    self.wake_speculation();
                 }
                 Err(apus_core::ProposeError::Store(e)) => return Err(format!("storage: {e}")),
             }
@@ -1347,7 +1360,7 @@ impl Engine {
             }
         }
         if any {
-            self.shared.speculation.wake();
+            self.wake_speculation();
         }
         if any && (wake || self.shared.apply_queue.len() >= APPLY_WAKE_AT) {
             self.wake_apply();
@@ -1385,10 +1398,20 @@ impl Engine {
             self.shared
                 .leading
                 .store(now.role == Role::Leader, Ordering::Release);
-            if let Ok(mut s) = self.shared.status.lock() {
-                *s = now.clone();
+            // Never waits for a reader (a server thread the realtime
+            // engine's own priority may keep off the cores): published on
+            // a later pass instead.
+            match self.shared.status.try_lock() {
+                Ok(mut s) => {
+                    *s = now.clone();
+                    self.last_status = Some(now);
+                }
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    *p.into_inner() = now.clone();
+                    self.last_status = Some(now);
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {}
             }
-            self.last_status = Some(now);
         }
         if self.last_publish.elapsed() >= PUBLISH_EVERY {
             self.last_publish = Instant::now();

@@ -101,9 +101,33 @@ impl Speculation {
         if !self.any_waiter.load(Ordering::SeqCst) {
             return;
         }
+        let w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        self.wake_locked(w);
+    }
+
+    /// [`wake`](Self::wake) for the engine, which must never wait for a
+    /// server thread: a realtime engine that blocked on this lock while a
+    /// waiter held it was kept waiting for as long as other realtime
+    /// threads kept that waiter off the cores (priority inversion). When
+    /// the lock is taken, a waiter is announcing or leaving: one that is
+    /// announcing looks at `resolved` again before it parks, and a parked
+    /// one wakes within its 10 ms bound. Returns `false` if it could not
+    /// look (the engine tries again on its next pass).
+    pub(crate) fn try_wake(&self) -> bool {
+        if !self.any_waiter.load(Ordering::SeqCst) {
+            return true;
+        }
+        match self.waiters.try_lock() {
+            Ok(w) => self.wake_locked(w),
+            Err(std::sync::TryLockError::Poisoned(p)) => self.wake_locked(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        }
+        true
+    }
+
+    fn wake_locked(&self, mut w: std::sync::MutexGuard<'_, Vec<(u64, Thread)>>) {
         let resolved = self.resolved.load(Ordering::SeqCst);
         let failed = self.lost().is_some();
-        let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
         w.retain(|(target, t)| {
             let done = *target <= resolved || failed;
             if done {
