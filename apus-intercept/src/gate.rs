@@ -243,8 +243,8 @@ impl Gate {
 
     /// Waits until the server has read everything written ahead (before an
     /// entry that is replayed one at a time). `note` is called every
-    /// `note_every` of waiting, with the connection waited for.
-    pub fn wait_empty(&self, note_every: Duration, mut note: impl FnMut(u64, Duration)) {
+    /// `note_every` of waiting, with what the head entry waits for.
+    pub fn wait_empty(&self, note_every: Duration, mut note: impl FnMut(&Stuck, Duration)) {
         let since = Instant::now();
         let mut next_note = note_every;
         let mut st = self.lock();
@@ -255,7 +255,7 @@ impl Gate {
                 break;
             }
             if since.elapsed() >= next_note {
-                note(head.conn, since.elapsed());
+                note(&stuck(&st, head), since.elapsed());
                 next_note += note_every;
             }
             st = self.wait(st, Duration::from_millis(10));
@@ -376,6 +376,19 @@ impl Gate {
         self.notify(&st);
     }
 
+    /// The leader's server answered `n` bytes on `conn` that this one never
+    /// will (it closed the connection): later entries do not wait for them.
+    pub fn credit(&self, conn: u64, n: u64) {
+        let mut st = self.lock();
+        let Some(c) = st.conns.get_mut(&conn) else {
+            return;
+        };
+        c.answers.shortfall += n;
+        let origin = c.origin;
+        st.answers.entry(origin).or_default().shortfall += n;
+        self.notify(&st);
+    }
+
     /// The server closed (a descriptor of) `conn`: what it left unread is
     /// not waited for.
     pub fn closed(&self, conn: u64) {
@@ -393,6 +406,50 @@ impl Gate {
         if let Some(c) = self.lock().conns.get_mut(&conn) {
             c.ungated = true;
         }
+    }
+}
+
+/// What the head entry written ahead waits for: said when replay has
+/// waited long, since a replica that stops here lags for good.
+#[derive(Debug)]
+pub struct Stuck {
+    /// The head entry's connection.
+    pub conn: u64,
+    /// Its stream offset after the head entry.
+    pub end: u64,
+    /// Bytes of it the server has read.
+    pub consumed: u64,
+    /// Bytes of it written, or about to be.
+    pub announced: u64,
+    /// The thread that read it last, and whether it runs now.
+    pub reader: u32,
+    pub reader_running: bool,
+    /// The leader's answers when it read the head entry, and the local
+    /// server's so far (all connections of its leader, then its own).
+    pub leader_out: Out,
+    pub answered_all: u64,
+    pub answered_on_conn: u64,
+    /// Entries written ahead.
+    pub ahead: usize,
+    /// How long it has been the head.
+    pub head_for: Option<Duration>,
+}
+
+fn stuck(st: &State, head: Ahead) -> Stuck {
+    let c = st.conns.get(&head.conn);
+    let reader = c.map_or(0, |c| c.reader);
+    Stuck {
+        conn: head.conn,
+        end: head.end,
+        consumed: c.map_or(0, |c| c.consumed),
+        announced: c.map_or(0, |c| c.announced),
+        reader,
+        reader_running: reader != 0 && running(reader),
+        leader_out: head.out,
+        answered_all: st.answers.get(&head.origin).map_or(0, Answers::total),
+        answered_on_conn: c.map_or(0, |c| c.answers.total()),
+        ahead: st.turns.len(),
+        head_for: st.head_since.map(|at| at.elapsed()),
     }
 }
 

@@ -43,7 +43,7 @@ use apus::client::{RemoteStatus, Reply, Request, read_frame};
 use apus::supervisor::{Answer, Link, Message};
 use apus::{ClusterConfig, Node, ProposeError};
 use apus_core::{EntryKind, NodeId, Role};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 mod check;
 pub mod child;
@@ -486,13 +486,14 @@ fn take_over(a: &Apus) {
 /// A deposed leader shuts its clients' connections down, its own and those
 /// its forked children serve; their servers see end of stream.
 fn step_down(a: &Apus) {
-    for fd in REGISTRY.break_all() {
-        // SAFETY: shutdown on a descriptor the server still owns; it sees
-        // end of stream and closes it itself.
+    REGISTRY.break_all(|fd| {
+        // SAFETY: shutdown on a descriptor the server still owns (the
+        // registry has checked it is not closed yet); it sees end of stream
+        // and closes it itself.
         unsafe {
             real::shutdown(fd, libc::SHUT_RDWR);
         }
-    }
+    });
     for s in a.sessions.all() {
         let fds: Vec<i32> = s
             .adopted
@@ -696,7 +697,10 @@ impl Apus {
             Serving::TakingOver => return Verdict::Reject,
             // A real client reached a follower: it must use the leader (or,
             // if so configured, may inspect this replica unreplicated).
-            Serving::Follower => return self.follower_verdict(),
+            Serving::Follower => {
+                debug!(?peer, "a client connected to this follower");
+                return self.follower_verdict();
+            }
         }
         let connect = Connect {
             origin: self.replay.nonce,

@@ -178,17 +178,34 @@ impl Registry {
         self.shard(id).get_mut(&id).map(f)
     }
 
-    /// Marks every connection broken; returns their descriptors.
-    pub fn break_all(&self) -> Vec<i32> {
+    /// Marks every connection broken, then calls `end` on each descriptor
+    /// that still refers to one, under its connection's lock.
+    ///
+    /// The server closes broken connections as it finds them (their reads
+    /// say end of stream), and the kernel hands the freed number to the
+    /// next descriptor it opens. So a descriptor is looked at again under
+    /// the lock that its close takes (in [`Registry::remove`]) before its
+    /// real close: `end` never reaches a number that was closed and reused.
+    /// (CI: a deposed leader's shutdown of its old clients' descriptors hit
+    /// replay connections the server had just accepted under those numbers,
+    /// and the replica's server never got that input.)
+    pub fn break_all(&self, mut end: impl FnMut(i32)) {
         for shard in &self.conns {
             for c in lock(shard).values_mut() {
                 c.broken = true;
             }
         }
-        (0..MAX_FD)
-            .filter(|&i| self.ids[i].load(Ordering::Acquire) != 0)
-            .map(|i| i as i32)
-            .collect()
+        for i in 0..MAX_FD {
+            let id = self.ids[i].load(Ordering::Acquire);
+            if id == 0 {
+                continue;
+            }
+            let table = self.shard(id);
+            if self.ids[i].load(Ordering::Acquire) == id {
+                debug_assert!(table.get(&id).is_some_and(|c| c.broken && c.fds > 0));
+                end(i as i32);
+            }
+        }
     }
 
     /// `pthread_atfork` prepare: takes every lock (see `FORK_GUARDS`).
@@ -402,18 +419,40 @@ mod tests {
                 .expect("b's state is not behind a's lock");
         });
         assert_eq!(R.with(b, |c| c.out.bytes), Some(1));
-        R.break_all();
+        R.break_all(|_| ());
         assert!(R.with(a, |c| c.broken).unwrap() && R.with(b, |c| c.broken).unwrap());
     }
 
     #[test]
-    fn break_all_reports_descriptors() {
+    fn break_all_ends_each_descriptor() {
         let r = Registry::default();
         r.add(7, 1);
         r.add(9, 2);
-        let mut fds = r.break_all();
-        fds.sort();
+        let mut fds = Vec::new();
+        r.break_all(|fd| fds.push(fd));
         assert_eq!(fds, vec![7, 9]);
         assert!(r.with(1, |c| c.broken).unwrap());
+    }
+
+    /// Regression (e2e resp-kv, 1 run in 25): a descriptor the server
+    /// closes while the connections are being broken, and whose number the
+    /// next accept reuses for a replay connection, is not ended.
+    #[test]
+    fn break_all_does_not_end_a_number_closed_and_reused_meanwhile() {
+        let r = Registry::default();
+        r.add(7, 1);
+        r.add(9, 2);
+        let mut ended = Vec::new();
+        r.break_all(|fd| {
+            ended.push(fd);
+            if fd == 7 {
+                // The server closes 9 (it read end of stream), then
+                // accepts a replay connection that gets number 9.
+                assert_eq!(r.remove(9).map(|c| c.id), Some(2));
+                r.add_replay(9, 77);
+            }
+        });
+        assert_eq!(ended, vec![7], "9 is a replay connection now");
+        assert_eq!(r.replay_conn(9), Some(77));
     }
 }

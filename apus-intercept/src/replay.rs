@@ -541,6 +541,9 @@ impl Replay {
     }
 
     fn replay_data(&self, id: u64, out: Out, data: &[u8]) {
+        if self.replay_into_closed(id, out) {
+            return;
+        }
         let Some((answered, written, on_conn)) = lock(&self.conns).get(&id).map(|c| {
             let on_conn = out.on_conn.map(|target| OnConn {
                 out: c.out.clone(),
@@ -606,6 +609,40 @@ impl Replay {
         *lock(&self.unread) = Some(unread);
     }
 
+    /// Input for a replayed connection the local server has closed (its
+    /// drain saw the end): the server cannot take it, and will never answer
+    /// on it, so nothing waits for its answers. What the leader's server
+    /// had answered on it by then is credited to the other connections'
+    /// waits, or each of them would wait [`STATEMENT_WAIT`] for answers
+    /// that cannot come (e2e: a replica took a second per entry). Said
+    /// once per connection: the leader's server kept it open, so this
+    /// replica's state may differ (`apus check` tells). Returns whether
+    /// the input was for such a connection.
+    fn replay_into_closed(&self, id: u64, out: Out) -> bool {
+        let mut conns = lock(&self.conns);
+        let Some(c) = conns.get_mut(&id) else {
+            return false;
+        };
+        if !c.drained.load(Ordering::Acquire) {
+            return false;
+        }
+        let here = lock(&c.out).bytes + c.shortfall.load(Ordering::Relaxed);
+        let credit = out.on_conn.unwrap_or(0).saturating_sub(here);
+        c.shortfall.fetch_add(credit, Ordering::Relaxed);
+        c.answered.shortfall.fetch_add(credit, Ordering::Relaxed);
+        self.gate.credit(id, credit);
+        if !c.short_said {
+            c.short_said = true;
+            warn!(
+                conn = id,
+                written = c.written,
+                "the local server closed a replayed connection that the leader's server kept open; \
+                 its input is dropped here and this replica may differ (said once per connection)"
+            );
+        }
+        true
+    }
+
     /// Waits until the server has read the input last written into it
     /// ([`Unread`]), so that it reads its input in log order across
     /// connections, as the leader's did. Only the server closing the
@@ -614,11 +651,12 @@ impl Replay {
     /// blocks.
     fn wait_read(&self) {
         self.wait_unread();
-        self.gate.wait_empty(CONSUME_NOTE_EVERY, |conn, waited| {
+        self.gate.wait_empty(CONSUME_NOTE_EVERY, |stuck, waited| {
             warn!(
-                conn,
+                conn = stuck.conn,
                 waited_s = waited.as_secs(),
-                "the local server has not read its replayed input yet; replay waits (log order)"
+                ?stuck,
+                "the local server has not read the input written ahead of it; replay waits (log order)"
             );
         });
     }
@@ -634,6 +672,7 @@ impl Replay {
         else {
             return;
         };
+        let local = lock(&self.conns).get(&id).map(|c| c.local);
         let since = Instant::now();
         let mut next_note = CONSUME_NOTE_EVERY;
         let mut asleep_since: Option<Instant> = None;
@@ -679,7 +718,11 @@ impl Replay {
                 warn!(
                     conn = id,
                     waited_s = since.elapsed().as_secs(),
-                    "the local server has not read its replayed input yet; replay waits (log order)"
+                    target,
+                    ?local,
+                    ?progress,
+                    sleeper_running = sleeper != 0 && running(sleeper),
+                    "the local server has not read the input written last; replay waits (log order)"
                 );
                 next_note += CONSUME_NOTE_EVERY;
             }
