@@ -517,7 +517,7 @@ fn step_down(a: &Apus) {
 
 /// Asks `apus run` to restart the server empty (it replays the log into
 /// it), and stops this process meanwhile.
-fn rebuild(why: &str) -> ! {
+pub(crate) fn rebuild(why: &str) -> ! {
     static ASKED: std::sync::Once = std::sync::Once::new();
     // Several threads may find the reason at once; one asks.
     ASKED.call_once(|| {

@@ -42,6 +42,9 @@ const LINGER_LIMIT: Duration = Duration::from_secs(120);
 const CONNECT_WAIT: Duration = Duration::from_secs(30);
 /// How often replay says it is still waiting for the server to read.
 const CONSUME_NOTE_EVERY: Duration = Duration::from_secs(10);
+/// How long the server may answer replayed input without a read of it
+/// being seen before replay gives the server up (see `wait_unread`).
+const UNTRACKED_AFTER: Duration = Duration::from_secs(5);
 /// The longest the next input waits for a forked process of the server to
 /// finish with the one it got before (see [`Turnstile`]): a statement that
 /// runs longer than this lets the next one start.
@@ -160,6 +163,9 @@ struct Unread {
     target: u64,
     /// The server closed the connection (its reads of it are over).
     drained: Arc<AtomicBool>,
+    /// What the server had answered on it when the input went in.
+    out: Arc<Mutex<StreamHash>>,
+    answered_before: u64,
 }
 
 /// What the server must have answered on one replayed connection before
@@ -415,8 +421,12 @@ impl Replay {
             std::net::Ipv4Addr::LOCALHOST,
             u16::from_be(local.sin_port),
         ));
-        // Known before the server can accept it.
-        lock(&self.internal).insert(me, what);
+        // Known before the server can accept it. SO_REUSEADDR lets this
+        // socket bind a port that a live connection of ours holds: its entry
+        // must not be replaced, and then removed when this connect fails on
+        // the same address pair (the server would take that connection for a
+        // client's, and replay would wait for reads it never sees).
+        self.claim(me, what)?;
         let target = sockaddr_in(*app.ip(), app.port());
         // SAFETY: `target` is a valid sockaddr_in of `len` bytes.
         if unsafe { libc::connect(fd, (&raw const target).cast(), len) } != 0 {
@@ -426,6 +436,17 @@ impl Replay {
         }
         stream.set_nodelay(true)?;
         Ok((stream, me))
+    }
+
+    /// Records `me` as the address of internal connection `what`, unless a
+    /// live one of ours holds it (see `try_connect`).
+    fn claim(&self, me: SocketAddr, what: Internal) -> io::Result<()> {
+        let mut internal = lock(&self.internal);
+        if internal.contains_key(&me) {
+            return Err(io::ErrorKind::AddrInUse.into());
+        }
+        internal.insert(me, what);
+        Ok(())
     }
 
     /// Waits (once per run) until the server answers as the leader's did
@@ -604,6 +625,8 @@ impl Replay {
             id,
             target: c.written,
             drained: c.drained.clone(),
+            out: c.out.clone(),
+            answered_before: lock(&c.out).bytes,
         };
         drop(conns);
         *lock(&self.unread) = Some(unread);
@@ -668,6 +691,8 @@ impl Replay {
             id,
             target,
             drained,
+            out,
+            answered_before,
         }) = lock(&self.unread).take()
         else {
             return;
@@ -714,6 +739,23 @@ impl Replay {
             } else {
                 asleep_since = None;
             }
+            let answered = lock(&out).bytes;
+            if progress.consumed == 0
+                && progress.thread == 0
+                && progress.reader == 0
+                && answered > answered_before
+                && since.elapsed() >= UNTRACKED_AFTER
+            {
+                // The server answered input that no hooked read of a replay
+                // connection returned: it reads this connection as another
+                // (a client's), so replay cannot keep its reads in log order
+                // and would wait here for good. Its state is the log's no
+                // more; the log rebuilds it.
+                crate::rebuild(&format!(
+                    "the local server answered replayed connection {id} ({answered} bytes) but no \
+                     read of it was seen as replay: replay lost track of it"
+                ));
+            }
             if since.elapsed() >= next_note {
                 warn!(
                     conn = id,
@@ -721,6 +763,7 @@ impl Replay {
                     target,
                     ?local,
                     ?progress,
+                    answered,
                     sleeper_running = sleeper != 0 && running(sleeper),
                     "the local server has not read the input written last; replay waits (log order)"
                 );
@@ -1084,6 +1127,22 @@ mod tests {
             assert!(port != 0 && port % 2 == 0, "port {port}");
             drop(s);
         }
+    }
+
+    /// Two of our sockets may bind one port (SO_REUSEADDR): the second
+    /// must not take over, then drop, the live one's address, or the server
+    /// takes the live connection for a client's.
+    #[test]
+    fn an_address_held_by_a_live_internal_connection_is_not_claimed_again() {
+        let r = replay();
+        let me: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        r.claim(me, Internal::Replay(1)).unwrap();
+        let e = r.claim(me, Internal::Replay(2)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert_eq!(r.internal(me), Some(Internal::Replay(1)));
+        r.forget_internal(me);
+        r.claim(me, Internal::Check).unwrap();
+        assert_eq!(r.internal(me), Some(Internal::Check));
     }
 
     fn replay() -> Replay {
