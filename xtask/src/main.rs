@@ -155,10 +155,13 @@ pub(crate) fn run(what: &str, cmd: &mut Command) -> Result<()> {
 fn build_sim() -> Result<PathBuf> {
     run(
         "building the simulator",
+        // The `sim` profile: optimised, with the engine's debug assertions
+        // on, so every simulated step checks them.
         cargo().args([
             "build",
             "--quiet",
-            "--release",
+            "--profile",
+            "sim",
             "--package",
             "apus-core",
             "--features",
@@ -170,7 +173,7 @@ fn build_sim() -> Result<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"));
-    Ok(target.join("release").join("apus-sim"))
+    Ok(target.join("sim").join("apus-sim"))
 }
 
 fn sim(args: &[String]) -> Result<ExitCode> {

@@ -299,7 +299,10 @@ impl<S: LogStore> Replica<S> {
             Role::Leader => true,
             Role::Candidate => false,
             Role::Follower => {
-                self.leader.is_some() && self.now < self.leader_contact + self.cfg.election_timeout
+                self.leader.is_some()
+                    && self
+                        .leader_contact
+                        .is_some_and(|at| self.now < at + self.cfg.election_timeout)
             }
         }
     }

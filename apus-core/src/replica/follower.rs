@@ -94,7 +94,7 @@ impl<S: LogStore> Replica<S> {
     fn follow(&mut self, p: NodeId, rec: &LeaderRecord) -> Result<(), ReplicaError> {
         if rec.seq != self.leader_seq {
             self.leader_seq = rec.seq;
-            self.leader_contact = self.now;
+            self.leader_contact = Some(self.now);
             self.pre_vote = None;
             self.reset_election_timer();
             // Tell the leader it is still heard (it steps down otherwise).
@@ -311,7 +311,7 @@ impl<S: LogStore> Replica<S> {
         self.expect_pos = h.end_pos();
         self.learn_commit(h.commit);
         self.check_recovered();
-        self.leader_contact = self.now;
+        self.leader_contact = Some(self.now);
         self.reset_election_timer();
         self.ack_dirty = true;
         self.status_dirty = true;

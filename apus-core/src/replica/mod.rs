@@ -327,8 +327,9 @@ pub struct Replica<S: LogStore> {
     expect_pos: Pos,
     rejected_sync: u64,
     leader_seq: u64,
-    /// When the leader of our term last showed signs of life.
-    leader_contact: Time,
+    /// When the leader of our term last showed signs of life (`None`: it is
+    /// not counted on, as after its connection broke).
+    leader_contact: Option<Time>,
     election_deadline: Time,
     /// When the runtime was asked to poll again at the latest (the last
     /// poll's [`next_timeout`](Self::next_timeout)).
@@ -428,7 +429,7 @@ impl<S: LogStore> Replica<S> {
             expect_pos: last_end,
             rejected_sync: 0,
             leader_seq: 0,
-            leader_contact: Time(0),
+            leader_contact: None,
             election_deadline: now,
             poll_due: now,
             next_tick: now,
@@ -827,7 +828,10 @@ impl<S: LogStore> Replica<S> {
     /// either, so a leader that lost just its link to us keeps leading.
     fn leader_connection_lost(&mut self) {
         debug_assert_eq!(self.role, Role::Follower);
-        self.leader_contact = Time(0);
+        // Not a time long past: an engine's clock starts at 0 when it does,
+        // and one that lost its leader within its first election timeout
+        // still counted on it (CI: this assertion, in a cluster test).
+        self.leader_contact = None;
         let spread = self.cfg.election_timeout.as_nanos() as u64 / LEADER_LOST_SPREAD;
         let soon = Time(self.now.0 + self.rng.range(0, spread.max(1)));
         self.election_deadline = self.election_deadline.min(soon);
@@ -1118,6 +1122,26 @@ mod tests {
         assert!(member.is_recovering(), "lost its log: must not vote yet");
         let durable = replica(3, Durability::Durable, MemStore::with_hard_state(hs));
         assert!(!durable.is_recovering());
+    }
+
+    /// Regression (CI, `apus --test cluster`): a follower whose engine
+    /// started less than an election timeout ago, and whose leader's
+    /// connection then broke, still counted on that leader (its last
+    /// contact was set to time 0, which its clock had barely passed).
+    #[test]
+    fn a_leader_whose_connection_broke_is_not_counted_on_even_early() {
+        let mut r = replica(3, Durability::Memory, MemStore::new());
+        let timeout = r.config().election_timeout.as_nanos() as u64;
+        r.now = Time(timeout / 10);
+        r.leader = Some(NodeId(1));
+        r.leader_contact = Some(Time(timeout / 20));
+        assert!(r.leader_is_alive());
+        r.leader_connection_lost();
+        assert!(!r.leader_is_alive());
+        assert!(
+            r.election_deadline.0 <= r.now.0 + timeout / LEADER_LOST_SPREAD,
+            "stands within half an election timeout"
+        );
     }
 
     #[test]
