@@ -500,6 +500,10 @@ impl Load {
 /// that commits go on: the leader's transport declares it lost at the
 /// operation deadline, so it stops pinning the ring. Then resumes it and
 /// checks it catches up. Returns the next proposal id.
+///
+/// The check needs one leader throughout: where commits stopped and the
+/// term changed meanwhile (a starved Soft-RoCE guest elected twice in the
+/// window), the premise did not hold, and the phase runs once more.
 fn follower_stops(
     cluster: &mut Cluster,
     clients: &[SocketAddr],
@@ -507,8 +511,62 @@ fn follower_stops(
     acked_so_far: &mut Vec<u64>,
     proposers: usize,
 ) -> Result<u64> {
+    let mut next_id = next_id;
+    for attempt in 0..2 {
+        let (next, stop) = stop_a_follower(cluster, clients, next_id, acked_so_far, proposers)?;
+        next_id = next;
+        match stop {
+            Stop::CommitsWentOn => {
+                let (commits, _) = cluster.verify(acked_so_far)?;
+                println!(
+                    "  the follower resumed and caught up: {commits} entries identical on every replica"
+                );
+                return Ok(next_id);
+            }
+            Stop::Stalled {
+                follower,
+                term_changed: true,
+            } if attempt == 0 => {
+                println!(
+                    "  the term changed while n{follower} was stopped (leaders changed): no verdict \
+                     on the ring; once more"
+                );
+                cluster.wait_for_leader(Duration::from_secs(20))?;
+            }
+            Stop::Stalled {
+                follower,
+                term_changed,
+            } => bail!(
+                "commits stopped while follower n{follower} was stopped{}: the silent follower \
+                 pins the leader's ring; logs in {}",
+                if term_changed {
+                    " (and the term changed)"
+                } else {
+                    ""
+                },
+                cluster.dir.display()
+            ),
+        }
+    }
+    unreachable!("the second attempt returns or fails")
+}
+
+/// What one stopped follower showed.
+enum Stop {
+    CommitsWentOn,
+    Stalled { follower: usize, term_changed: bool },
+}
+
+fn stop_a_follower(
+    cluster: &mut Cluster,
+    clients: &[SocketAddr],
+    next_id: u64,
+    acked_so_far: &mut Vec<u64>,
+    proposers: usize,
+) -> Result<(u64, Stop)> {
     const STOPPED_FOR: Duration = Duration::from_secs(3);
     let leader = cluster.leader().context("no leader")?;
+    let term = cluster.status(leader).map(|s| s.term);
     let follower = (leader + 1) % REPLICAS;
     let load = Load::new(next_id, u64::MAX, leader);
     let workers = load.start(proposers, clients);
@@ -524,6 +582,7 @@ fn follower_stops(
     let early = load.acked_count.load(Ordering::SeqCst);
     thread::sleep(STOPPED_FOR - stopped.elapsed());
     let late = load.acked_count.load(Ordering::SeqCst) - early;
+    let term_after = cluster.status(leader).map(|s| s.term);
     crate::e2e::signal(pid, "CONT")?;
     load.stop.store(true, Ordering::SeqCst);
     for w in workers {
@@ -535,16 +594,19 @@ fn follower_stops(
         (STOPPED_FOR - STOPPED_FOR / 3).as_secs_f64(),
         RING_CAPACITY / ENTRY_BYTES,
     );
-    if late == 0 {
-        bail!(
-            "commits stopped while follower n{follower} was stopped: the silent follower pins the leader's ring; logs in {}",
-            cluster.dir.display()
-        );
-    }
     acked_so_far.extend(load.acked.lock().expect("lock").iter());
-    let (commits, _) = cluster.verify(acked_so_far)?;
-    println!("  n{follower} resumed and caught up: {commits} entries identical on every replica");
-    Ok(load.next_id.load(Ordering::SeqCst))
+    let next = load.next_id.load(Ordering::SeqCst);
+    if late > 0 {
+        return Ok((next, Stop::CommitsWentOn));
+    }
+    let term_changed = term.is_none() || term != term_after;
+    Ok((
+        next,
+        Stop::Stalled {
+            follower,
+            term_changed,
+        },
+    ))
 }
 
 /// Memory mode: the leader and a follower lose their memory together
