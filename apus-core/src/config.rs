@@ -47,12 +47,15 @@ pub enum PlantedBug {
     SingleBufferedLeaderRecord,
     /// A replica that lost its memory votes before it has recovered.
     NoRecoveringGate,
+    /// A replica told it is a replacement (its storage was wiped) goes on
+    /// voting: [`Replica::rejoin`](crate::Replica::rejoin) does nothing.
+    NoRejoin,
 }
 
 #[cfg(any(test, feature = "sim"))]
 impl PlantedBug {
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 8] = [
+    pub const ALL: [PlantedBug; 9] = [
         PlantedBug::CommitWithoutMajority,
         PlantedBug::AcceptStaleTerm,
         PlantedBug::NoPreVote,
@@ -61,6 +64,7 @@ impl PlantedBug {
         PlantedBug::NoDrainBeforeVote,
         PlantedBug::SingleBufferedLeaderRecord,
         PlantedBug::NoRecoveringGate,
+        PlantedBug::NoRejoin,
     ];
 
     /// Parses the command-line name of a bug.
@@ -74,6 +78,7 @@ impl PlantedBug {
             "no-drain-before-vote" => Some(PlantedBug::NoDrainBeforeVote),
             "single-buffered-leader-record" => Some(PlantedBug::SingleBufferedLeaderRecord),
             "no-recovering-gate" => Some(PlantedBug::NoRecoveringGate),
+            "no-rejoin" => Some(PlantedBug::NoRejoin),
             _ => None,
         }
     }
@@ -89,6 +94,7 @@ impl PlantedBug {
             PlantedBug::NoDrainBeforeVote => "no-drain-before-vote",
             PlantedBug::SingleBufferedLeaderRecord => "single-buffered-leader-record",
             PlantedBug::NoRecoveringGate => "no-recovering-gate",
+            PlantedBug::NoRejoin => "no-rejoin",
         }
     }
 }

@@ -34,6 +34,7 @@
 
 pub mod config;
 pub mod entry;
+pub mod identity;
 pub mod layout;
 pub mod record;
 pub mod region;

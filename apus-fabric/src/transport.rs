@@ -55,6 +55,7 @@ use apus_core::{
 };
 use apus_tcp::connect::{Connector, ConnectorConfig};
 use apus_tcp::handshake::LayoutInfo;
+use apus_tcp::identity::Identity;
 use apus_tcp::setup::{MessageReader, RemoteWindow, StreamState, Window};
 use apus_tcp::sys::{self as poll_sys, Interest};
 use prost::Message;
@@ -116,6 +117,8 @@ pub struct FabricConfig {
     pub domain: Option<String>,
     /// An operation not complete after this long ends the connection.
     pub op_timeout: Duration,
+    /// Who this replica is across restarts (`apus_tcp::identity`).
+    pub identity: Option<Arc<dyn Identity>>,
 }
 
 impl std::fmt::Debug for FabricConfig {
@@ -466,6 +469,7 @@ impl FabricTransport {
             peers: cfg.peers,
             secret: cfg.secret,
             info: LayoutInfo::of(&cfg.layout).for_transport(&format!("fabric/{}", cfg.provider)),
+            identity: cfg.identity.clone(),
         })?;
         Ok(FabricTransport {
             endpoint,

@@ -61,6 +61,7 @@ fn try_start(
         provider: provider.into(),
         domain: domain(provider),
         op_timeout: timeout,
+        identity: None,
     };
     match FabricTransport::start(cfg, region.clone()) {
         Ok(t) => Ok(Some(Node {
@@ -386,6 +387,7 @@ fn a_tcp_transport_replica_is_refused_with_a_reason() {
             secret: SECRET.to_vec(),
             layout: layout(),
             op_timeout: apus_tcp::DEFAULT_OP_TIMEOUT,
+            identity: None,
         },
         Region::new(layout().region_len()),
     )

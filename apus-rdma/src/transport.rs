@@ -65,6 +65,7 @@ use apus_core::{
 };
 use apus_tcp::connect::{Connector, ConnectorConfig};
 use apus_tcp::handshake::LayoutInfo;
+use apus_tcp::identity::Identity;
 use apus_tcp::setup::{MessageReader, RemoteWindow, StreamState, Window};
 use apus_tcp::sys::{self as poll_sys, Interest};
 use prost::Message;
@@ -106,6 +107,8 @@ pub struct RdmaConfig {
     pub device: Selection,
     /// An operation not complete after this long ends the connection.
     pub op_timeout: Duration,
+    /// Who this replica is across restarts (`apus_tcp::identity`).
+    pub identity: Option<Arc<dyn Identity>>,
 }
 
 impl std::fmt::Debug for RdmaConfig {
@@ -350,6 +353,7 @@ impl RdmaTransport {
             peers: cfg.peers,
             secret: cfg.secret,
             info: LayoutInfo::of(&cfg.layout).for_transport("verbs"),
+            identity: cfg.identity.clone(),
         })?;
         Ok(RdmaTransport {
             peers: (0..n).map(|_| None).collect(),

@@ -44,6 +44,7 @@ fn start(me: u8, peers: &[SocketAddr], timeout: Duration) -> Option<Node> {
         layout: layout(),
         device: Selection::default(),
         op_timeout: timeout,
+        identity: None,
     };
     match RdmaTransport::start(cfg, region.clone()) {
         Ok(t) => Some(Node {
@@ -378,6 +379,7 @@ fn a_tcp_transport_replica_is_refused_with_a_reason() {
             secret: SECRET.to_vec(),
             layout: layout(),
             op_timeout: apus_tcp::DEFAULT_OP_TIMEOUT,
+            identity: None,
         },
         Region::new(layout().region_len()),
     )

@@ -34,6 +34,7 @@ fn main() {
             secret: b"rtt example secret, 32 bytes....".to_vec(),
             layout,
             op_timeout: apus_tcp::DEFAULT_OP_TIMEOUT,
+            identity: None,
         };
         (TcpTransport::start(cfg, region.clone()).unwrap(), region)
     };

@@ -29,6 +29,7 @@ use tracing::{debug, warn};
 
 use crate::TransportStats;
 use crate::handshake::{self, LayoutInfo};
+use crate::identity::Identity;
 use crate::sys::{self, EventFd, Interest};
 
 /// Concurrent handshakes an acceptor serves; more are dropped.
@@ -43,8 +44,12 @@ pub struct ConnectorConfig {
     pub peers: Vec<SocketAddr>,
     /// The cluster secret (at least 16 bytes).
     pub secret: Vec<u8>,
-    /// What both ends must agree on (layout and transport).
+    /// What both ends must agree on (layout and transport; the cluster
+    /// name is the identity's).
     pub info: LayoutInfo,
+    /// Who this replica is across restarts (none: it keeps no identity, and
+    /// peers learn nothing of it).
+    pub identity: Option<Arc<dyn Identity>>,
 }
 
 impl std::fmt::Debug for ConnectorConfig {
@@ -54,6 +59,7 @@ impl std::fmt::Debug for ConnectorConfig {
             .field("peers", &self.peers)
             .field("secret", &"<redacted>")
             .field("info", &self.info)
+            .field("identity", &self.identity)
             .finish()
     }
 }
@@ -93,52 +99,48 @@ impl Connector {
         let stats = Arc::new(TransportStats::default());
         let n = cfg.peers.len();
         let me = cfg.me;
+        let mut info = cfg.info;
+        if let Some(id) = &cfg.identity {
+            info.cluster = id.cluster().to_string();
+        }
+        let own = Arc::new(Own {
+            me,
+            secret: cfg.secret,
+            info,
+            identity: cfg.identity,
+        });
         let mut threads = Vec::new();
         let mut redial = vec![None; n];
         {
-            let (tx, wake, stop, stats, info) = (
+            let (own, tx, wake, stop, stats) = (
+                own.clone(),
                 tx.clone(),
                 wake.clone(),
                 stop.clone(),
                 stats.clone(),
-                cfg.info.clone(),
             );
-            let secret = cfg.secret.clone();
             threads.push(
                 thread::Builder::new()
                     .name(format!("apus-accept-{me}"))
-                    .spawn(move || {
-                        accept_loop(listener, secret, me, info, tx, wake, stop, stats)
-                    })?,
+                    .spawn(move || accept_loop(listener, own, tx, wake, stop, stats))?,
             );
         }
         for peer in 0..me.0 {
             let (rtx, rrx) = mpsc::channel();
             redial[usize::from(peer)] = Some(rtx);
-            let (tx, wake, stop, stats, info) = (
+            let (own, tx, wake, stop, stats) = (
+                own.clone(),
                 tx.clone(),
                 wake.clone(),
                 stop.clone(),
                 stats.clone(),
-                cfg.info.clone(),
             );
-            let (secret, addr) = (cfg.secret.clone(), cfg.peers[usize::from(peer)]);
+            let addr = cfg.peers[usize::from(peer)];
             threads.push(
                 thread::Builder::new()
                     .name(format!("apus-dial-{me}-n{peer}"))
                     .spawn(move || {
-                        dial_loop(
-                            addr,
-                            NodeId(peer),
-                            secret,
-                            me,
-                            info,
-                            tx,
-                            rrx,
-                            wake,
-                            stop,
-                            stats,
-                        )
+                        dial_loop(addr, NodeId(peer), own, tx, rrx, wake, stop, stats)
                     })?,
             );
         }
@@ -191,19 +193,30 @@ impl Drop for Connector {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What this replica proves and says in every handshake.
+struct Own {
+    me: NodeId,
+    secret: Vec<u8>,
+    info: LayoutInfo,
+    identity: Option<Arc<dyn Identity>>,
+}
+
+impl Own {
+    fn identity(&self) -> Option<&dyn Identity> {
+        self.identity.as_deref()
+    }
+}
+
 fn accept_loop(
     listener: TcpListener,
-    secret: Vec<u8>,
-    me: NodeId,
-    info: LayoutInfo,
+    own: Arc<Own>,
     tx: Sender<(NodeId, TcpStream)>,
     wake: Arc<EventFd>,
     stop: Arc<AtomicBool>,
     stats: Arc<TransportStats>,
 ) {
+    let me = own.me;
     let busy = Arc::new(AtomicUsize::new(0));
-    let secret = Arc::new(secret);
     let tx = Arc::new(Mutex::new(tx));
     let mut buf = Vec::new();
     while !stop.load(Ordering::SeqCst) {
@@ -222,9 +235,8 @@ fn accept_loop(
             continue;
         }
         busy.fetch_add(1, Ordering::SeqCst);
-        let (secret, info, tx, wake, stats, busy) = (
-            secret.clone(),
-            info.clone(),
+        let (own, tx, wake, stats, busy) = (
+            own.clone(),
             tx.clone(),
             wake.clone(),
             stats.clone(),
@@ -235,7 +247,7 @@ fn accept_loop(
             .spawn(move || {
                 let mut stream = stream;
                 let _ = stream.set_nonblocking(false);
-                match handshake::accept(&mut stream, &secret, me, &info) {
+                match handshake::accept(&mut stream, &own.secret, me, &own.info, own.identity()) {
                     Ok(peer) => {
                         stats.established.fetch_add(1, Ordering::Relaxed);
                         let _ = tx.lock().expect("sender").send((peer, stream));
@@ -258,21 +270,23 @@ fn accept_loop(
 fn dial_loop(
     addr: SocketAddr,
     peer: NodeId,
-    secret: Vec<u8>,
-    me: NodeId,
-    info: LayoutInfo,
+    own: Arc<Own>,
     tx: Sender<(NodeId, TcpStream)>,
     redial: Receiver<()>,
     wake: Arc<EventFd>,
     stop: Arc<AtomicBool>,
     stats: Arc<TransportStats>,
 ) {
+    let me = own.me;
     let mut backoff = Duration::from_millis(5);
     let mut warned = false;
     while !stop.load(Ordering::SeqCst) {
         let attempt = TcpStream::connect_timeout(&addr, handshake::TIMEOUT)
             .map_err(handshake::HandshakeError::Io)
-            .and_then(|mut s| handshake::dial(&mut s, &secret, me, peer, &info).map(|()| s));
+            .and_then(|mut s| {
+                handshake::dial(&mut s, &own.secret, me, peer, &own.info, own.identity())
+                    .map(|()| s)
+            });
         match attempt {
             Ok(stream) => {
                 stats.established.fetch_add(1, Ordering::Relaxed);

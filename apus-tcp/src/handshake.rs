@@ -5,17 +5,25 @@
 //! [`MAX_MESSAGE`] bytes).
 //!
 //! ```text
-//! dialer   -> acceptor  Hello     { protocol, node_id, nonce_d, layout }
-//! acceptor -> dialer    Challenge { node_id, nonce_a, proof_a }      or Verdict{refused}
-//! dialer   -> acceptor  Proof     { proof_d }
+//! dialer   -> acceptor  Hello     { protocol, node_id, nonce_d, layout, intro_d }
+//! acceptor -> dialer    Challenge { node_id, nonce_a, proof_a, intro_a }  or Verdict{refused}
+//! dialer   -> acceptor  Proof     { proof_d, intro_d' }
 //! acceptor -> dialer    Verdict   { accepted | reason }
 //! ```
 //!
-//! `proof_a = HMAC-SHA256(secret, "apus acceptor" | transcript)` and
-//! `proof_d = HMAC-SHA256(secret, "apus dialer" | transcript)`, where the
-//! transcript binds both nonces, both ids and the layout. Each side proves it
+//! `proof_a = HMAC-SHA256(secret, "apus acceptor" | transcript | intro_a)` and
+//! `proof_d = HMAC-SHA256(secret, "apus dialer" | transcript | intro_d')`,
+//! where the transcript binds both nonces, both ids, the layout (with the
+//! cluster name) and the dialer's first introduction. Each side proves it
 //! holds the secret without sending it; fresh random nonces stop replays; a
 //! peer that fails is refused, logged, and never sees a region byte.
+//!
+//! The introductions ([`identity`](crate::identity)) are acted on only once
+//! the other end is authenticated, and before the connection is handed to
+//! the engine: a replica told it is a replacement knows it before it reads
+//! anything the connection carries. The dialer's second introduction
+//! (`intro_d'`) says what it learned from the acceptor's, so the acceptor
+//! can stop telling it.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -26,6 +34,8 @@ use prost::Message;
 use sha2::Sha256;
 
 use apus_core::{NodeId, RegionLayout};
+
+use crate::identity::{Identity, Introduction};
 
 /// Version of this handshake and of the frame format.
 pub const PROTOCOL: u32 = 1;
@@ -58,6 +68,10 @@ pub struct LayoutInfo {
     /// other with a reason instead of misreading each other's bytes.
     #[prost(string, tag = "6")]
     pub transport: String,
+    /// The cluster's name (`cluster.name`): a replica of another cluster is
+    /// refused with both names.
+    #[prost(string, tag = "7")]
+    pub cluster: String,
 }
 
 impl LayoutInfo {
@@ -70,6 +84,7 @@ impl LayoutInfo {
             catchup_chunk: layout.catchup_chunk() as u64,
             region_len: layout.region_len() as u64,
             transport: String::new(),
+            cluster: String::new(),
         }
     }
 
@@ -95,6 +110,9 @@ pub struct Hello {
     /// Dialer's region layout.
     #[prost(message, optional, tag = "4")]
     pub layout: Option<LayoutInfo>,
+    /// The dialer's introduction (absent: it keeps no identity).
+    #[prost(message, optional, tag = "5")]
+    pub intro: Option<Introduction>,
 }
 
 /// Acceptor's answer: its proof, and a nonce for the dialer to prove on.
@@ -106,9 +124,12 @@ pub struct Challenge {
     /// Acceptor's nonce.
     #[prost(bytes = "vec", tag = "2")]
     pub nonce: Vec<u8>,
-    /// `HMAC(secret, "apus acceptor" | transcript)`.
+    /// `HMAC(secret, "apus acceptor" | transcript | intro)`.
     #[prost(bytes = "vec", tag = "3")]
     pub proof: Vec<u8>,
+    /// The acceptor's introduction.
+    #[prost(message, optional, tag = "4")]
+    pub intro: Option<Introduction>,
 }
 
 /// What the acceptor sends after a Hello.
@@ -133,9 +154,13 @@ pub enum Reply {
 /// Dialer's proof.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Proof {
-    /// `HMAC(secret, "apus dialer" | transcript)`.
+    /// `HMAC(secret, "apus dialer" | transcript | intro)`.
     #[prost(bytes = "vec", tag = "1")]
     pub proof: Vec<u8>,
+    /// The dialer's introduction again, with what it learned from the
+    /// acceptor's.
+    #[prost(message, optional, tag = "2")]
+    pub intro: Option<Introduction>,
 }
 
 /// The acceptor's decision (also sent instead of a Challenge to refuse early).
@@ -152,6 +177,10 @@ pub struct Verdict {
     /// cluster settled on (and confirms it with an authenticated handshake).
     #[prost(string, tag = "3")]
     pub transport: String,
+    /// The acceptor's introduction, where no challenge carries it (QUIC,
+    /// whose TLS handshake authenticated both ends).
+    #[prost(message, optional, tag = "4")]
+    pub intro: Option<Introduction>,
 }
 
 /// Why a handshake failed.
@@ -206,38 +235,68 @@ fn nonce() -> Result<Vec<u8>, HandshakeError> {
     Ok(n)
 }
 
-fn proof(secret: &[u8], label: &str, dialer: &Hello, acceptor: u32, nonce_a: &[u8]) -> Vec<u8> {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key");
-    mac.update(label.as_bytes());
-    mac.update(&dialer.encode_to_vec());
-    mac.update(&acceptor.to_le_bytes());
-    mac.update(nonce_a);
-    mac.finalize().into_bytes().to_vec()
+/// What a proof binds: the transcript so far and the prover's introduction.
+struct Transcript<'a> {
+    dialer: &'a Hello,
+    acceptor: u32,
+    nonce_a: &'a [u8],
+    intro: Option<&'a Introduction>,
 }
 
-fn verify(
-    secret: &[u8],
-    label: &str,
-    dialer: &Hello,
-    acceptor: u32,
-    nonce_a: &[u8],
-    got: &[u8],
-) -> bool {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key");
-    mac.update(label.as_bytes());
-    mac.update(&dialer.encode_to_vec());
-    mac.update(&acceptor.to_le_bytes());
-    mac.update(nonce_a);
-    mac.verify_slice(got).is_ok()
+impl Transcript<'_> {
+    fn mac(&self, secret: &[u8], label: &str) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key");
+        mac.update(label.as_bytes());
+        mac.update(&self.dialer.encode_to_vec());
+        mac.update(&self.acceptor.to_le_bytes());
+        mac.update(self.nonce_a);
+        mac.update(&self.intro.map_or(Vec::new(), Message::encode_to_vec));
+        mac
+    }
+
+    fn proof(&self, secret: &[u8], label: &str) -> Vec<u8> {
+        self.mac(secret, label).finalize().into_bytes().to_vec()
+    }
+
+    fn verify(&self, secret: &[u8], label: &str, got: &[u8]) -> bool {
+        self.mac(secret, label).verify_slice(got).is_ok()
+    }
+}
+
+/// Acts on an authenticated peer's introduction (a refusal when what it
+/// changes cannot be saved: the connection must not be used without it).
+fn meet(
+    identity: Option<&dyn Identity>,
+    peer: NodeId,
+    intro: Option<&Introduction>,
+) -> Result<(), HandshakeError> {
+    match (identity, intro) {
+        (Some(id), Some(intro)) => id.met(peer, intro).map_err(HandshakeError::Io),
+        _ => Ok(()),
+    }
+}
+
+/// The cluster-name check, with a reason that names both clusters.
+pub fn other_cluster(theirs: Option<&LayoutInfo>, ours: &LayoutInfo) -> Option<String> {
+    let theirs = theirs?;
+    (theirs.cluster != ours.cluster).then(|| {
+        format!(
+            "the peer is a replica of cluster {:?}, this one of {:?} (cluster.name)",
+            theirs.cluster, ours.cluster
+        )
+    })
 }
 
 /// The dialer's side: returns once the acceptor `expect` accepted us.
+/// With an `identity`, both ends introduce themselves and what the
+/// acceptor's introduction changes is saved before this returns.
 pub fn dial(
     s: &mut TcpStream,
     secret: &[u8],
     me: NodeId,
     expect: NodeId,
     layout: &LayoutInfo,
+    identity: Option<&dyn Identity>,
 ) -> Result<(), HandshakeError> {
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_write_timeout(Some(TIMEOUT))?;
@@ -246,6 +305,7 @@ pub fn dial(
         node_id: u32::from(me.0),
         nonce: nonce()?,
         layout: Some(layout.clone()),
+        intro: identity.map(|id| id.introduce(expect)),
     };
     write_msg(s, &hello)?;
     let reply: HelloReply = read_msg(s)?;
@@ -265,24 +325,23 @@ pub fn dial(
             expect.0, ch.node_id
         )));
     }
-    if ch.nonce.len() != NONCE_LEN
-        || !verify(
-            secret,
-            "apus acceptor",
-            &hello,
-            ch.node_id,
-            &ch.nonce,
-            &ch.proof,
-        )
-    {
+    let theirs = Transcript {
+        dialer: &hello,
+        acceptor: ch.node_id,
+        nonce_a: &ch.nonce,
+        intro: ch.intro.as_ref(),
+    };
+    if ch.nonce.len() != NONCE_LEN || !theirs.verify(secret, "apus acceptor", &ch.proof) {
         return Err(HandshakeError::Authentication);
     }
-    write_msg(
-        s,
-        &Proof {
-            proof: proof(secret, "apus dialer", &hello, ch.node_id, &ch.nonce),
-        },
-    )?;
+    meet(identity, expect, ch.intro.as_ref())?;
+    let intro = identity.map(|id| id.introduce(expect));
+    let ours = Transcript {
+        intro: intro.as_ref(),
+        ..theirs
+    };
+    let proof = ours.proof(secret, "apus dialer");
+    write_msg(s, &Proof { proof, intro })?;
     let v: Verdict = read_msg(s)?;
     if !v.accepted {
         return Err(HandshakeError::Refused(v.reason));
@@ -293,14 +352,15 @@ pub fn dial(
 }
 
 /// The acceptor's side: returns the authenticated dialer's id. `me` accepts
-/// only replicas with a higher id and the same layout.
+/// only replicas with a higher id, the same cluster and the same layout.
 pub fn accept(
     s: &mut TcpStream,
     secret: &[u8],
     me: NodeId,
     layout: &LayoutInfo,
+    identity: Option<&dyn Identity>,
 ) -> Result<NodeId, HandshakeError> {
-    accept_with(s, secret, me, layout, false).map(|(peer, _)| peer)
+    accept_with(s, secret, me, layout, identity, false).map(|(peer, _)| peer)
 }
 
 /// [`accept`] for a replica still choosing its transport: the dialer may
@@ -311,8 +371,52 @@ pub fn accept_any_transport(
     secret: &[u8],
     me: NodeId,
     layout: &LayoutInfo,
+    identity: Option<&dyn Identity>,
 ) -> Result<(NodeId, String), HandshakeError> {
-    accept_with(s, secret, me, layout, true)
+    accept_with(s, secret, me, layout, identity, true)
+}
+
+/// Why a hello is refused before authentication, if it is: with the
+/// acceptor's transport when only the transport differs.
+fn refusal(
+    hello: &Hello,
+    me: NodeId,
+    layout: &LayoutInfo,
+    any_transport: bool,
+) -> Option<(String, String)> {
+    if hello.protocol != PROTOCOL {
+        let why = format!("protocol {} (this node speaks {PROTOCOL})", hello.protocol);
+        return Some((why, String::new()));
+    }
+    if hello.nonce.len() != NONCE_LEN {
+        return Some(("malformed nonce".into(), String::new()));
+    }
+    if let Some(why) = other_cluster(hello.layout.as_ref(), layout) {
+        return Some((why, String::new()));
+    }
+    let theirs = hello.layout.as_ref().map_or("", |l| l.transport.as_str());
+    let same_but_transport = hello
+        .layout
+        .clone()
+        .is_some_and(|l| &l.for_transport(&layout.transport) == layout);
+    if !same_but_transport || (!any_transport && theirs != layout.transport) {
+        let why = format!(
+            "region layout or transport {:?} differs from ours {layout:?}",
+            hello.layout
+        );
+        let ours = if same_but_transport {
+            layout.transport.clone()
+        } else {
+            String::new()
+        };
+        return Some((why, ours));
+    }
+    let peer = hello.node_id;
+    if peer >= layout.replicas || peer <= u32::from(me.0) {
+        let why = format!("n{peer} is not a replica that dials n{}", me.0);
+        return Some((why, String::new()));
+    }
+    None
 }
 
 fn accept_with(
@@ -320,16 +424,18 @@ fn accept_with(
     secret: &[u8],
     me: NodeId,
     layout: &LayoutInfo,
+    identity: Option<&dyn Identity>,
     any_transport: bool,
 ) -> Result<(NodeId, String), HandshakeError> {
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_write_timeout(Some(TIMEOUT))?;
     let hello: Hello = read_msg(s)?;
-    let refuse = |s: &mut TcpStream, reason: String, transport: String| -> HandshakeError {
+    if let Some((reason, transport)) = refusal(&hello, me, layout, any_transport) {
         let refusal = Verdict {
             accepted: false,
             reason: reason.clone(),
             transport,
+            intro: None,
         };
         let _ = write_msg(
             s,
@@ -337,53 +443,26 @@ fn accept_with(
                 reply: Some(Reply::Refused(refusal)),
             },
         );
-        HandshakeError::Refused(reason)
-    };
-    if hello.protocol != PROTOCOL {
-        return Err(refuse(
-            s,
-            format!("protocol {} (this node speaks {PROTOCOL})", hello.protocol),
-            String::new(),
-        ));
+        return Err(HandshakeError::Refused(reason));
     }
-    if hello.nonce.len() != NONCE_LEN {
-        return Err(refuse(s, "malformed nonce".into(), String::new()));
-    }
+    let peer = NodeId(hello.node_id as u8);
     let theirs = hello
         .layout
         .as_ref()
         .map_or(String::new(), |l| l.transport.clone());
-    let same_but_transport = hello
-        .layout
-        .clone()
-        .is_some_and(|l| &l.for_transport(&layout.transport) == layout);
-    if !same_but_transport || (!any_transport && theirs != layout.transport) {
-        return Err(refuse(
-            s,
-            format!(
-                "region layout or transport {:?} differs from ours {layout:?}",
-                hello.layout
-            ),
-            if same_but_transport {
-                layout.transport.clone()
-            } else {
-                String::new()
-            },
-        ));
-    }
-    let peer = hello.node_id;
-    if peer >= layout.replicas || peer <= u32::from(me.0) {
-        return Err(refuse(
-            s,
-            format!("n{peer} is not a replica that dials n{}", me.0),
-            String::new(),
-        ));
-    }
     let nonce_a = nonce()?;
+    let intro = identity.map(|id| id.introduce(peer));
+    let ours = Transcript {
+        dialer: &hello,
+        acceptor: u32::from(me.0),
+        nonce_a: &nonce_a,
+        intro: intro.as_ref(),
+    };
     let challenge = Challenge {
         node_id: u32::from(me.0),
-        proof: proof(secret, "apus acceptor", &hello, u32::from(me.0), &nonce_a),
+        proof: ours.proof(secret, "apus acceptor"),
         nonce: nonce_a.clone(),
+        intro: intro.clone(),
     };
     write_msg(
         s,
@@ -392,40 +471,34 @@ fn accept_with(
         },
     )?;
     let p: Proof = read_msg(s)?;
-    if !verify(
-        secret,
-        "apus dialer",
-        &hello,
-        u32::from(me.0),
-        &nonce_a,
-        &p.proof,
-    ) {
-        let _ = write_msg(
-            s,
-            &Verdict {
-                accepted: false,
-                reason: "authentication failed".into(),
-                transport: String::new(),
-            },
-        );
+    let dialers = Transcript {
+        intro: p.intro.as_ref(),
+        ..ours
+    };
+    let verdict = |accepted: bool, reason: &str| Verdict {
+        accepted,
+        reason: reason.into(),
+        transport: String::new(),
+        intro: None,
+    };
+    if !dialers.verify(secret, "apus dialer", &p.proof) {
+        let _ = write_msg(s, &verdict(false, "authentication failed"));
         return Err(HandshakeError::Authentication);
     }
-    write_msg(
-        s,
-        &Verdict {
-            accepted: true,
-            reason: String::new(),
-            transport: String::new(),
-        },
-    )?;
+    if let Err(e) = meet(identity, peer, p.intro.as_ref()) {
+        let _ = write_msg(s, &verdict(false, "the acceptor cannot save its identity"));
+        return Err(e);
+    }
+    write_msg(s, &verdict(true, ""))?;
     s.set_read_timeout(None)?;
     s.set_write_timeout(None)?;
-    Ok((NodeId(peer as u8), theirs))
+    Ok((peer, theirs))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::PeerBook;
     use std::net::TcpListener;
     use std::thread;
 
@@ -443,7 +516,7 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let a = thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
-            accept(&mut s, acceptor_secret, NodeId(0), &layout())
+            accept(&mut s, acceptor_secret, NodeId(0), &layout(), None)
         });
         let mut s = TcpStream::connect(addr).unwrap();
         let d = dial(
@@ -452,6 +525,7 @@ mod tests {
             NodeId(dialer_id),
             NodeId(0),
             &dialer_layout,
+            None,
         );
         (a.join().unwrap(), d)
     }
@@ -491,11 +565,18 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let a = thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
-            accept(&mut s, b"0123456789abcdef", NodeId(0), &verbs)
+            accept(&mut s, b"0123456789abcdef", NodeId(0), &verbs, None)
         });
         let mut s = TcpStream::connect(addr).unwrap();
         let auto = layout().for_transport("auto");
-        let d = dial(&mut s, b"0123456789abcdef", NodeId(1), NodeId(0), &auto);
+        let d = dial(
+            &mut s,
+            b"0123456789abcdef",
+            NodeId(1),
+            NodeId(0),
+            &auto,
+            None,
+        );
         assert!(
             matches!(d, Err(HandshakeError::OtherTransport { ref theirs }) if theirs == "verbs"),
             "{d:?}"
@@ -514,11 +595,19 @@ mod tests {
         let a = thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
             let auto = layout().for_transport("auto");
-            accept_any_transport(&mut s, b"0123456789abcdef", NodeId(0), &auto)
+            accept_any_transport(&mut s, b"0123456789abcdef", NodeId(0), &auto, None)
         });
         let mut s = TcpStream::connect(addr).unwrap();
         let tcp = layout().for_transport("tcp");
-        dial(&mut s, b"0123456789abcdef", NodeId(2), NodeId(0), &tcp).unwrap();
+        dial(
+            &mut s,
+            b"0123456789abcdef",
+            NodeId(2),
+            NodeId(0),
+            &tcp,
+            None,
+        )
+        .unwrap();
         assert_eq!(a.join().unwrap().unwrap(), (NodeId(2), "tcp".to_string()));
         // Still authenticated: a wrong secret fails.
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -526,11 +615,21 @@ mod tests {
         let a = thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
             let auto = layout().for_transport("auto");
-            accept_any_transport(&mut s, b"0123456789abcdef", NodeId(0), &auto)
+            accept_any_transport(&mut s, b"0123456789abcdef", NodeId(0), &auto, None)
         });
         let mut s = TcpStream::connect(addr).unwrap();
         let tcp = layout().for_transport("tcp");
-        assert!(dial(&mut s, b"not-the-secret!!", NodeId(2), NodeId(0), &tcp).is_err());
+        assert!(
+            dial(
+                &mut s,
+                b"not-the-secret!!",
+                NodeId(2),
+                NodeId(0),
+                &tcp,
+                None
+            )
+            .is_err()
+        );
         assert!(a.join().unwrap().is_err());
     }
 
@@ -540,10 +639,102 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let a = thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
-            accept(&mut s, b"0123456789abcdef", NodeId(0), &layout())
+            accept(&mut s, b"0123456789abcdef", NodeId(0), &layout(), None)
         });
         let mut s = TcpStream::connect(addr).unwrap();
         s.write_all(&[0xff; 64]).unwrap();
         assert!(a.join().unwrap().is_err());
+    }
+
+    /// An identity kept in memory.
+    #[derive(Debug)]
+    struct Book(&'static str, std::sync::Mutex<PeerBook>);
+
+    impl Identity for Book {
+        fn cluster(&self) -> &str {
+            self.0
+        }
+        fn introduce(&self, peer: NodeId) -> Introduction {
+            crate::identity::introduction(&self.1.lock().unwrap(), peer)
+        }
+        fn met(&self, peer: NodeId, theirs: &Introduction) -> io::Result<()> {
+            crate::identity::meet(&mut self.1.lock().unwrap(), peer, theirs);
+            Ok(())
+        }
+    }
+
+    fn book(incarnation: u64) -> std::sync::Arc<Book> {
+        std::sync::Arc::new(Book(
+            "test",
+            std::sync::Mutex::new(PeerBook::new(incarnation)),
+        ))
+    }
+
+    /// One handshake between acceptor n0 and dialer n1 with identities.
+    fn introduce(n0: &std::sync::Arc<Book>, n1: &std::sync::Arc<Book>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let acceptor = n0.clone();
+        let a = thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            accept(
+                &mut s,
+                b"0123456789abcdef",
+                NodeId(0),
+                &layout(),
+                Some(&*acceptor),
+            )
+        });
+        let mut s = TcpStream::connect(addr).unwrap();
+        dial(
+            &mut s,
+            b"0123456789abcdef",
+            NodeId(1),
+            NodeId(0),
+            &layout(),
+            Some(&**n1),
+        )
+        .unwrap();
+        assert_eq!(a.join().unwrap().unwrap(), NodeId(1));
+    }
+
+    #[test]
+    fn a_wiped_replica_learns_in_the_handshake_that_it_is_a_replacement() {
+        let (n0, n1) = (book(10), book(20));
+        introduce(&n0, &n1);
+        assert_eq!(n0.1.lock().unwrap().peers[1], 20);
+        assert_eq!(n1.1.lock().unwrap().peers[0], 10);
+        // The dialer's data directory is wiped.
+        let n1_new = book(21);
+        introduce(&n0, &n1_new);
+        let b = n1_new.1.lock().unwrap().clone();
+        assert!(b.rejoining && b.superseded == [20], "{b:?}");
+        assert_eq!(
+            n0.1.lock().unwrap().peers[1],
+            21,
+            "told within one handshake"
+        );
+        // The acceptor's data directory is wiped.
+        let n0_new = book(11);
+        introduce(&n0_new, &n1_new);
+        let b = n0_new.1.lock().unwrap().clone();
+        assert!(b.rejoining && b.superseded == [10], "{b:?}");
+        // Its challenge went out before it knew; the dialer learns next time.
+        assert_eq!(n1_new.1.lock().unwrap().peers[0], 10);
+        introduce(&n0_new, &n1_new);
+        assert_eq!(n1_new.1.lock().unwrap().peers[0], 11);
+    }
+
+    #[test]
+    fn a_replica_of_another_cluster_is_refused_with_both_names() {
+        let mut theirs = layout();
+        theirs.cluster = "billing".into();
+        let (a, d) = pair(b"0123456789abcdef", b"0123456789abcdef", 2, theirs);
+        for r in [a.map(|_| ()), d] {
+            assert!(
+                matches!(r, Err(HandshakeError::Refused(ref why)) if why.contains("\"billing\"") && why.contains("cluster")),
+                "{r:?}"
+            );
+        }
     }
 }

@@ -20,6 +20,7 @@
 
 pub mod connect;
 pub mod handshake;
+pub mod identity;
 mod link;
 #[cfg(feature = "quic")]
 pub mod quic;

@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::TransportStats;
 use crate::handshake::{self, Hello, LayoutInfo, Verdict};
+use crate::identity::{Identity, Introduction};
 use crate::link::{Link, Local, OpDeadline};
 use crate::sys::{self, EventFd, Interest};
 
@@ -146,6 +147,8 @@ pub struct QuicConfig {
     /// An operation without its answer this long ends the connection
     /// ([`DEFAULT_OP_TIMEOUT`](crate::DEFAULT_OP_TIMEOUT) unless configured).
     pub op_timeout: Duration,
+    /// Who this replica is across restarts ([`crate::identity`]).
+    pub identity: Option<Arc<dyn Identity>>,
 }
 
 enum Incoming {
@@ -175,6 +178,7 @@ struct QuicLink {
 struct Ctx {
     me: NodeId,
     layout: LayoutInfo,
+    identity: Option<Arc<dyn Identity>>,
     certs: Vec<CertificateDer<'static>>,
     inbox: Mutex<Sender<Incoming>>,
     wake: Arc<EventFd>,
@@ -184,6 +188,20 @@ struct Ctx {
 }
 
 impl Ctx {
+    fn introduce(&self, peer: NodeId) -> Option<Introduction> {
+        self.identity.as_ref().map(|id| id.introduce(peer))
+    }
+
+    /// Acts on an authenticated peer's introduction. With QUIC's two-message
+    /// handshake the acceptor learns what the dialer learned only at the
+    /// next handshake (the dialer lists it as superseded then).
+    fn meet(&self, peer: NodeId, intro: Option<&Introduction>) -> io::Result<()> {
+        match (&self.identity, intro) {
+            (Some(id), Some(intro)) => id.met(peer, intro),
+            _ => Ok(()),
+        }
+    }
+
     fn send(&self, m: Incoming) {
         if let Ok(tx) = self.inbox.lock() {
             let _ = tx.send(m);
@@ -285,9 +303,14 @@ impl QuicTransport {
         };
         let (tx, rx) = mpsc::channel();
         let wake = Arc::new(EventFd::new()?);
+        let mut layout = LayoutInfo::of(&cfg.layout).for_transport("quic");
+        if let Some(id) = &cfg.identity {
+            layout.cluster = id.cluster().to_string();
+        }
         let ctx = Arc::new(Ctx {
             me: cfg.me,
-            layout: LayoutInfo::of(&cfg.layout).for_transport("quic"),
+            layout,
+            identity: cfg.identity,
             certs: cfg.tls.certs,
             inbox: Mutex::new(tx),
             wake: wake.clone(),
@@ -549,9 +572,13 @@ async fn accept_one(
         accepted: false,
         reason,
         transport: String::new(),
+        intro: None,
     };
+    let peer = NodeId(hello.node_id as u8);
     let verdict = if hello.protocol != handshake::PROTOCOL {
         refuse(format!("protocol {}", hello.protocol))
+    } else if let Some(why) = handshake::other_cluster(hello.layout.as_ref(), &ctx.layout) {
+        refuse(why)
     } else if hello.layout.as_ref() != Some(&ctx.layout) {
         refuse(format!(
             "region layout {:?} differs from ours {:?}",
@@ -564,11 +591,14 @@ async fn accept_one(
         ))
     } else if peer_cert(&conn).as_ref() != Some(&ctx.certs[hello.node_id as usize]) {
         refuse(format!("certificate is not n{}'s", hello.node_id))
+    } else if let Err(e) = ctx.meet(peer, hello.intro.as_ref()) {
+        refuse(format!("the acceptor cannot save its identity: {e}"))
     } else {
         Verdict {
             accepted: true,
             reason: String::new(),
             transport: String::new(),
+            intro: ctx.introduce(peer),
         }
     };
     write_msg(&mut send, &verdict).await?;
@@ -579,7 +609,7 @@ async fn accept_one(
             verdict.reason,
         ));
     }
-    Ok((NodeId(hello.node_id as u8), conn, send, recv))
+    Ok((peer, conn, send, recv))
 }
 
 async fn dial_loop(endpoint: quinn::Endpoint, peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>) {
@@ -638,6 +668,7 @@ async fn dial_once(
             node_id: u32::from(ctx.me.0),
             nonce: Vec::new(),
             layout: Some(ctx.layout.clone()),
+            intro: ctx.introduce(peer),
         },
     )
     .await?;
@@ -647,6 +678,9 @@ async fn dial_once(
     if !v.accepted {
         return Err(io::Error::new(io::ErrorKind::PermissionDenied, v.reason));
     }
+    // TLS authenticated the acceptor; what it says is acted on before the
+    // link carries anything.
+    ctx.meet(peer, v.intro.as_ref())?;
     Ok((conn, send, recv))
 }
 

@@ -39,6 +39,7 @@ use tracing::{info, warn};
 use crate::TransportStats;
 use crate::connect::{Connector, ConnectorConfig};
 use crate::handshake::LayoutInfo;
+use crate::identity::Identity;
 use crate::link::{Link, Local, OpDeadline};
 use crate::sys::{self, Interest};
 
@@ -56,6 +57,8 @@ pub struct TcpConfig {
     /// An operation without its answer this long ends the connection
     /// ([`DEFAULT_OP_TIMEOUT`](crate::DEFAULT_OP_TIMEOUT) unless configured).
     pub op_timeout: Duration,
+    /// Who this replica is across restarts ([`crate::identity`]).
+    pub identity: Option<Arc<dyn Identity>>,
 }
 
 impl std::fmt::Debug for TcpConfig {
@@ -135,6 +138,7 @@ impl TcpTransport {
             peers: cfg.peers,
             secret: cfg.secret,
             info: LayoutInfo::of(&cfg.layout).for_transport("tcp"),
+            identity: cfg.identity,
         })?;
         Ok(TcpTransport {
             me: cfg.me,

@@ -49,6 +49,7 @@ fn node(me: u8, peers: &[SocketAddr], tls: TlsConfig) -> Node {
             peers: peers.to_vec(),
             layout: layout(),
             op_timeout: apus_tcp::DEFAULT_OP_TIMEOUT,
+            identity: None,
             tls,
         },
         region.clone(),

@@ -66,6 +66,7 @@ fn try_node(me: u8, peers: &[SocketAddr], secret: &[u8]) -> std::io::Result<Node
             secret: secret.to_vec(),
             layout: layout(),
             op_timeout: apus_tcp::DEFAULT_OP_TIMEOUT,
+            identity: None,
         },
         region.clone(),
     )?;

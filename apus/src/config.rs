@@ -2,6 +2,7 @@
 //!
 //! ```toml
 //! [cluster]
+//! name = "orders"                     # optional ("apus"): replicas of other clusters are refused
 //! secret = "at least sixteen bytes"   # or secret_file = "/etc/apus/secret"
 //! durability = "durable"              # memory | durable
 //! fsync = "batch"                     # always | batch | never (durable only)
@@ -47,6 +48,11 @@ use std::time::Duration;
 
 use apus_core::{Durability, NodeId, ReplicaConfig};
 use serde::Deserialize;
+
+/// `cluster.name` by default.
+pub const DEFAULT_CLUSTER_NAME: &str = "apus";
+/// Longest `cluster.name`.
+pub const MAX_CLUSTER_NAME: usize = 64;
 
 /// `cluster.max_uncommitted_bytes` by default.
 pub const DEFAULT_MAX_UNCOMMITTED: usize = 4 << 20;
@@ -247,6 +253,7 @@ struct RawFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCluster {
+    name: Option<String>,
     secret: Option<String>,
     secret_file: Option<PathBuf>,
     #[serde(default)]
@@ -328,6 +335,10 @@ pub struct ServerCommand {
 /// A validated cluster configuration.
 #[derive(Clone)]
 pub struct ClusterConfig {
+    /// The cluster's name, its id: kept in every data directory and checked
+    /// in every handshake, so a replica of another cluster (or a data
+    /// directory of one) is refused with a reason.
+    pub name: String,
     /// The shared secret replicas authenticate each other with.
     pub secret: Vec<u8>,
     /// Durability mode.
@@ -467,6 +478,18 @@ impl ClusterConfig {
                 );
             }
         };
+        let name = c.name.unwrap_or_else(|| DEFAULT_CLUSTER_NAME.into());
+        if name.is_empty()
+            || name.len() > MAX_CLUSTER_NAME
+            || !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+        {
+            return err(
+                "cluster.name",
+                format!("{name:?}: 1 to {MAX_CLUSTER_NAME} letters, digits, '-', '_' or '.'"),
+            );
+        }
         if secret.len() < 16 {
             return err(
                 "cluster.secret",
@@ -717,6 +740,7 @@ impl ClusterConfig {
             return err(field, e.reason);
         }
         Ok(ClusterConfig {
+            name,
             secret,
             durability,
             fsync: c.fsync.unwrap_or_default(),
@@ -857,6 +881,16 @@ data_dir = "/abs/d1"
                 "cluster.fsync",
             ),
             ("poll = \"spin\"", "poll = \"lazy\"", "cluster.poll"),
+            (
+                "poll = \"spin\"",
+                "poll = \"spin\"\nname = \"two words\"",
+                "cluster.name",
+            ),
+            (
+                "poll = \"spin\"",
+                "poll = \"spin\"\nname = \"\"",
+                "cluster.name",
+            ),
             (
                 "ring_capacity = 1048576",
                 "ring_capacity = 1000",

@@ -216,7 +216,15 @@ pub fn run(
     let OpenedTransport {
         transport: mut t,
         fencing,
-    } = open_concrete(transport, config, me, layout, region.clone())?;
+    } = open_concrete(
+        transport,
+        config,
+        me,
+        layout,
+        region.clone(),
+        // It speaks for `me` without being it: peers learn nothing from it.
+        std::sync::Arc::new(apus_tcp::identity::Anonymous(config.name.clone())),
+    )?;
 
     let mut states: BTreeMap<NodeId, PeerState> = (0..config.replicas.len())
         .map(|i| NodeId(i as u8))

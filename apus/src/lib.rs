@@ -52,6 +52,7 @@
 pub mod client;
 pub mod config;
 pub mod fence_check;
+pub mod identity;
 pub mod metrics;
 pub mod negotiate;
 pub mod node;

@@ -40,6 +40,7 @@ use apus_tcp::sys::{self as poll_sys, EventFd, Interest};
 use tracing::{debug, info, warn};
 
 use crate::config::{ClusterConfig, TransportKind};
+use crate::identity::ReplicaIdentity;
 use crate::node::{FencingCounts, FencingProbe, NodeError, OpenedTransport, open_concrete};
 
 /// How often a replica redials one it has already heard (a peer that
@@ -170,7 +171,7 @@ impl Negotiation {
     fn on_accepted(&self, mut s: TcpStream) -> Result<Heard, HandshakeError> {
         s.set_nonblocking(false)?;
         let (peer, theirs) =
-            handshake::accept_any_transport(&mut s, &self.secret, self.me, &self.layout)?;
+            handshake::accept_any_transport(&mut s, &self.secret, self.me, &self.layout, None)?;
         if theirs == "auto" {
             self.exchange(&mut s, peer)
         } else {
@@ -181,7 +182,9 @@ impl Negotiation {
 
     fn dial(&self, peer: NodeId, layout: &LayoutInfo) -> Result<TcpStream, HandshakeError> {
         let mut s = TcpStream::connect_timeout(&self.peers[peer.index()], CONNECT_TIMEOUT)?;
-        handshake::dial(&mut s, &self.secret, self.me, peer, layout)?;
+        // The transport settled on introduces the replicas; this meeting only
+        // chooses it.
+        handshake::dial(&mut s, &self.secret, self.me, peer, layout, None)?;
         Ok(s)
     }
 
@@ -329,6 +332,7 @@ pub(crate) fn start(
     layout: RegionLayout,
     region: Region,
     kind: Arc<AtomicU8>,
+    identity: Arc<ReplicaIdentity>,
 ) -> Result<OpenedTransport, NodeError> {
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
@@ -346,7 +350,10 @@ pub(crate) fn start(
                         me: id,
                         peers: config.replicas.iter().map(|r| r.address).collect(),
                         secret: config.secret.clone(),
-                        layout: LayoutInfo::of(&layout).for_transport("auto"),
+                        layout: LayoutInfo {
+                            cluster: config.name.clone(),
+                            ..LayoutInfo::of(&layout).for_transport("auto")
+                        },
                         mine: mine.clone(),
                         stop,
                     }
@@ -355,7 +362,7 @@ pub(crate) fn start(
                 let opened = settled.and_then(|name| {
                     let k = kinds[mine.iter().position(|m| *m == name).expect("one of ours")];
                     info!(me = %id, transport = %name, "auto: transport settled");
-                    open_concrete(k, &config, id, layout, region)
+                    open_concrete(k, &config, id, layout, region, identity)
                         .map(|o| (o, k))
                         .map_err(|e| format!("opening the settled transport {name}: {e}"))
                 });

@@ -29,9 +29,11 @@ use crossbeam_queue::ArrayQueue;
 use tracing::{error, info, warn};
 
 use crate::config::{ClusterConfig, ConfigError, Fsync, PollPolicy, TransportKind};
+use crate::identity::{IdentityError, ReplicaIdentity};
 use crate::metrics::{self, Metrics, PUBLISH_EVERY};
 use crate::speculation::{Speculation, SpeculationLost};
 use crate::storage::{MemoryStore, NodeStore, Recovery, SegmentStore, SyncHandle};
+use apus_tcp::identity::{Anonymous, Identity};
 
 /// Proposals queued for the engine, at most.
 pub const PROPOSAL_QUEUE: usize = 4096;
@@ -151,6 +153,10 @@ pub enum NodeError {
     /// The engine refused its configuration or state.
     #[error("engine: {0}")]
     Engine(#[from] apus_core::ReplicaError),
+    /// The data directory's identity is another cluster's or replica's, or
+    /// unreadable.
+    #[error("identity: {0}")]
+    Identity(#[from] IdentityError),
 }
 
 /// What a node knows about itself (for `apus status`).
@@ -388,6 +394,7 @@ impl Node {
             field: format!("engine.{}", e.field),
             reason: e.reason,
         })?;
+        let identity = Arc::new(ReplicaIdentity::open(&spec.data_dir, &config.name, id)?);
         let (store, recovery, sync) = match config.durability {
             apus_core::Durability::Durable => {
                 let (s, r) = SegmentStore::open(&spec.data_dir, engine_cfg.max_payload)?;
@@ -402,8 +409,14 @@ impl Node {
         };
         let region = Region::new(layout.region_len());
         let transport_kind = Arc::new(AtomicU8::new(0));
-        let OpenedTransport { transport, fencing } =
-            open_transport(config, id, layout, region.clone(), transport_kind.clone())?;
+        let OpenedTransport { transport, fencing } = open_transport(
+            config,
+            id,
+            layout,
+            region.clone(),
+            transport_kind.clone(),
+            identity.clone(),
+        )?;
         let max_payload = engine_cfg.max_payload;
         let epoch = Instant::now();
         let replica = Replica::new(engine_cfg, region, store, Time(0))?;
@@ -490,6 +503,8 @@ impl Node {
             last_pre_votes: 0,
             recovering_since: None,
             wake_retry: false,
+            identity,
+            rejoining: false,
         };
         threads.push(
             thread::Builder::new()
@@ -892,11 +907,12 @@ fn open_transport(
     layout: apus_core::RegionLayout,
     region: Region,
     kind: Arc<AtomicU8>,
+    identity: Arc<ReplicaIdentity>,
 ) -> Result<OpenedTransport, NodeError> {
     if config.transport == TransportKind::Auto {
-        return crate::negotiate::start(config.clone(), id, layout, region, kind);
+        return crate::negotiate::start(config.clone(), id, layout, region, kind, identity);
     }
-    let opened = open_concrete(config.transport, config, id, layout, region)?;
+    let opened = open_concrete(config.transport, config, id, layout, region, identity)?;
     kind.store(config.transport.code(), Ordering::Relaxed);
     Ok(opened)
 }
@@ -920,7 +936,16 @@ pub fn open_bare_transport(
         }));
     }
     let region = Region::new(layout.region_len());
-    let opened = open_concrete(config.transport, config, id, layout, region.clone())?;
+    // A bare transport is a tool's: it keeps no identity.
+    let anonymous = Arc::new(Anonymous(config.name.clone()));
+    let opened = open_concrete(
+        config.transport,
+        config,
+        id,
+        layout,
+        region.clone(),
+        anonymous,
+    )?;
     Ok((opened.transport, region, layout))
 }
 
@@ -943,7 +968,9 @@ pub(crate) fn open_concrete(
     id: NodeId,
     layout: apus_core::RegionLayout,
     region: Region,
+    identity: Arc<dyn Identity>,
 ) -> Result<OpenedTransport, NodeError> {
+    let identity = Some(identity);
     let transport: Box<dyn Transport + Send> = match transport_kind {
         #[cfg(feature = "verbs")]
         TransportKind::Verbs => {
@@ -962,6 +989,7 @@ pub(crate) fn open_concrete(
                         ..apus_rdma::Selection::default()
                     },
                     op_timeout: v.op_timeout,
+                    identity,
                 },
                 region,
             )
@@ -992,6 +1020,7 @@ pub(crate) fn open_concrete(
                     provider: f.provider.clone(),
                     domain: f.domain.clone(),
                     op_timeout: f.op_timeout,
+                    identity,
                 },
                 region,
             )
@@ -1015,6 +1044,7 @@ pub(crate) fn open_concrete(
                 secret: config.secret.clone(),
                 layout,
                 op_timeout: config.op_timeout,
+                identity,
             },
             region,
         )?),
@@ -1033,13 +1063,14 @@ pub(crate) fn open_concrete(
                     layout,
                     tls,
                     op_timeout: config.op_timeout,
+                    identity,
                 },
                 region,
             )?)
         }
         #[allow(unreachable_patterns)]
         other => {
-            let _ = (id, layout, region);
+            let _ = (id, layout, region, identity);
             return Err(NodeError::Config(ConfigError {
                 field: "cluster.transport".into(),
                 reason: format!(
@@ -1080,6 +1111,10 @@ struct Engine {
     /// Since when the replica has been recovering with no leader, until it
     /// said so (`None` once said, or while not in that state).
     recovering_since: Option<Instant>,
+    /// This replica's identity: handshakes may say it is a replacement.
+    identity: Arc<ReplicaIdentity>,
+    /// It rejoins as a replacement and has not caught up yet.
+    rejoining: bool,
 }
 
 impl Engine {
@@ -1149,6 +1184,9 @@ impl Engine {
             .poll(&mut self.events)
             .map_err(|e| e.to_string())?;
         let now = self.now();
+        // Before the engine reads anything a new connection delivered: its
+        // handshake may have said this replica is a replacement.
+        busy |= self.take_rejoin(now);
         busy |= !self.events.is_empty();
         for e in self.events.drain(..) {
             self.replica
@@ -1161,6 +1199,7 @@ impl Engine {
         }
         busy |= self.take_data_loss_request(now);
         self.replica.poll(now).map_err(|e| e.to_string())?;
+        self.note_rejoined()?;
         busy |= self.carry_out()?;
         busy |= self.take_events();
         busy |= self.hand_over_committed()?;
@@ -1173,6 +1212,31 @@ impl Engine {
     /// holds the lock, again on the next pass.
     fn wake_speculation(&mut self) {
         self.wake_retry = !self.shared.speculation.try_wake();
+    }
+
+    /// Carries out what a handshake said: this replica replaced an earlier
+    /// incarnation (its data directory was wiped or swapped), so it rejoins
+    /// as a non-voter until a leader has brought it up to date.
+    fn take_rejoin(&mut self, now: Time) -> bool {
+        if !self.identity.take_rejoin() {
+            return false;
+        }
+        if self.replica.rejoin(now) {
+            warn!(node = %self.shared.id, "rejoining as a non-voter: a peer knew an earlier incarnation of this replica");
+        }
+        self.rejoining = true;
+        true
+    }
+
+    /// A replacement that caught up votes again, after a restart too.
+    fn note_rejoined(&mut self) -> Result<(), String> {
+        if self.rejoining && !self.replica.is_recovering() {
+            self.identity
+                .rejoined()
+                .map_err(|e| format!("cannot save the identity: {e}"))?;
+            self.rejoining = false;
+        }
+        Ok(())
     }
 
     /// Carries out an operator's [`Node::accept_data_loss`].

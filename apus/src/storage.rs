@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! <data_dir>/hardstate                   term and vote, replaced atomically
+//! <data_dir>/identity                    cluster, replica, incarnation (crate::identity)
 //! <data_dir>/log-<first index:020>.seg   records, one per entry:
 //!     len u32 | crc32c(len | entry) u32 | entry (the encoded entry, as in the ring)
 //! ```
@@ -468,11 +469,17 @@ fn write_hard_state(dir: &Path, hs: HardState) -> io::Result<()> {
     b.extend_from_slice(&[0; 4]);
     let crc = crc32c::crc32c(&b);
     b.extend_from_slice(&crc.to_le_bytes());
-    let tmp = dir.join("hardstate.tmp");
+    replace_file(dir, HARDSTATE, &b)
+}
+
+/// Replaces `dir/name` with `bytes` atomically and durably: a crash leaves
+/// the old file or the new one, never a mix.
+pub(crate) fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
     let mut f = File::create(&tmp)?;
-    f.write_all(&b)?;
+    f.write_all(bytes)?;
     f.sync_all()?;
-    fs::rename(&tmp, dir.join(HARDSTATE))?;
+    fs::rename(&tmp, dir.join(name))?;
     File::open(dir)?.sync_all()
 }
 

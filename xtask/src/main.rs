@@ -87,11 +87,12 @@ const CI_SEEDS: u64 = 5000;
 /// (`apus-core/tests/fencing.rs`, run with `--all-features`);
 /// `single-buffered-leader-record` by nothing yet, and none of these three
 /// by random seeds (issue 15).
-const PLANTED_BUGS: [(&str, u64); 4] = [
+const PLANTED_BUGS: [(&str, u64); 5] = [
     ("commit-without-majority", 500),
     ("accept-stale-term", 500),
     ("no-recovering-gate", 1000),
     ("no-drain-before-vote", 5000),
+    ("no-rejoin", 5000),
 ];
 
 fn main() -> ExitCode {

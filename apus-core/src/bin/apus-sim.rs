@@ -11,7 +11,8 @@ const USAGE: &str =
     "usage: apus-sim (--seeds N [--first S] | --seed S [--trace] | --demo [--seed S]) \
 [--replicas R] [--bug NAME] [--threads T]
 planted bugs: commit-without-majority, accept-stale-term, no-pre-vote, stale-writer-term,
-no-revoked-drain, no-drain-before-vote, single-buffered-leader-record, no-recovering-gate";
+no-revoked-drain, no-drain-before-vote, single-buffered-leader-record, no-recovering-gate,
+no-rejoin";
 
 struct Args {
     demo: bool,

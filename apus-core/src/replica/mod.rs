@@ -652,6 +652,11 @@ impl<S: LogStore> Replica<S> {
         match event {
             TransportEvent::PeerUp(p) if p.index() < self.cfg.replicas => {
                 self.peer_up[p.index()] = true;
+                // It may have restarted with a fresh region: an answer we
+                // sent it before is gone, and an unchanged one is never
+                // sent again (sim seed 2497: a restarted candidate waited
+                // forever for a yes it had been given in its earlier life).
+                self.pre_vote_answer[p.index()] = None;
                 self.resend_dirty(p);
                 if let Some(lead) = &mut self.lead {
                     lead.peer_up(p, self.now);
@@ -710,6 +715,39 @@ impl<S: LogStore> Replica<S> {
         assert!(!self.is_recovering(), "the gate is lifted");
         self.status_dirty = true;
         self.reset_election_timer();
+        self.finish_poll();
+        true
+    }
+
+    /// This replica's storage replaced one the cluster knew (its data
+    /// directory was wiped or swapped: a peer remembers an earlier
+    /// incarnation of it), so it may no longer hold what it acknowledged:
+    /// it neither votes nor stands until a leader has synchronised it and it
+    /// holds that leader's log, as a memory-mode replica that lost its log.
+    /// A synchronisation it already took is asked for again, so the target
+    /// is the leader's log as of now. Returns whether this changed anything.
+    pub fn rejoin(&mut self, now: Time) -> bool {
+        self.now = self.now.max(now);
+        if self.is_recovering() || self.cfg.replicas == 1 {
+            return false;
+        }
+        #[cfg(any(test, feature = "sim"))]
+        if self.bug(crate::config::PlantedBug::NoRejoin) {
+            return false;
+        }
+        if self.role != Role::Follower {
+            // Elected (or standing) before it knew: what it holds may lack
+            // committed entries, so it must not lead.
+            self.become_follower(None);
+        }
+        self.recovery = Some(Recovery::AwaitingSync);
+        if let Some(src) = self.source {
+            self.rejected_sync = src.sync_seq;
+            self.ack_dirty = true;
+        }
+        self.pre_vote = None;
+        self.status_dirty = true;
+        assert!(self.is_recovering() && self.role == Role::Follower);
         self.finish_poll();
         true
     }

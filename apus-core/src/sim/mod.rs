@@ -205,6 +205,11 @@ mod tests {
         ),
         (124807, None, "a recovering replica was never synced"),
         (
+            2497,
+            None,
+            "a restarted candidate never got again the pre-vote answer of its earlier life",
+        ),
+        (
             0,
             Some(1),
             "a single replica left its vote requests pending and spun",

@@ -9,6 +9,7 @@
 
 use std::collections::{BinaryHeap, HashSet};
 
+use crate::identity::PeerBook;
 use crate::layout::{RegionLayout, RemoteAccess};
 use crate::region::Region;
 use crate::rng::Rng;
@@ -190,6 +191,13 @@ pub struct Net {
     pub denied_writes: u64,
     /// Torn landings.
     pub torn_landings: u64,
+    /// Each node's incarnations book (its storage keeps it across crashes;
+    /// a wipe starts a new one). Every connection that comes up is a
+    /// handshake between the two books.
+    pub books: Vec<PeerBook>,
+    /// A handshake told the node it is a replacement: it must rejoin
+    /// before its next poll.
+    pub rejoin: Vec<bool>,
 }
 
 const CPU_DELAY: (u64, u64) = (100, 1_000);
@@ -204,7 +212,7 @@ impl Net {
         late_source_chance: f64,
     ) -> Net {
         let n = layout.replicas();
-        Net {
+        let mut net = Net {
             n,
             layout,
             links: vec![
@@ -229,7 +237,30 @@ impl Net {
             failed_ops: HashSet::new(),
             denied_writes: 0,
             torn_landings: 0,
+            books: (0..n).map(|i| PeerBook::new(i as u64 + 1)).collect(),
+            rejoin: vec![false; n],
+        };
+        // The links start up: every pair has met.
+        for a in 0..n {
+            for b in a + 1..n {
+                net.meet(a, b);
+            }
         }
+        net
+    }
+
+    /// The handshake of a connection coming up, as the runtime's: the
+    /// dialer (higher id) learns from the acceptor's challenge, the acceptor
+    /// from the dialer's proof, which already says what the dialer learned.
+    fn meet(&mut self, a: usize, b: usize) {
+        let (dialer, acceptor) = (a.max(b), a.min(b));
+        let (d, c) = (NodeId(dialer as u8), NodeId(acceptor as u8));
+        let ch = self.books[acceptor].clone();
+        let told = self.books[dialer].met(c, ch.incarnation, ch.remembered(d), &ch.superseded);
+        let pr = self.books[dialer].clone();
+        let heard = self.books[acceptor].met(d, pr.incarnation, pr.remembered(c), &pr.superseded);
+        self.rejoin[dialer] |= told.replaced;
+        self.rejoin[acceptor] |= heard.replaced;
     }
 
     fn pair(&self, a: usize, b: usize) -> usize {
@@ -303,6 +334,7 @@ impl Net {
         link.up = want;
         link.epoch += 1;
         if want {
+            self.meet(a, b);
             for (x, y) in [(a, b), (b, a)] {
                 self.deliver(q, rng, now, x, TransportEvent::PeerUp(NodeId(y as u8)));
             }

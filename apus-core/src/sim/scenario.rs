@@ -28,6 +28,15 @@ pub enum Fault {
         /// Time until restart, ns.
         down_for: u64,
     },
+    /// The node crashes and its storage is wiped (a replaced disk or
+    /// machine): it restarts `down_for` later with an empty log, no term or
+    /// vote, and a new incarnation.
+    Wipe {
+        /// Victim.
+        target: Target,
+        /// Time until restart, ns.
+        down_for: u64,
+    },
     /// The nodes in `side` (a bitmask) cannot reach the others.
     Partition {
         /// One side of the cut.
@@ -152,6 +161,8 @@ impl Scenario {
         let mut late = Rng::new(seed ^ 0x1A7E_1A7E_1A7E_1A7E);
         // One-way links, drawn from a third stream for the same reason.
         let mut oneway = Rng::new(seed ^ 0x0E0E_0E0E_0E0E_0E0E);
+        // Wiped disks, from a fourth.
+        let mut wipes = Rng::new(seed ^ 0x3A9E_3A9E_3A9E_3A9E);
         let replicas = replicas.unwrap_or_else(|| r.pick(&[3, 3, 5]));
         let durability = if r.chance(0.5) {
             Durability::Memory
@@ -246,6 +257,11 @@ impl Scenario {
                     outbound: oneway.chance(0.5),
                     detect: oneway.range(100 * US, 2 * MS),
                     lasts: oneway.range(200 * US, 4 * MS),
+                }
+            } else if replicas > 1 && wipes.chance(0.08) {
+                Fault::Wipe {
+                    target,
+                    down_for: wipes.range(200 * US, 6 * MS),
                 }
             } else {
                 fault

@@ -8,11 +8,12 @@ use super::scenario::{Fault, Scenario, Target};
 use super::store::SimStore;
 use crate::config::{Durability, PlantedBug, ReplicaConfig};
 use crate::entry::EntryKind;
+use crate::identity::PeerBook;
 use crate::region::Region;
 use crate::replica::{Action, Event, ProposeError, Replica};
 use crate::rng::Rng;
 use crate::transport::{Transport, TransportEvent};
-use crate::types::{NodeId, Role, Time};
+use crate::types::{Index, NodeId, Role, Time};
 
 const MS: u64 = 1_000_000;
 /// How long the client keeps its load on after the faults heal.
@@ -37,6 +38,9 @@ struct Node {
     traced_commit: u64,
     /// Its last poll's actions are not carried out yet: it was preempted.
     carry_pending: bool,
+    /// Its storage was wiped when the cluster had committed this far, and
+    /// it has not committed that far since: what it held is excused.
+    wiped: Option<Index>,
 }
 
 /// What one seed did.
@@ -159,6 +163,7 @@ impl World {
                 same_instant: (u64::MAX, 0),
                 traced_commit: 0,
                 carry_pending: false,
+                wiped: None,
             });
             w.start_node(i);
         }
@@ -308,47 +313,68 @@ impl World {
     }
 
     /// Nodes that are down or recovering a lost log.
-    fn impaired(&self) -> usize {
+    /// Nodes a committed entry may be missing from: wiped ones that have
+    /// not caught up, and in memory mode every node down or recovering.
+    fn excused(&self) -> usize {
+        let memory = self.sc.durability == Durability::Memory;
         self.nodes
             .iter()
-            .filter(|n| n.replica.as_ref().is_none_or(|r| r.is_recovering()))
+            .filter(|n| {
+                n.wiped.is_some() || memory && n.replica.as_ref().is_none_or(|r| r.is_recovering())
+            })
             .count()
+    }
+
+    /// A crash, restarted `down_for` later; with `wipe`, its storage is
+    /// replaced by an empty one with a new incarnation.
+    fn crash_fault(&mut self, target: Target, down_for: u64, wipe: bool) {
+        let n = self.sc.replicas;
+        let tolerable = n - (n / 2 + 1);
+        let i = self.resolve(target);
+        if self.nodes[i].replica.is_none() {
+            return;
+        }
+        let what = if wipe { "wipe" } else { "crash" };
+        let memory = self.sc.durability == Durability::Memory;
+        if (memory || wipe) && self.excused() + 1 > tolerable {
+            // Nothing is promised once a majority has lost its memory or
+            // its storage; keep within what is tolerated.
+            self.trace(|| format!("fault  {what} n{i} skipped (too many impaired)"));
+            return;
+        }
+        self.note_leader_loss(i);
+        self.out.faults += 1;
+        let code = if wipe { 9 } else { 1 };
+        self.schedule_hash = hash_mix(
+            self.schedule_hash,
+            code << 32 | i as u64 | (self.now / MS) << 8,
+        );
+        self.trace(|| {
+            format!(
+                "fault  {} n{i} (restart in {:.1}ms)",
+                what.to_uppercase(),
+                down_for as f64 / 1e6
+            )
+        });
+        self.crash_node(i);
+        if wipe {
+            self.nodes[i].parked = Some(SimStore::new(memory, self.sc.max_payload));
+            let old = self.net.books[i].incarnation;
+            self.net.books[i] = PeerBook::new(old + n as u64);
+            self.net.rejoin[i] = false;
+            let committed = self.checker.max_committed();
+            self.nodes[i].wiped = Some(self.nodes[i].wiped.unwrap_or(0).max(committed));
+        }
+        self.q
+            .push(self.now + down_for, Ev::Heal(HealKind::Restart(i)));
     }
 
     fn fire_fault(&mut self, k: usize) {
         let (_, fault) = self.sc.faults[k];
         let n = self.sc.replicas;
-        let tolerable = n - (n / 2 + 1);
         match fault {
-            Fault::Crash { target, down_for } => {
-                let i = self.resolve(target);
-                if self.nodes[i].replica.is_none() {
-                    return;
-                }
-                if self.sc.durability == Durability::Memory && self.impaired() + 1 > tolerable {
-                    // Memory mode promises nothing once a majority has lost
-                    // its memory; keep within what it tolerates.
-                    self.trace(|| {
-                        format!("fault  crash n{i} skipped (memory mode, too many impaired)")
-                    });
-                    return;
-                }
-                self.note_leader_loss(i);
-                self.out.faults += 1;
-                self.schedule_hash = hash_mix(
-                    self.schedule_hash,
-                    1 << 32 | i as u64 | (self.now / MS) << 8,
-                );
-                self.trace(|| {
-                    format!(
-                        "fault  CRASH n{i} (restart in {:.1}ms)",
-                        down_for as f64 / 1e6
-                    )
-                });
-                self.crash_node(i);
-                self.q
-                    .push(self.now + down_for, Ev::Heal(HealKind::Restart(i)));
-            }
+            Fault::Crash { target, down_for } => self.crash_fault(target, down_for, false),
+            Fault::Wipe { target, down_for } => self.crash_fault(target, down_for, true),
             Fault::Partition { side, lasts } => {
                 self.out.faults += 1;
                 self.schedule_hash = hash_mix(
@@ -613,6 +639,12 @@ impl World {
             };
             t.poll(&mut events).expect("sim poll");
         }
+        // As the runtime does: before the engine reads anything a new
+        // connection delivered, whose handshake may have told it that it is
+        // a replacement.
+        if std::mem::take(&mut self.net.rejoin[i]) && r.rejoin(local) {
+            self.trace(|| format!("n{i}     told it is a replacement: rejoining as a non-voter"));
+        }
         for e in events.drain(..) {
             if self.tracing {
                 match e {
@@ -768,7 +800,15 @@ impl World {
 
     fn check_holders(&mut self) -> Result<(), Violation> {
         let memory = self.sc.durability == Durability::Memory;
-        let excused = if memory { self.impaired() } else { 0 };
+        for n in &mut self.nodes {
+            if let (Some(target), Some(r)) = (n.wiped, &n.replica)
+                && r.commit_index() >= target
+                && !r.is_recovering()
+            {
+                n.wiped = None;
+            }
+        }
+        let excused = self.excused();
         // In memory mode a completed write counts: what has landed in a live
         // replica's ring is taken in before that replica can vote.
         let landed: Vec<std::collections::HashMap<u64, (u64, u64)>> = self
